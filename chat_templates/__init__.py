@@ -1,0 +1,1 @@
+"""Chat templates, one Jinja file per prompt-format family (see README.md here)."""

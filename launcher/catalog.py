@@ -1,0 +1,147 @@
+"""The seed models codefleet knows by name: family, published shape and card defaults.
+
+Facts come from each model's config.json, tokenizer files and model card (see
+chat_templates/README.md for the prompt formats). Models outside the catalog are planned from
+their config.json when it is on local disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from codefleet.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    hf_id: str
+    family: str
+    shape: ModelShape
+    #: dtype of the published weights.
+    dtype: str
+    #: Sampling defaults from the model card, in generation_config.json names. The cards'
+    #: example max_new_tokens values are illustrations, not defaults, and are left out.
+    card_sampling: dict[str, Any] = field(default_factory=dict)
+    parameters: str = ""
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.hf_id: e
+    for e in (
+        CatalogEntry(
+            hf_id="ibm-granite/granite-3b-code-instruct-128k",
+            family="granite-code",
+            dtype="bfloat16",
+            parameters="3.5B",
+                        shape=ModelShape(
+                architecture="LlamaForCausalLM",
+                hidden_size=2560,
+                intermediate_size=10240,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=32,
+                head_dim=80,
+                vocab_size=49152,
+                max_position=128000,
+                tie_word_embeddings=True,
+                qkv_bias=True,
+                out_bias=True,
+                mlp_bias=True,
+            ),
+        ),
+        CatalogEntry(
+            hf_id="ibm-granite/granite-3.0-1b-a400m-instruct",
+            family="granite",
+            dtype="bfloat16",
+            parameters="1.3B total, 400M active",
+            # The card decodes greedily (do_sample=False).
+            card_sampling={"temperature": 0.0},
+            shape=ModelShape(
+                architecture="GraniteMoeForCausalLM",
+                hidden_size=1024,
+                intermediate_size=512,
+                num_layers=24,
+                num_heads=16,
+                num_kv_heads=8,
+                head_dim=64,
+                vocab_size=49155,
+                max_position=4096,
+                tie_word_embeddings=True,
+                num_experts=32,
+                experts_per_token=8,
+            ),
+        ),
+        CatalogEntry(
+            hf_id="stabilityai/stable-code-instruct-3b",
+            family="chatml",
+            dtype="bfloat16",
+            parameters="2.7B",
+            card_sampling={"temperature": 0.5, "top_p": 0.95, "top_k": 100},
+            shape=ModelShape(
+                architecture="StableLmForCausalLM",
+                hidden_size=2560,
+                intermediate_size=6912,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=32,
+                head_dim=80,
+                vocab_size=50304,
+                max_position=16384,
+                tie_word_embeddings=False,
+                norm_kind="layer",
+            ),
+        ),
+        CatalogEntry(
+            hf_id="GeorgiaTechResearchInstitute/starcoder-gpteacher-code-instruct",
+            family="alpaca",
+            dtype="float16",
+            parameters="15.5B",
+            shape=ModelShape(
+                architecture="GPTBigCodeForCausalLM",
+                hidden_size=6144,
+                intermediate_size=24576,
+                num_layers=40,
+                num_heads=48,
+                num_kv_heads=1,
+                head_dim=128,
+                vocab_size=49152,
+                max_position=8192,
+                tie_word_embeddings=True,
+                qkv_bias=True,
+                out_bias=True,
+                mlp_bias=True,
+                mlp_kind="plain",
+                norm_kind="layer",
+                learned_positions=True,
+            ),
+        ),
+        CatalogEntry(
+            hf_id="codefuse-ai/CodeFuse-CodeLlama-34B",
+            family="codefuse",
+            dtype="bfloat16",
+            parameters="33.7B",
+            card_sampling={"temperature": 0.1, "top_p": 0.95},
+            shape=ModelShape(
+                architecture="LlamaForCausalLM",
+                hidden_size=8192,
+                intermediate_size=22016,
+                num_layers=48,
+                num_heads=64,
+                num_kv_heads=8,
+                head_dim=128,
+                vocab_size=32000,
+                max_position=16384,
+                tie_word_embeddings=False,
+            ),
+        ),
+    )
+}
+
+
+def lookup(source: str) -> CatalogEntry | None:
+    """The catalog entry for a Hugging Face id, ignoring case."""
+    for hf_id, entry in CATALOG.items():
+        if hf_id.lower() == source.lower():
+            return entry
+    return None

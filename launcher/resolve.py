@@ -1,0 +1,182 @@
+"""Second pass over a manifest: resolve each model's family, shape and source, with located errors."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from codefleet import demo_models
+from codefleet.catalog import CATALOG, CatalogEntry, lookup
+from codefleet.errors import Location, ManifestError
+from codefleet.families import FAMILIES, Family, get_family
+from codefleet.gpus import GPUS
+from codefleet.manifest import DECIDED_FLAGS, LoadedManifest, ModelSpec
+from codefleet.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A manifest entry with everything the planner needs filled in."""
+
+    index: int
+    spec: ModelSpec
+    family: Family
+    shape: ModelShape
+    catalog: CatalogEntry | None
+    #: What vLLM's --model gets: a Hugging Face id or an absolute local directory.
+    model_ref: str
+    #: demo family when the source is demo://FAMILY (built before start).
+    demo: str | None
+    chat_template: Path
+    gpu: str
+    gpu_memory_utilization: float
+    min_concurrent_sequences: int
+    cpu_kv_cache_gib: float
+    dtype: str
+    max_model_len: int
+
+
+def _dtype(spec: ModelSpec, catalog: CatalogEntry | None, config: dict[str, Any] | None) -> str:
+    if spec.dtype != "auto":
+        return spec.dtype
+    if catalog is not None:
+        return catalog.dtype
+    return str((config or {}).get("torch_dtype") or "bfloat16")
+
+
+def resolve(loaded: LoadedManifest) -> list[ResolvedModel]:
+    """Resolve every model; collect all problems before raising one ManifestError."""
+    problems: list[tuple[Location, str]] = []
+    out: list[ResolvedModel] = []
+    manifest = loaded.manifest
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(manifest.models):
+        at = ("models", i)
+        if spec.name in seen:
+            problems.append(
+                (loaded.location((*at, "name")), f"served name {spec.name!r} is already used by models[{seen[spec.name]}]")
+            )
+        seen.setdefault(spec.name, i)
+        try:
+            out.append(_resolve_one(loaded, i, spec))
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ManifestError(problems)
+    return out
+
+
+def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedModel:
+    at: tuple[str | int, ...] = ("models", i)
+    problems: list[tuple[Location, str]] = []
+    defaults = loaded.manifest.defaults
+
+    def fail(field: str, message: str) -> None:
+        problems.append((loaded.location((*at, field)), message))
+
+    catalog = lookup(spec.source)
+    demo = demo_models.demo_family(spec.source)
+    config: dict[str, Any] | None = None
+    model_ref = spec.source
+    if demo is not None:
+        if demo not in demo_models.DEMO_CONFIGS:
+            fail("source", f"unknown demo model {spec.source!r}; known: "
+                 + ", ".join(demo_models.SCHEME + f for f in demo_models.DEMO_CONFIGS))
+            raise ManifestError(problems)
+        config = demo_models.hf_config(demo)
+        model_ref = str(demo_models.model_dir(demo))
+    elif catalog is None:
+        local = Path(spec.source).expanduser()
+        if not local.is_absolute():
+            local = (loaded.file.parent / local).resolve()
+        if (local / "config.json").is_file():
+            config = json.loads((local / "config.json").read_text())
+            model_ref = str(local)
+        elif local.exists() or spec.source.startswith((".", "/", "~")):
+            fail("source", f"{local} has no config.json; a local source must be a Hugging Face model directory")
+            raise ManifestError(problems)
+        else:
+            near = difflib.get_close_matches(spec.source, list(CATALOG), n=1, cutoff=0.7)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            fail("source", f"{spec.source!r} is not in the catalog and not a local directory, so its shape is "
+                 f"unknown; download it and point source at the directory, or use one of: "
+                 f"{', '.join(CATALOG)}.{hint}")
+            raise ManifestError(problems)
+
+    family_name = spec.family or (catalog.family if catalog else demo)
+    if family_name is None:
+        fail("family", f"family is required for a model outside the catalog; known: {', '.join(FAMILIES)}")
+    elif family_name not in FAMILIES:
+        near = difflib.get_close_matches(family_name, list(FAMILIES), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        fail("family", f"unknown family {family_name!r}; {hint}known: {', '.join(FAMILIES)}")
+
+    shape: ModelShape | None = catalog.shape if catalog else None
+    if shape is None and config is not None:
+        try:
+            shape = ModelShape.from_hf_config(config)
+        except (ValueError, KeyError) as exc:
+            fail("source", f"cannot read the model's shape from config.json: {exc}")
+
+    gpu = spec.gpu or defaults.gpu
+    gpu_field = "gpu" if spec.gpu else None
+    if gpu != "cpu" and gpu not in GPUS:
+        where = (*at, "gpu") if gpu_field else ("defaults", "gpu")
+        problems.append((loaded.location(where), f"unknown GPU type {gpu!r}; known: {', '.join([*GPUS, 'cpu'])}"))
+
+    if shape is not None:
+        tp = spec.tensor_parallel_size
+        if tp is not None:
+            valid = [n for n in shape.valid_tensor_parallel_sizes() if _kv_compatible(shape, n)]
+            if tp not in valid:
+                fail("tensor_parallel_size",
+                     f"{tp} does not divide the {shape.num_heads} attention heads "
+                     f"({shape.num_kv_heads} KV heads) of {spec.source}; valid values: "
+                     f"{', '.join(map(str, valid))}")
+        if spec.max_model_len is not None and spec.max_model_len > shape.max_position:
+            fail("max_model_len",
+                 f"{spec.max_model_len} is longer than the model's {shape.max_position} positions; "
+                 f"use at most {shape.max_position}")
+
+    for key in spec.engine_args:
+        flag = key.lstrip("-").replace("-", "_")
+        if flag in DECIDED_FLAGS:
+            problems.append((loaded.location((*at, "engine_args", key)),
+                             f"{key!r} is decided by codefleet; set the model's "
+                             f"{DECIDED_FLAGS[flag]!r} field instead"))
+
+    template: Path | None = None
+    if spec.chat_template is not None:
+        template = Path(spec.chat_template).expanduser()
+        if not template.is_absolute():
+            template = (loaded.file.parent / template).resolve()
+        if not template.is_file():
+            fail("chat_template", f"chat template file {template} does not exist")
+    if problems:
+        raise ManifestError(problems)
+    assert shape is not None and family_name is not None
+    family = get_family(family_name)
+    return ResolvedModel(
+        index=i,
+        spec=spec,
+        family=family,
+        shape=shape,
+        catalog=catalog,
+        model_ref=model_ref,
+        demo=demo,
+        chat_template=template or family.template_path(),
+        gpu=gpu,
+        gpu_memory_utilization=spec.gpu_memory_utilization or defaults.gpu_memory_utilization,
+        min_concurrent_sequences=spec.min_concurrent_sequences or defaults.min_concurrent_sequences,
+        cpu_kv_cache_gib=spec.cpu_kv_cache_gib or defaults.cpu_kv_cache_gib,
+        dtype=_dtype(spec, catalog, config),
+        max_model_len=spec.max_model_len or shape.max_position,
+    )
+
+
+def _kv_compatible(shape: ModelShape, tp: int) -> bool:
+    """vLLM shards KV heads when TP divides them and replicates them when they divide TP."""
+    return shape.num_kv_heads % tp == 0 or tp % shape.num_kv_heads == 0
