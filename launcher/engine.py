@@ -86,7 +86,7 @@ def engine_command(
     for key, value in plan.engine_args.items():
         argv += _engine_arg(key, value)
     if plan.accelerator == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{plan.cpu_kv_cache_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
         if plan.tensor_parallel_size > 1:
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0, 1]
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(plan.tensor_parallel_size, cores)

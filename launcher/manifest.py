@@ -91,8 +91,8 @@ class Defaults(_Strict):
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     min_concurrent_sequences: int = Field(1, ge=1)
     """The plan must leave KV room for this many full-length sequences per replica."""
-    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
-    """KV cache per engine on the CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    """KV cache per engine rank on the CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer)."""
 
 
 class ModelSpec(_Strict):
@@ -112,7 +112,7 @@ class ModelSpec(_Strict):
     gpu: str | None = None
     gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
     min_concurrent_sequences: int | None = Field(None, ge=1)
-    cpu_kv_cache_gib: float | None = Field(None, gt=0.0)
+    cpu_kv_cache_gib: int | None = Field(None, ge=1)
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
     engine_args: dict[str, Any] = Field(default_factory=dict)

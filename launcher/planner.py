@@ -127,7 +127,7 @@ class ReplicaPlan:
     full_length_sequences: float
     replicas_per_node: int
     nodes: int
-    cpu_kv_cache_gib: float
+    cpu_kv_cache_gib: int
     estimate: Estimate | None
     #: Sampling defaults for --override-generation-config.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)

@@ -34,7 +34,7 @@ class ResolvedModel:
     gpu: str
     gpu_memory_utilization: float
     min_concurrent_sequences: int
-    cpu_kv_cache_gib: float
+    cpu_kv_cache_gib: int
     dtype: str
     max_model_len: int
 
