@@ -17,7 +17,7 @@ from codefleet import demo_models
 from codefleet.errors import CodefleetError
 from codefleet.manifest import load
 from codefleet.planner import GiB, FleetPlan, plan_fleet
-from codefleet.procs import group_alive, stop_group
+from codefleet.procs import stop_group
 from codefleet.runners.local import LocalFleet, read_state
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
@@ -74,7 +74,8 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     plan = _plan(args)
     print(format_plan(plan))
-    if read_state() and group_alive(read_state()["launcher_pid"]):  # type: ignore[index]
+    running = read_state()
+    if running and _pid_alive(int(running["launcher_pid"])):
         print("a fleet is already running here; `codefleet down` first", file=sys.stderr)
         return 2
     fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
@@ -124,7 +125,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("no fleet is running")
         return 0
     pid = int(state["launcher_pid"])
-    if pid != os.getpid() and group_alive(pid):
+    if pid != os.getpid() and _pid_alive(pid):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

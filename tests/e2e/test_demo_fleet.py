@@ -1,0 +1,142 @@
+"""The demo fleet on real vLLM engines, driven with the official openai SDK."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from codefleet.runners.local import LocalFleet
+from tests.goldens import CONVERSATIONS, GOLDEN
+
+pytestmark = pytest.mark.e2e
+
+MODELS = ["granite-code-tiny", "granite-moe-tiny", "stable-code-tiny", "starcoder-alpaca-tiny", "codefuse-tiny"]
+FAMILY = {"granite-code-tiny": "granite-code", "granite-moe-tiny": "granite", "stable-code-tiny": "chatml",
+          "starcoder-alpaca-tiny": "alpaca", "codefuse-tiny": "codefuse"}
+
+
+def client(fleet: LocalFleet, model: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fleet.endpoints()[model][0] + "/v1", api_key="none", max_retries=0)
+
+
+def replica(fleet: LocalFleet, model: str) -> Any:
+    return next(r for r in fleet.replicas if r.plan.name == model)
+
+
+def test_fleet_shape(fleet: LocalFleet) -> None:
+    assert sorted(fleet.endpoints()) == sorted(MODELS)
+    archs = {r.plan.family: r.plan.tensor_parallel_size for r in fleet.replicas}
+    assert archs["codefuse"] == 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_models_list(fleet: LocalFleet, model: str) -> None:
+    assert [m.id for m in client(fleet, model).models.list()] == [model]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat(fleet: LocalFleet, model: str) -> None:
+    out = client(fleet, model).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Write hello world."}], max_tokens=6, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert isinstance(out.choices[0].message.content, str)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage is not None and 1 <= out.usage.completion_tokens <= 6
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_streaming(fleet: LocalFleet, model: str) -> None:
+    stream = client(fleet, model).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Sort a list."}], max_tokens=6, stream=True,
+        temperature=0)
+    chunks = list(stream)
+    assert chunks and all(c.model == model for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions(fleet: LocalFleet, model: str, stream: bool) -> None:
+    c = client(fleet, model)
+    if stream:
+        chunks = list(c.completions.create(model=model, prompt="def add(a, b):", max_tokens=5, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    else:
+        out = c.completions.create(model=model, prompt="def add(a, b):", max_tokens=5, temperature=0)
+        assert out.usage is not None and 1 <= out.usage.completion_tokens <= 5
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_server_renders_the_golden_prompt(fleet: LocalFleet, model: str, conversation: str) -> None:
+    """vLLM's own rendering (POST /tokenize with messages) equals the tokenized golden string."""
+    r = replica(fleet, model)
+    resp = httpx.post(r.url + "/tokenize", json={"model": model, "messages": CONVERSATIONS[conversation],
+                                                  "add_generation_prompt": True}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
+    golden = GOLDEN[(FAMILY[model], conversation, True)]
+    assert resp.json()["tokens"] == tokenizer(golden, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_family_stop_token_ends_generation(fleet: LocalFleet, model: str) -> None:
+    """Force each stop token of the family with logit_bias: the server must stop on it."""
+    r = replica(fleet, model)
+    tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
+    for token in r.plan.stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        out = client(fleet, model).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
+            logit_bias={str(token_id): 100})
+        assert out.choices[0].finish_reason == "stop", token
+        assert out.usage is not None and out.usage.completion_tokens == 1
+
+
+def test_chatml_im_end_is_not_eos_but_stops(fleet: LocalFleet) -> None:
+    r = replica(fleet, "stable-code-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert "<|im_end|>" in r.plan.stop_tokens
+
+
+@pytest.mark.parametrize(("model", "role"), [("codefuse-tiny", "tool"), ("stable-code-tiny", "tool"),
+                                             ("granite-code-tiny", "critic")])
+def test_inexpressible_role_is_a_400(fleet: LocalFleet, model: str, role: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client(fleet, model).chat.completions.create(
+            model=model, messages=[{"role": role, "content": "x"}], max_tokens=2)  # type: ignore[misc,list-item]
+    assert f"no role '{role}'" in str(info.value)
+
+
+def test_alpaca_assistant_first_is_a_400(fleet: LocalFleet) -> None:
+    with pytest.raises(openai.BadRequestError, match="must follow a user instruction"):
+        client(fleet, "starcoder-alpaca-tiny").chat.completions.create(
+            model="starcoder-alpaca-tiny", messages=[{"role": "assistant", "content": "x"}], max_tokens=2)
+
+
+@pytest.mark.parametrize(("model", "expected"), [("codefuse-tiny", "{'temperature': 0.1, 'top_p': 0.95}"),
+                                                 ("stable-code-tiny", "{'temperature': 0.5, 'top_k': 100, 'top_p': 0.95}")])
+def test_card_sampling_defaults_are_the_servers_defaults(fleet: LocalFleet, model: str, expected: str) -> None:
+    client(fleet, model).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2)
+    log = replica(fleet, model).log.read_text()
+    line = next(ln for ln in log.splitlines() if "Default vLLM sampling parameters have been overridden" in ln)
+    assert expected in line
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_kv_capacity_matches_the_plan(fleet: LocalFleet, model: str) -> None:
+    """vLLM logs its KV cache size in tokens; the planner's figure must agree within 1%."""
+    r = replica(fleet, model)
+    match = re.search(r"KV cache size: ([\d,]+) tokens", r.log.read_text())
+    assert match, "vLLM did not log its KV cache size"
+    reported = int(match.group(1).replace(",", ""))
+    assert reported == pytest.approx(r.plan.kv_tokens, rel=0.01)

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codefleet.catalog import CATALOG
+from codefleet.errors import PlanError
+from codefleet.manifest import parse
+from codefleet.planner import GiB, kv_bytes_per_token, parameter_count, plan_fleet
+from codefleet.shapes import ModelShape
+
+GRANITE_CODE = "ibm-granite/granite-3b-code-instruct-128k"
+GRANITE_MOE = "ibm-granite/granite-3.0-1b-a400m-instruct"
+STABLE = "stabilityai/stable-code-instruct-3b"
+STARCODER = "GeorgiaTechResearchInstitute/starcoder-gpteacher-code-instruct"
+CODEFUSE = "codefuse-ai/CodeFuse-CodeLlama-34B"
+
+# Parameters counted by hand from each config.json (see planner.parameter_count's terms).
+PARAMETERS = {
+    GRANITE_CODE: 3_482_503_680,
+    GRANITE_MOE: 1_334_628_352,
+    STABLE: 2_795_443_200,
+    STARCODER: 15_517_456_384,
+    CODEFUSE: 33_743_970_304,
+}
+
+# KV bytes per token per GPU at 16 bit: 2 * layers * kv heads per rank * head_dim * 2.
+KV_16BIT = {
+    GRANITE_CODE: {1: 327_680, 2: 163_840, 4: 81_920},  # 32 layers, 32 KV heads, 80
+    GRANITE_MOE: {1: 49_152, 2: 24_576, 4: 12_288},  # 24 layers, 8 KV heads, 64
+    STABLE: {1: 327_680, 2: 163_840, 4: 81_920},  # 32 layers, 32 KV heads, 80
+    STARCODER: {1: 20_480, 2: 20_480, 4: 20_480},  # 40 layers, 1 KV head (replicated), 128
+    CODEFUSE: {1: 196_608, 2: 98_304, 4: 49_152},  # 48 layers, 8 KV heads, 128
+}
+
+
+@pytest.mark.parametrize("hf_id", list(PARAMETERS))
+def test_parameters_and_weight_bytes(hf_id: str) -> None:
+    shape = CATALOG[hf_id].shape
+    assert parameter_count(shape) == PARAMETERS[hf_id]
+
+
+def test_codefuse_weights_match_the_issue_example() -> None:
+    assert parameter_count(CATALOG[CODEFUSE].shape) * 2 / GiB == pytest.approx(62.85, abs=0.01)
+
+
+@pytest.mark.parametrize("hf_id", list(KV_16BIT))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_kv_bytes_per_token(hf_id: str, tp: int) -> None:
+    assert kv_bytes_per_token(CATALOG[hf_id].shape, 2, tp) == KV_16BIT[hf_id][tp]
+
+
+def test_multi_query_is_48x_smaller_than_full_attention() -> None:
+    s = CATALOG[STARCODER].shape
+    full = ModelShape(**{**s.__dict__, "num_kv_heads": s.num_heads})
+    assert kv_bytes_per_token(full, 2) == 48 * kv_bytes_per_token(s, 2)
+
+
+def test_granite_128k_sequence_takes_39_gib() -> None:
+    assert 128000 * kv_bytes_per_token(CATALOG[GRANITE_CODE].shape, 2) / GiB == pytest.approx(39.06, abs=0.01)
+
+
+def _tiny_hf_models() -> list[tuple[str, dict[str, object]]]:
+    from codefleet.demo_models import DEMO_CONFIGS
+
+    return [(f, dict(c)) for f, c in DEMO_CONFIGS.items()]
+
+
+@pytest.mark.parametrize(("family", "config"), _tiny_hf_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_parameter_count_equals_transformers(family: str, config: dict[str, object]) -> None:
+    """The formula counts exactly what transformers instantiates, for every seed architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {**config, "vocab_size": 500}
+    model_type = str(raw.pop("model_type"))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **raw), torch_dtype=torch.float32)
+    real = sum(p.numel() for p in hf.parameters())
+    assert parameter_count(ModelShape.from_hf_config({**raw, "model_type": model_type})) == real
+
+
+def _plan(tmp_path: Path, text: str, gpu: str | None = None):  # type: ignore[no-untyped-def]
+    return plan_fleet(parse(text, tmp_path / "m.yaml"), gpu=gpu)
+
+
+def _one(source: str, extra: str = "") -> str:
+    return f"models:\n  - name: m\n    source: {source}\n{extra}"
+
+
+# Smallest TP per GPU type at min_concurrent_sequences 1 with each model's full context.
+TP_CHOICES = {
+    "a100-40gb": {GRANITE_CODE: 2, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 2},
+    "a100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
+    "h100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
+    "h200-141gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
+}
+
+
+@pytest.mark.parametrize("gpu", list(TP_CHOICES))
+@pytest.mark.parametrize("hf_id", list(CATALOG))
+def test_tp_choice(tmp_path: Path, gpu: str, hf_id: str) -> None:
+    plan = _plan(tmp_path, _one(hf_id), gpu=gpu)
+    m = plan.models[0]
+    assert m.tensor_parallel_size == TP_CHOICES[gpu][hf_id]
+    assert m.kv_tokens >= m.max_model_len
+    assert m.gpus_per_replica == m.tensor_parallel_size
+    assert m.estimate is not None and m.estimate.decode_tokens_per_s_batch1 > 0
+
+
+def test_codefuse_on_a100_40gb_at_tp1_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(PlanError) as info:
+        _plan(tmp_path, _one(CODEFUSE, "    tensor_parallel_size: 1\n    dtype: bfloat16\n"), gpu="a100-40gb")
+    msg = str(info.value)
+    assert "CodeFuse-CodeLlama-34B in bfloat16 needs 62.9 GiB of weights" in msg
+    assert "one a100-40gb at 0.90 utilisation holds 36 GiB" in msg
+    assert "use tensor_parallel_size 2" in msg
+    assert "m.yaml:2" in msg
+
+
+def test_more_sequences_need_more_gpus(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, _one(CODEFUSE, "    min_concurrent_sequences: 8\n"), gpu="a100-40gb")
+    assert plan.models[0].tensor_parallel_size == 4
+
+
+def test_impossible_everywhere(tmp_path: Path) -> None:
+    text = "defaults:\n  gpus_per_node: 1\n" + _one(GRANITE_CODE, "    min_concurrent_sequences: 4\n")
+    with pytest.raises(PlanError, match="no tensor_parallel_size up to 1 fits"):
+        _plan(tmp_path, text, gpu="a100-40gb")
+
+
+def test_replicas_per_node_and_nodes(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, _one(CODEFUSE, "    min_concurrent_sequences: 8\n    replicas: 3\n"), gpu="a100-40gb")
+    m = plan.models[0]
+    assert (m.replicas_per_node, m.nodes) == (2, 2)
+    assert plan.total_gpus == 12
+
+
+def test_cpu_plan_kv_tokens(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "defaults: {gpu: cpu, cpu_kv_cache_gib: 1}\n" + _one("demo://codefuse",
+                 "    tensor_parallel_size: 2\n"))
+    m = plan.models[0]
+    # 2 layers * (2 KV heads / 2 ranks) * 64 * 2 (K,V) * 4 bytes = 1024 bytes per token per rank.
+    assert m.kv_bytes_per_token_per_gpu == 1024
+    assert m.kv_tokens == GiB // 1024
+    assert m.gpus_per_replica == 0
