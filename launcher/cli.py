@@ -16,7 +16,7 @@ import httpx
 from codefleet import demo_models
 from codefleet.errors import CodefleetError
 from codefleet.manifest import load
-from codefleet.planner import GiB, FleetPlan, plan_fleet
+from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runners.local import LocalFleet, read_state
 

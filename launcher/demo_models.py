@@ -95,7 +95,8 @@ DEMO_VOCAB = 1088
 
 _CORPUS = [
     "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, item):\n        self.items.append(item)\n",
     "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }\nreturn sum;\n",
     "import numpy as np\nx = np.arange(10)\nprint(x.mean(), x.std())\n",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
