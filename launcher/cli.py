@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import httpx
 
@@ -18,7 +17,7 @@ from codefleet.errors import CodefleetError
 from codefleet.manifest import load
 from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
-from codefleet.runners.local import LocalFleet, read_state
+from codefleet.runners.local import LocalFleet, read_state, state_dir
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
 
@@ -137,15 +136,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     for r in state["replicas"]:
         if r.get("pgid"):
             stop_group(int(r["pgid"]), grace=10)
-    (Path(read_state_path())).unlink(missing_ok=True)
+    (state_dir() / "fleet.json").unlink(missing_ok=True)
     print("fleet stopped")
     return 0
-
-
-def read_state_path() -> str:
-    from codefleet.runners.local import state_dir
-
-    return str(state_dir() / "fleet.json")
 
 
 def _pid_alive(pid: int) -> bool:

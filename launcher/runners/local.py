@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,7 +155,7 @@ class LocalFleet:
         for r in self.replicas:
             if r.proc is not None:
                 try:
-                    os.killpg(r.proc.pid, 15)
+                    os.killpg(r.proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         for r in self.replicas:

@@ -100,13 +100,6 @@ def test_family_stop_token_ends_generation(fleet: LocalFleet, model: str) -> Non
         assert out.usage is not None and out.usage.completion_tokens == 1
 
 
-def test_chatml_im_end_is_not_eos_but_stops(fleet: LocalFleet) -> None:
-    r = replica(fleet, "stable-code-tiny")
-    tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
-    assert tokenizer.eos_token == "<|endoftext|>"
-    assert "<|im_end|>" in r.plan.stop_tokens
-
-
 @pytest.mark.parametrize(("model", "role"), [("codefuse-tiny", "tool"), ("stable-code-tiny", "tool"),
                                              ("granite-code-tiny", "critic")])
 def test_inexpressible_role_is_a_400(fleet: LocalFleet, model: str, role: str) -> None:
