@@ -86,15 +86,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"starting {n} engines (logs in {fleet.run_dir / 'logs'}) ...")
     try:
         fleet.start(timeout=args.timeout)
-        print("\nfleet ready. OpenAI base URLs:")
+        print(f"\nfleet ready. One OpenAI endpoint for every model: {fleet.url}/v1")
         for model, urls in fleet.endpoints().items():
-            for url in urls:
-                print(f"  {model:<26} {url}/v1")
+            print(f"  {model:<26} {len(urls)} replica(s): {' '.join(urls)}")
+        m = plan.metrics
+        fe = fleet.frontend
+        assert fe is not None
+        print(f"metrics: launcher http://{m.host}:{fleet.metrics_port}/metrics, gateway "
+              f"http://{m.host}:{fe.gateway_metrics_port}/metrics, router http://{m.host}:{fe.router_metrics_port}/metrics")
+        if plan.router.api_keys is not None:
+            print("API keys are on: send 'Authorization: Bearer <key>'.")
         print("\nCtrl-C (or `codefleet down`) stops everything.")
         while True:
             fleet.watch_once()
-            fleet.write_state()
-            time.sleep(2)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping ...")
         return 0
@@ -108,6 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not state:
         print("no fleet is running")
         return 1
+    print(f"endpoint: {state.get('endpoint')}/v1")
     with httpx.Client(timeout=2.0) as client:
         for r in state["replicas"]:
             try:
@@ -136,6 +142,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     for r in state["replicas"]:
         if r.get("pgid"):
             stop_group(int(r["pgid"]), grace=10)
+    for pgid in state.get("frontend_pgids", []):
+        stop_group(int(pgid), grace=5)
     (state_dir() / "fleet.json").unlink(missing_ok=True)
     print("fleet stopped")
     return 0

@@ -4,7 +4,8 @@
     ├── ManifestError         the manifest is wrong: names file, YAML path and line
     ├── PlanError             the manifest is valid but the fleet does not fit the hardware
     ├── DemoModelError        a tiny demo checkpoint could not be built
-    └── RuntimeStartError     an engine or the router did not become healthy; nothing is left running
+    ├── RuntimeStartError     an engine or the router did not become healthy; nothing is left running
+    └── SecretError           the API keys the manifest names cannot be read
 """
 
 from __future__ import annotations
@@ -52,3 +53,7 @@ class DemoModelError(CodefleetError):
 
 class RuntimeStartError(CodefleetError):
     """An engine or the router did not come up; everything started was stopped."""
+
+
+class SecretError(CodefleetError):
+    """The API keys the manifest names (environment variable or file) cannot be read."""

@@ -71,6 +71,21 @@ class Router(_Strict):
     policy: RoutingPolicy = "cache_aware"
     """vllm-router policy; cache_aware weighs both load and prefix reuse."""
     api_keys: ApiKeys | None = None
+    """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
+    max_body_mib: int = Field(32, ge=1, le=1024)
+    """Largest request body accepted; larger ones get 413."""
+
+
+class Metrics(_Strict):
+    """Where the Prometheus endpoints of the launcher, the gateway and vllm-router listen.
+
+    Engines serve their own ``/metrics`` on their API port. 0 picks a free port (tests).
+    """
+
+    host: str = "127.0.0.1"
+    launcher_port: int = Field(9400, ge=0, le=65535)
+    gateway_port: int = Field(9401, ge=0, le=65535)
+    router_port: int = Field(9402, ge=0, le=65535)
 
 
 class Runtime(_Strict):
@@ -125,6 +140,7 @@ class Manifest(_Strict):
     version: Literal[1] = 1
     defaults: Defaults = Field(default_factory=Defaults)
     router: Router = Field(default_factory=Router)
+    metrics: Metrics = Field(default_factory=Metrics)
     runtime: Runtime = Field(default_factory=Runtime)
     models: list[ModelSpec] = Field(min_length=1)
 

@@ -26,7 +26,7 @@ from typing import Any
 from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.gpus import GPUS
-from codefleet.manifest import LoadedManifest
+from codefleet.manifest import LoadedManifest, Metrics, Router
 from codefleet.resolve import ResolvedModel, resolve
 from codefleet.shapes import ModelShape
 
@@ -154,6 +154,10 @@ class ReplicaPlan:
 class FleetPlan:
     models: list[ReplicaPlan]
     gpus_per_node: int
+    router: Router = field(default_factory=Router)
+    metrics: Metrics = field(default_factory=Metrics)
+    manifest_dir: Path = field(default_factory=Path.cwd)
+    """Relative paths in the manifest (an API-key file) are relative to this."""
 
     @property
     def total_gpus(self) -> int:
@@ -318,4 +322,5 @@ def plan_fleet(loaded: LoadedManifest, gpu: str | None = None, gpus_per_node: in
             errors.append(f"{loc}: {exc}")
     if errors:
         raise PlanError("\n".join(errors))
-    return FleetPlan(models=plans, gpus_per_node=per_node)
+    return FleetPlan(models=plans, gpus_per_node=per_node, router=loaded.manifest.router,
+                     metrics=loaded.manifest.metrics, manifest_dir=loaded.file.parent)

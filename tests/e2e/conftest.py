@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,21 +15,32 @@ from codefleet.procs import group_alive
 from codefleet.runners.local import LocalFleet
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "deploy" / "manifests" / "demo-cpu.yaml"
+FLEET = Path(__file__).with_name("fleet.yaml")
+API_KEY = "sk-e2e-" + secrets.token_hex(8)
 
 
 @pytest.fixture(scope="session")
 def demo_plan() -> FleetPlan:
-    return plan_fleet(load(DEMO))
+    return plan_fleet(load(FLEET))
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
 
 
 @pytest.fixture(scope="session")
 def fleet(demo_plan: FleetPlan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    """The e2e fleet: real engines, real vllm-router, the gateway, API keys on, watched in the background."""
     run_dir = tmp_path_factory.mktemp("run")
+    os.environ["CODEFLEET_TEST_API_KEYS"] = f"{API_KEY},sk-second-key"
     f = LocalFleet(demo_plan, enforce_eager=True, run_dir=run_dir, say=lambda s: print(s, flush=True))
     f.start(timeout=900)
+    f.watch_in_background()
     yield f
     groups = [r.proc.pid for r in f.replicas if r.proc]
+    assert f.frontend is not None
+    groups += f.frontend.pgids()
     f.stop()
     left = [g for g in groups if group_alive(g)]
     assert not left, f"engine process groups still alive after stop: {left}"

@@ -1,4 +1,4 @@
-"""The demo fleet on real vLLM engines, driven with the official openai SDK."""
+"""The demo fleet on real vLLM engines, driven through the one endpoint with the official openai SDK."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from codefleet.runners.local import LocalFleet
+from tests.e2e.conftest import API_KEY
 from tests.goldens import CONVERSATIONS, GOLDEN
 
 pytestmark = pytest.mark.e2e
@@ -20,8 +21,9 @@ FAMILY = {"granite-code-tiny": "granite-code", "granite-moe-tiny": "granite", "s
           "starcoder-alpaca-tiny": "alpaca", "codefuse-tiny": "codefuse"}
 
 
-def client(fleet: LocalFleet, model: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleet.endpoints()[model][0] + "/v1", api_key="none", max_retries=0)
+def client(fleet: LocalFleet, model: str | None = None) -> openai.OpenAI:
+    """A client of the fleet's endpoint (gateway -> vllm-router -> engines); every model behind one URL."""
+    return openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
 def replica(fleet: LocalFleet, model: str) -> Any:
@@ -34,9 +36,11 @@ def test_fleet_shape(fleet: LocalFleet) -> None:
     assert archs["codefuse"] == 2
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_models_list(fleet: LocalFleet, model: str) -> None:
-    assert [m.id for m in client(fleet, model).models.list()] == [model]
+def test_models_list_is_openai_shaped(fleet: LocalFleet) -> None:
+    page = client(fleet).models.list()
+    assert sorted(m.id for m in page) == sorted(MODELS)
+    assert all(m.object == "model" and m.owned_by == "codefleet" for m in page)
+    assert client(fleet).models.retrieve("codefuse-tiny").id == "codefuse-tiny"
 
 
 @pytest.mark.parametrize("model", MODELS)

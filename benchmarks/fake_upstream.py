@@ -1,0 +1,126 @@
+"""A fast fake OpenAI-compatible upstream for measuring the router and the load generator.
+
+Never used as the engine of an end-to-end test: it exists to measure the layers in front of an
+engine (router overhead, load-generator ceiling) and for fault injection.
+
+    python -m benchmarks.fake_upstream --port 9001 --model fake --tokens 16 --token-delay-ms 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+
+def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0) -> web.Application:
+    state = {"requests": 0, "running": 0}
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake"}]}
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        text = (
+            f'vllm:num_requests_running{{model_name="{model}"}} {state["running"]}\n'
+            f'vllm:num_requests_waiting{{model_name="{model}"}} 0\n'
+            f'fake_requests_total {state["requests"]}\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": {"message": "bad json", "type": "BadRequestError", "code": 400}}, status=400)
+        state["requests"] += 1
+        state["running"] += 1
+        try:
+            chat = request.path.endswith("/chat/completions")
+            n = int(body.get("max_tokens") or body.get("max_completion_tokens") or tokens)
+            created = int(time.time())
+            rid = f"fake-{state['requests']}"
+            if ttft_s:
+                await asyncio.sleep(ttft_s)
+            if not body.get("stream"):
+                if token_delay_s:
+                    await asyncio.sleep(token_delay_s * n)
+                text = "x" * n
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                    if chat
+                    else {"index": 0, "text": text, "finish_reason": "length"}
+                )
+                return web.json_response(
+                    {
+                        "id": rid,
+                        "object": "chat.completion" if chat else "text_completion",
+                        "created": created,
+                        "model": body.get("model", model),
+                        "choices": [choice],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                    }
+                )
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(n):
+                if token_delay_s:
+                    await asyncio.sleep(token_delay_s)
+                delta = {"index": 0, "delta": {"content": "x"}} if chat else {"index": 0, "text": "x"}
+                delta["finish_reason"] = "length" if i == n - 1 else None
+                chunk = {
+                    "id": rid,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created,
+                    "model": body.get("model", model),
+                    "choices": [delta],
+                }
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            state["running"] -= 1
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/v1/completions", generate)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="fake")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per answer when the request sets no max_tokens")
+    p.add_argument("--token-delay-ms", type=float, default=0.0)
+    p.add_argument("--ttft-ms", type=float, default=0.0)
+    a = p.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(
+        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000),
+        host=a.host,
+        port=a.port,
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The fleet's front: vllm-router (routing) and the gateway (OpenAI gaps), as processes on this host.
+
+``Frontend`` starts both, restarts either if it dies, and registers engine replicas with the
+router under their served model name (vllm-router's IGW mode: ``POST /workers``,
+``DELETE /workers/{url}``). The public address is the gateway's; the router and the engines
+listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import secrets
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from codefleet.errors import RuntimeStartError, SecretError
+from codefleet.gateway import UPSTREAM_KEY_ENV, GatewayConfig, hash_keys
+from codefleet.manifest import ApiKeys, Metrics, Router
+from codefleet.planner import FleetPlan
+from codefleet.procs import free_port, spawn, stop_group, tail
+
+Say = Callable[[str], None]
+
+#: vllm-router settings codefleet fixes (the policy comes from the manifest).
+ROUTER_FLAGS = (
+    "--enable-igw",
+    # The launcher removes a dead replica within a second; the router's own probe is the backstop
+    # for engines that hang without exiting.
+    "--health-check-interval-secs", "5",
+    "--health-failure-threshold", "2",
+    "--log-level", "warning",
+)
+
+
+def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_port: int) -> list[str]:
+    return [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port),
+            *ROUTER_FLAGS]
+
+
+def load_api_keys(spec: ApiKeys | None, base: Path) -> list[str]:
+    """The client keys named by the manifest: an environment variable (comma-separated) or a file."""
+    if spec is None:
+        return []
+    if spec.env is not None:
+        raw = os.environ.get(spec.env, "")
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+        if not keys:
+            raise SecretError(f"router.api_keys.env: environment variable {spec.env} is unset or empty; "
+                              f"export it with one or more comma-separated keys")
+        return keys
+    assert spec.file is not None
+    path = Path(spec.file) if os.path.isabs(spec.file) else base / spec.file
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SecretError(f"router.api_keys.file: cannot read {path}: {exc.strerror}") from None
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise SecretError(f"router.api_keys.file: {path} holds no key (one per line, # for comments)")
+    return keys
+
+
+def raise_fd_limit() -> None:
+    """Every open client stream costs the gateway and the router two sockets: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class RouterAdmin:
+    """vllm-router's worker API."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        self.url = url
+        self._client = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def add(self, worker_url: str, model: str) -> None:
+        r = self._client.post(f"{self.url}/workers", json={"url": worker_url, "model_id": model})
+        if r.status_code >= 400:
+            raise RuntimeStartError(f"router refused worker {worker_url} ({model}): {r.status_code} {r.text}")
+
+    def remove(self, worker_url: str) -> None:
+        r = self._client.delete(f"{self.url}/workers/{urllib.parse.quote(worker_url, safe='')}")
+        if r.status_code >= 400 and r.status_code != 404:
+            raise RuntimeStartError(f"router did not remove worker {worker_url}: {r.status_code} {r.text}")
+
+    def workers(self) -> list[dict[str, Any]]:
+        data: dict[str, Any] = self._client.get(f"{self.url}/workers").json()
+        return list(data.get("workers", []))
+
+    def healthy(self) -> bool:
+        try:
+            return self._client.get(f"{self.url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+@dataclass
+class Frontend:
+    """vllm-router plus the gateway; ``url`` is the fleet's one OpenAI endpoint."""
+
+    router: Router
+    metrics: Metrics
+    models: tuple[str, ...]
+    run_dir: Path
+    python: str
+    manifest_dir: Path = field(default_factory=Path.cwd)
+    say: Say = print
+    upstream_key: str | None = None
+    router_port: int = 0
+    router_metrics_port: int = 0
+    gateway_port: int = 0
+    gateway_metrics_port: int = 0
+    router_proc: subprocess.Popen[bytes] | None = None
+    gateway_proc: subprocess.Popen[bytes] | None = None
+    router_restarts: int = 0
+    gateway_restarts: int = 0
+    _admin: RouterAdmin | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_plan(cls, plan: FleetPlan, run_dir: Path, python: str, say: Say = print) -> Frontend:
+        return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.replicas > 0), run_dir, python,
+                   manifest_dir=plan.manifest_dir, say=say)
+
+    def __post_init__(self) -> None:
+        r, m = self.router, self.metrics
+        keys = load_api_keys(r.api_keys, self.manifest_dir)
+        self.key_sha256 = hash_keys(keys)
+        if keys:
+            # Engines then refuse anything that does not come through the gateway.
+            self.upstream_key = secrets.token_urlsafe(32)
+        self.router_port = free_port()
+        self.router_metrics_port = m.router_port or free_port(m.host)
+        self.gateway_port = r.port or free_port(r.host)
+        self.gateway_metrics_port = m.gateway_port or free_port(m.host)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    @property
+    def url(self) -> str:
+        host = self.router.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{shown}:{self.gateway_port}"
+
+    @property
+    def admin(self) -> RouterAdmin:
+        if self._admin is None:
+            self._admin = RouterAdmin(self.router_url)
+        return self._admin
+
+    @property
+    def engine_env(self) -> dict[str, str]:
+        """Environment every engine gets so that only the gateway's requests are served."""
+        return {"VLLM_API_KEY": self.upstream_key} if self.upstream_key else {}
+
+    def gateway_config(self) -> GatewayConfig:
+        r, m = self.router, self.metrics
+        return GatewayConfig(
+            router_url=self.router_url, models=self.models,
+            host=r.host, port=self.gateway_port, metrics_host=m.host, metrics_port=self.gateway_metrics_port,
+            key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024,
+        )
+
+    def _launch_router(self) -> None:
+        argv = router_argv(self.python, self.router.policy, self.router_port, self.metrics.host,
+                           self.router_metrics_port)
+        self.router_proc = spawn(argv, {}, self.run_dir / "logs" / "router.log")
+
+    def _launch_gateway(self) -> None:
+        cfg = self.run_dir / "gateway.json"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.gateway_config().to_json())
+        env = {UPSTREAM_KEY_ENV: self.upstream_key} if self.upstream_key else {}
+        self.gateway_proc = spawn([self.python, "-m", "codefleet.gateway", "--config", str(cfg)], env,
+                                  self.run_dir / "logs" / "gateway.log")
+
+    def start(self, timeout: float = 60.0) -> None:
+        raise_fd_limit()
+        for log in ("router.log", "gateway.log"):
+            (self.run_dir / "logs" / log).unlink(missing_ok=True)
+        self._launch_router()
+        self._launch_gateway()
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = {"router": (self.router_url, lambda: self.router_proc),
+                   "gateway": (f"http://127.0.0.1:{self.gateway_port}", lambda: self.gateway_proc)}
+        with httpx.Client(timeout=1.0) as client:
+            while pending:
+                for name, (url, proc) in list(pending.items()):
+                    p = proc()
+                    assert p is not None
+                    if p.poll() is not None:
+                        log = self.run_dir / "logs" / f"{name}.log"
+                        raise RuntimeStartError(f"{name} exited with status {p.returncode} while starting; "
+                                                f"last lines of {log}:\n{tail(log)}")
+                    try:
+                        if client.get(url + "/health").status_code == 200:
+                            del pending[name]
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    raise RuntimeStartError(f"{', '.join(pending)} not healthy after {timeout:.0f} s; "
+                                            f"logs in {self.run_dir / 'logs'}")
+                time.sleep(0.1)
+
+    def check(self) -> bool:
+        """Restart a dead router or gateway; True when the router was restarted (workers must re-register)."""
+        router_restarted = False
+        if self.router_proc is not None and self.router_proc.poll() is not None:
+            self.say(f"  router exited with status {self.router_proc.returncode}; restarting")
+            stop_group(self.router_proc.pid, grace=2)
+            self.router_restarts += 1
+            self._launch_router()
+            self._wait(60)
+            router_restarted = True
+        if self.gateway_proc is not None and self.gateway_proc.poll() is not None:
+            self.say(f"  gateway exited with status {self.gateway_proc.returncode}; restarting")
+            stop_group(self.gateway_proc.pid, grace=2)
+            self.gateway_restarts += 1
+            self._launch_gateway()
+            self._wait(60)
+        return router_restarted
+
+    def pgids(self) -> list[int]:
+        return [p.pid for p in (self.gateway_proc, self.router_proc) if p is not None]
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        for p in (self.gateway_proc, self.router_proc):
+            if p is not None:
+                stop_group(p.pid, grace)
+                try:
+                    p.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass

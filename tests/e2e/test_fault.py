@@ -1,0 +1,87 @@
+"""Kill one of two replicas under steady load: the model keeps serving, the replica comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import openai
+import pytest
+
+from codefleet.runners.local import LocalFleet
+from tests.e2e.conftest import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "granite-code-tiny"
+CONCURRENCY = 6
+
+
+def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: LocalFleet) -> None:
+    replicas = [r for r in fleet.replicas if r.plan.name == MODEL]
+    assert len(replicas) == 2
+    victim = replicas[0]
+    restarts_before = victim.restarts
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    results: list[tuple[float, float, str]] = []  # (start, end, "ok" | error description)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            t0 = time.monotonic()
+            try:
+                if (n + i) % 2:
+                    stream = client.completions.create(model=MODEL, prompt=f"def f{n}_{i}(x):", max_tokens=12,
+                                                       stream=True)
+                    finish = [c.choices[0].finish_reason for c in stream if c.choices][-1]
+                    assert finish in ("stop", "length")
+                else:
+                    out = client.completions.create(model=MODEL, prompt=f"class C{n}_{i}:", max_tokens=12)
+                    assert out.choices[0].finish_reason in ("stop", "length")
+                outcome = "ok"
+            except openai.APIStatusError as exc:
+                assert isinstance(exc.body, dict), f"error without an OpenAI body: {exc!r}"
+                outcome = f"{exc.status_code} {exc.code}"
+            except openai.APIError as exc:  # an error event inside a stream
+                outcome = f"stream {getattr(exc, 'code', None)}"
+            with lock:
+                results.append((t0, time.monotonic(), outcome))
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(CONCURRENCY)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    killed_at = time.monotonic()
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    deadline = killed_at + 300
+    while not (victim.restarts > restarts_before and victim.registered):
+        assert time.monotonic() < deadline, "the killed replica was not restarted and re-registered in 300 s"
+        time.sleep(0.2)
+    back_at = time.monotonic()
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    failures = [(s, e, o) for s, e, o in results if o != "ok"]
+    during = [r for r in results if killed_at <= r[0] <= back_at]
+    print(f"\nfault test: {len(results)} requests, {len(failures)} failed "
+          f"({dict(Counter(o for _, _, o in failures))}); {MODEL} ran on one replica for "
+          f"{back_at - killed_at:.1f} s and served {sum(1 for r in during if r[2] == 'ok')} requests meanwhile")
+    # Only requests in flight at the kill may fail: they started before it and ended after it.
+    late = [f for f in failures if f[0] > killed_at + 1.0]
+    assert not late, f"requests started after the kill failed: {late}"
+    assert len(failures) <= CONCURRENCY
+    assert sum(1 for r in during if r[2] == "ok") > 0, "the surviving replica did not serve during the outage"
+
+    # The restarted replica is registered again and takes traffic.
+    fe = fleet.frontend
+    assert fe is not None
+    assert (victim.url, MODEL) in {(w["url"], w["model_id"]) for w in fe.admin.workers()}

@@ -1,0 +1,80 @@
+"""The real front (vllm-router + gateway) over fast fake upstreams: routing logic, faults, load.
+
+The fakes stand in for engines only here, where the layers in front of an engine are under test.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from codefleet.manifest import ApiKeys, Metrics, Router
+from codefleet.procs import free_port, spawn, stop_group
+from codefleet.router import Frontend
+
+KEY = "sk-router-test"
+
+
+@dataclass
+class Fakes:
+    frontend: Frontend
+    run_dir: Path
+    upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # model -> [(url, pgid)]
+
+    @property
+    def url(self) -> str:
+        return self.frontend.url
+
+    def add_upstream(self, model: str, *args: str) -> str:
+        port = free_port()
+        proc = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", model, *args],
+                     {}, self.run_dir / f"fake-{model}-{port}.log")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (self.run_dir / f"fake-{model}-{port}.log").read_text()
+            time.sleep(0.05)
+        self.frontend.admin.add(url, model)
+        self.upstreams.setdefault(model, []).append((url, proc.pid))
+        return url
+
+    def stop(self) -> None:
+        for ups in self.upstreams.values():
+            for _, pgid in ups:
+                stop_group(pgid, grace=2)
+        self.frontend.stop()
+
+
+def start_fakes(run_dir: Path, models: tuple[str, ...], keys: str | None, monkeypatch: pytest.MonkeyPatch | None = None,
+                max_body_mib: int = 1) -> Fakes:
+    api_keys = None
+    if keys is not None:
+        key_file = run_dir / "keys.txt"
+        key_file.write_text(f"# test keys\n{keys}\n")
+        api_keys = ApiKeys(file=str(key_file))
+    fe = Frontend(Router(port=0, api_keys=api_keys, max_body_mib=max_body_mib),
+                  Metrics(launcher_port=0, gateway_port=0, router_port=0), models, run_dir, sys.executable)
+    fe.start()
+    return Fakes(fe, run_dir)
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fakes]:
+    f = start_fakes(tmp_path_factory.mktemp("front"), ("alpha", "beta", "empty"), KEY)
+    try:
+        f.add_upstream("alpha")
+        f.add_upstream("beta")
+        yield f
+    finally:
+        f.stop()

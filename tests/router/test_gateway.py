@@ -1,0 +1,131 @@
+"""The gateway's contract in front of the real vllm-router (fake upstreams)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from codefleet.errors import SecretError
+from codefleet.gateway import GatewayConfig, hash_keys
+from codefleet.manifest import ApiKeys
+from codefleet.router import load_api_keys
+from tests.router.conftest import KEY, Fakes
+
+
+def sdk(fakes: Fakes, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fakes.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_models_list_and_retrieve(fakes: Fakes) -> None:
+    assert [m.id for m in sdk(fakes).models.list()] == ["alpha", "beta", "empty"]
+    assert sdk(fakes).models.retrieve("beta").owned_by == "codefleet"
+
+
+def test_requests_route_by_model(fakes: Fakes) -> None:
+    for model in ("alpha", "beta"):
+        out = sdk(fakes).chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=3)
+        assert out.model == model and out.choices[0].message.content == "xxx"
+        chunks = list(sdk(fakes).completions.create(model=model, prompt="x", max_tokens=4, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == "xxxx"
+
+
+def test_unknown_model_404(fakes: Fakes) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk(fakes).completions.create(model="gamma", prompt="x")
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+
+
+def test_model_without_replica_is_a_503_with_retry_after(fakes: Fakes) -> None:
+    resp = httpx.post(fakes.url + "/v1/completions", json={"model": "empty", "prompt": "x"},
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert resp.json()["error"]["code"] == "model_unavailable"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic " + KEY, "Bearer"])
+def test_bad_credentials_are_401(fakes: Fakes, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models/alpha")):
+        resp = httpx.request(method, fakes.url + path, json={"model": "alpha"}, headers=headers)
+        assert resp.status_code == 401, (path, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_needs_no_key(fakes: Fakes) -> None:
+    assert httpx.get(fakes.url + "/health").status_code == 200
+
+
+def test_wrong_method_and_path(fakes: Fakes) -> None:
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(fakes.url + "/v1/chat/completions", headers=h).status_code == 405
+    assert httpx.post(fakes.url + "/v1/nothing", headers=h).status_code == 404
+
+
+def test_oversized_body_without_content_length(fakes: Fakes) -> None:
+    def chunks():  # chunked transfer: the size is only known while reading
+        yield b'{"model": "alpha", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+    resp = httpx.post(fakes.url + "/v1/completions", content=chunks(),
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert resp.status_code == 413
+
+
+def test_stream_cut_by_a_dying_upstream_ends_with_an_openai_error(fakes: Fakes) -> None:
+    url = fakes.add_upstream("slow-dying", "--token-delay-ms", "100")
+    pgid = fakes.upstreams["slow-dying"][0][1]
+    fakes.frontend.models = (*fakes.frontend.models, "slow-dying")
+    # The gateway's model list is fixed at start; restart it to pick up the new model.
+    assert fakes.frontend.gateway_proc is not None
+    fakes.frontend.gateway_proc.kill()
+    fakes.frontend.gateway_proc.wait()
+    fakes.frontend.check()
+    stream = sdk(fakes).completions.create(model="slow-dying", prompt="x", max_tokens=50, stream=True)
+    got = []
+    with pytest.raises(openai.APIError) as info:
+        for i, chunk in enumerate(stream):
+            got.append(chunk)
+            if i == 3:
+                os.killpg(pgid, signal.SIGKILL)
+    assert len(got) >= 4
+    assert "interrupted" in info.value.message
+    fakes.frontend.admin.remove(url)
+
+
+def test_gateway_restart_keeps_serving(fakes: Fakes) -> None:
+    assert fakes.frontend.gateway_proc is not None
+    fakes.frontend.gateway_proc.send_signal(signal.SIGKILL)
+    fakes.frontend.gateway_proc.wait()
+    t0 = time.monotonic()
+    fakes.frontend.check()
+    assert time.monotonic() - t0 < 10
+    assert sdk(fakes).completions.create(model="alpha", prompt="x", max_tokens=1).choices[0].text == "x"
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    cfg = GatewayConfig(router_url="http://127.0.0.1:1", models=("a", "b"), key_sha256=hash_keys(["k"]))
+    (tmp_path / "g.json").write_text(cfg.to_json())
+    assert GatewayConfig.from_file(tmp_path / "g.json") == cfg
+    assert "k" not in cfg.to_json().replace('"key_sha256"', "")  # only the digest is written
+
+
+def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CF_KEYS", " a, b ,,")
+    assert load_api_keys(ApiKeys(env="CF_KEYS"), tmp_path) == ["a", "b"]
+    (tmp_path / "k.txt").write_text("# comment\nk1\n\n  k2  \n")
+    assert load_api_keys(ApiKeys(file="k.txt"), tmp_path) == ["k1", "k2"]
+    monkeypatch.delenv("CF_KEYS")
+    with pytest.raises(SecretError, match="CF_KEYS is unset or empty"):
+        load_api_keys(ApiKeys(env="CF_KEYS"), tmp_path)
+    with pytest.raises(SecretError, match="cannot read .*missing.txt"):
+        load_api_keys(ApiKeys(file="missing.txt"), tmp_path)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(SecretError, match="holds no key"):
+        load_api_keys(ApiKeys(file="empty.txt"), tmp_path)
