@@ -9,12 +9,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 
 from codefleet import demo_models
 from codefleet.errors import CodefleetError
 from codefleet.manifest import load
+from codefleet.observability import scrape_config_yaml
 from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runners.local import LocalFleet, read_state, state_dir
@@ -108,6 +110,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("all engines stopped")
 
 
+def cmd_prometheus_config(args: argparse.Namespace) -> int:
+    text = scrape_config_yaml(_plan(args), state_dir(), interval=args.interval)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = read_state()
     if not state:
@@ -180,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for health")
     sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("prometheus-config", help="Prometheus scrape config for the fleet of a manifest")
+    manifest_arg(sp)
+    sp.add_argument("-o", "--output", help="write here instead of stdout")
+    sp.add_argument("--interval", default="15s", help="scrape interval")
+    sp.set_defaults(func=cmd_prometheus_config)
 
     sp = sub.add_parser("status", help="health of the running fleet")
     sp.set_defaults(func=cmd_status)

@@ -20,6 +20,7 @@ from codefleet import demo_models
 from codefleet.engine import engine_command
 from codefleet.errors import RuntimeStartError
 from codefleet.metrics import FleetMetrics
+from codefleet.observability import write_engine_targets
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
 from codefleet.router import Frontend
@@ -271,6 +272,7 @@ class LocalFleet:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_file)
+        write_engine_targets(self.run_dir, [(r.plan.name, r.index, r.url) for r in self.replicas])
 
 
 def _healthy(client: httpx.Client, url: str) -> bool:

@@ -79,9 +79,10 @@ def test_router_rejections_never_become_5xx(fleet: LocalFleet) -> None:
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_url"
 
 
-@pytest.mark.parametrize("key", [None, "sk-wrong"])
-def test_requests_without_a_valid_key_get_401(fleet: LocalFleet, key: str | None) -> None:
-    c = openai.OpenAI(base_url=fleet.url + "/v1", api_key=key or "", max_retries=0)
+def test_requests_without_a_valid_key_get_401(fleet: LocalFleet) -> None:
+    resp = httpx.post(fleet.url + "/v1/completions", json={"model": "granite-code-tiny", "prompt": "x"}, timeout=30)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    c = openai.OpenAI(base_url=fleet.url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
         c.chat.completions.create(model="granite-code-tiny", messages=[{"role": "user", "content": "hi"}],
                                   max_tokens=2)

