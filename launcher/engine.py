@@ -55,10 +55,14 @@ def engine_command(
     port: int,
     python: str = sys.executable,
     enforce_eager: bool = False,
+    cpu_slot: int | None = None,
 ) -> EngineCommand:
     """argv and environment of one vLLM OpenAI server for one replica of ``plan``.
 
     Only what codefleet decides is passed; every other flag keeps vLLM's own default.
+    ``cpu_slot`` (CPU only): the engine's position among the host's single-rank engines; they are
+    bound to one core each, round robin, instead of vLLM's "auto", which puts every one of them
+    on core 0.
     """
     argv = [
         python, "-m", VLLM_MODULE,
@@ -87,9 +91,11 @@ def engine_command(
         argv += _engine_arg(key, value)
     if plan.accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0, 1]
         if plan.tensor_parallel_size > 1:
-            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0, 1]
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(plan.tensor_parallel_size, cores)
+        elif cpu_slot is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[cpu_slot % len(cores)])
     if plan.demo is not None:
         env["HF_HUB_OFFLINE"] = "1"
     if host.startswith("127."):

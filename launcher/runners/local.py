@@ -95,8 +95,10 @@ class LocalFleet:
         return self.frontend.url
 
     def _launch(self, r: Replica) -> None:
+        single = [x for x in self.replicas if x.plan.tensor_parallel_size == 1]
+        slot = single.index(r) if r in single else None
         cmd = engine_command(r.plan, host=r.host, port=r.port, python=self.python,
-                             enforce_eager=self.enforce_eager)
+                             enforce_eager=self.enforce_eager, cpu_slot=slot)
         env = {**cmd.env, **(self.frontend.engine_env if self.frontend else {})}
         r.proc = spawn(cmd.argv, env, r.log)
         r.started_at = time.monotonic()
