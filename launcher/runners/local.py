@@ -117,7 +117,11 @@ class LocalFleet:
         try:
             self.frontend = Frontend.for_plan(self.plan, self.run_dir, self.python, say=self.say)
             m = self.plan.metrics
-            self.metrics_port = self.metrics.serve(m.host, m.launcher_port)
+            try:
+                self.metrics_port = self.metrics.serve(m.host, m.launcher_port)
+            except OSError as exc:
+                raise RuntimeStartError(f"metrics.launcher_port: cannot listen on {m.host}:{m.launcher_port}: "
+                                        f"{exc.strerror}; pick another port (0 = any free one)") from None
             for p in self.plan.models:
                 self.metrics.replicas_desired.labels(p.name).set(p.replicas)
                 self.metrics.replicas_ready.labels(p.name).set(0)
