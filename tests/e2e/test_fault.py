@@ -18,8 +18,11 @@ from tests.e2e.conftest import API_KEY
 pytestmark = pytest.mark.e2e
 
 MODEL = "granite-code-tiny"
-CONCURRENCY = 4
-THINK_S = 0.05  # steady, not saturating: the restarted engine must still get CPU to load on 2 cores
+CONCURRENCY = 3
+THINK_S = 0.1
+OUTAGE_LOAD_S = 15
+"""Load runs for this long after the kill, then pauses until the replica is back: on 2 cores a
+saturating load starves the restarting engine (seen: 4.5 min to import vLLM under load)."""
 
 
 def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: LocalFleet) -> None:
@@ -31,10 +34,14 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
     results: list[tuple[float, float, str]] = []  # (start, end, "ok" | error description)
     lock = threading.Lock()
     stop = threading.Event()
+    paused = threading.Event()
 
     def worker(n: int) -> None:
         i = 0
         while not stop.is_set():
+            if paused.is_set():
+                time.sleep(0.1)
+                continue
             i += 1
             t0 = time.monotonic()
             try:
@@ -64,11 +71,14 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
         killed_at = time.monotonic()
         assert victim.proc is not None
         os.kill(victim.proc.pid, signal.SIGKILL)
+        time.sleep(OUTAGE_LOAD_S)
+        paused.set()
         deadline = killed_at + 420
         while not (victim.restarts > restarts_before and victim.registered):
             assert time.monotonic() < deadline, "the killed replica was not restarted and re-registered in 420 s"
             time.sleep(0.2)
         back_at = time.monotonic()
+        paused.clear()
         time.sleep(5)
     finally:
         stop.set()
@@ -76,10 +86,11 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
             t.join(timeout=120)
 
     failures = [(s, e, o) for s, e, o in results if o != "ok"]
-    during = [r for r in results if killed_at <= r[0] <= back_at]
+    during = [r for r in results if killed_at <= r[0] <= killed_at + OUTAGE_LOAD_S]
     print(f"\nfault test: {len(results)} requests, {len(failures)} failed "
           f"({dict(Counter(o for _, _, o in failures))}); {MODEL} ran on one replica for "
-          f"{back_at - killed_at:.1f} s and served {sum(1 for r in during if r[2] == 'ok')} requests meanwhile")
+          f"{back_at - killed_at:.1f} s (restart + load + registration) and served "
+          f"{sum(1 for r in during if r[2] == 'ok')} requests in the {OUTAGE_LOAD_S} s of load after the kill")
     # Only requests in flight at the kill may fail: they started before it and ended after it.
     late = [f for f in failures if f[0] > killed_at + 1.0]
     assert not late, f"requests started after the kill failed: {late}"
