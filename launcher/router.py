@@ -125,8 +125,6 @@ class Frontend:
     gateway_metrics_port: int = 0
     router_proc: subprocess.Popen[bytes] | None = None
     gateway_proc: subprocess.Popen[bytes] | None = None
-    router_restarts: int = 0
-    gateway_restarts: int = 0
     _admin: RouterAdmin | None = field(default=None, repr=False)
 
     @classmethod
@@ -221,23 +219,22 @@ class Frontend:
                                             f"logs in {self.run_dir / 'logs'}")
                 time.sleep(0.1)
 
-    def check(self) -> bool:
-        """Restart a dead router or gateway; True when the router was restarted (workers must re-register)."""
-        router_restarted = False
-        if self.router_proc is not None and self.router_proc.poll() is not None:
-            self.say(f"  router exited with status {self.router_proc.returncode}; restarting")
-            stop_group(self.router_proc.pid, grace=2)
-            self.router_restarts += 1
-            self._launch_router()
+    def check(self) -> list[str]:
+        """Restart a dead router or gateway; returns which were restarted.
+
+        After a router restart every replica must be registered again.
+        """
+        restarted = []
+        for name, proc, launch in (("router", self.router_proc, self._launch_router),
+                                   ("gateway", self.gateway_proc, self._launch_gateway)):
+            if proc is not None and proc.poll() is not None:
+                self.say(f"  {name} exited with status {proc.returncode}; restarting")
+                stop_group(proc.pid, grace=2)
+                launch()
+                restarted.append(name)
+        if restarted:
             self._wait(60)
-            router_restarted = True
-        if self.gateway_proc is not None and self.gateway_proc.poll() is not None:
-            self.say(f"  gateway exited with status {self.gateway_proc.returncode}; restarting")
-            stop_group(self.gateway_proc.pid, grace=2)
-            self.gateway_restarts += 1
-            self._launch_gateway()
-            self._wait(60)
-        return router_restarted
+        return restarted
 
     def pgids(self) -> list[int]:
         return [p.pid for p in (self.gateway_proc, self.router_proc) if p is not None]

@@ -165,8 +165,10 @@ class LocalFleet:
         assert self.frontend is not None
         restarted: list[Replica] = []
         with self._lock:
-            if self.frontend.check():
-                self.metrics.component_restarts.labels("router").inc()
+            restarted_components = self.frontend.check()
+            for name in restarted_components:
+                self.metrics.component_restarts.labels(name).inc()
+            if "router" in restarted_components:
                 for r in self.replicas:
                     r.registered = False
             admin = self.frontend.admin
