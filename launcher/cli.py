@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from codefleet import demo_models
+from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
+from codefleet.helm import helm_values_yaml
 from codefleet.manifest import load
 from codefleet.observability import scrape_config_yaml
 from codefleet.planner import FleetPlan, GiB, plan_fleet
@@ -120,6 +121,23 @@ def cmd_prometheus_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_helm_values(args: argparse.Namespace) -> int:
+    loaded = load(args.manifest)
+    plan = plan_fleet(loaded, gpu=args.gpu, gpus_per_node=args.gpus_per_node)
+    text = helm_values_yaml(loaded, plan, args.api_keys_secret)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} ({plan.total_gpus} GPUs: "
+              + ", ".join(f"{m.name} {m.replicas}x TP{m.tensor_parallel_size}" for m in plan.models) + ")")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_frontend(args: argparse.Namespace) -> int:
+    return discovery.run(args.config, Path(args.run_dir))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = read_state()
     if not state:
@@ -198,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="write here instead of stdout")
     sp.add_argument("--interval", default="15s", help="scrape interval")
     sp.set_defaults(func=cmd_prometheus_config)
+
+    sp = sub.add_parser("helm-values", help="values for helm/codefleet from a manifest and its plan")
+    manifest_arg(sp)
+    sp.add_argument("--gpu", help="plan every model on this GPU type")
+    sp.add_argument("--gpus-per-node", type=int)
+    sp.add_argument("-o", "--output", help="write here instead of stdout")
+    sp.add_argument("--api-keys-secret", default="codefleet-api-keys",
+                    help="existing Secret with the client keys (key `keys`, one per line) when the manifest enables them")
+    sp.set_defaults(func=cmd_helm_values)
+
+    sp = sub.add_parser("frontend", help="router + gateway with DNS discovery of engines (the chart's frontend pod)")
+    sp.add_argument("--config", required=True, help="frontend JSON config (the chart renders it)")
+    sp.add_argument("--run-dir", default="/tmp/codefleet", help="logs of the router and gateway")
+    sp.set_defaults(func=cmd_frontend)
 
     sp = sub.add_parser("status", help="health of the running fleet")
     sp.set_defaults(func=cmd_status)

@@ -136,7 +136,7 @@ class Frontend:
         r, m = self.router, self.metrics
         keys = load_api_keys(r.api_keys, self.manifest_dir)
         self.key_sha256 = hash_keys(keys)
-        if keys:
+        if keys and self.upstream_key is None:
             # Engines then refuse anything that does not come through the gateway.
             self.upstream_key = secrets.token_urlsafe(32)
         self.router_port = free_port()

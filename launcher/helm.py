@@ -1,0 +1,141 @@
+"""Chart values for helm/codefleet from a manifest and its plan (``codefleet helm-values``).
+
+The engine command line in the chart is the one ``engine.engine_command`` builds for the local
+runner: the chart assembles the flags it owns (model, served name, host, port, tensor parallel
+size, chat template path) and appends ``args`` from here verbatim, so the two targets never drift.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import yaml
+
+from codefleet.engine import engine_command
+from codefleet.errors import PlanError
+from codefleet.families import FAMILIES
+from codefleet.manifest import LoadedManifest
+from codefleet.planner import FleetPlan, GiB, ReplicaPlan
+
+ENGINE_PORT = 8000
+#: Flags the chart's Deployment template writes itself; everything else goes to ``args``.
+CHART_FLAGS = {"--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size", "--chat-template"}
+#: NVIDIA GPU feature discovery's ``nvidia.com/gpu.product`` per planner GPU type.
+GPU_PRODUCT = {
+    "a100-40gb": "NVIDIA-A100-SXM4-40GB",
+    "a100-80gb": "NVIDIA-A100-SXM4-80GB",
+    "h100-80gb": "NVIDIA-H100-80GB-HBM3",
+    "h200-141gb": "NVIDIA-H200",
+}
+#: Start-up budget: a fixed part (CUDA init, graph capture, compile) plus the weights at a
+#: conservative 100 MiB/s from the hub on first start (the PVC cache makes later starts faster).
+STARTUP_FIXED_S = 600
+STARTUP_S_PER_GIB = 10
+STARTUP_PERIOD_S = 10
+API_KEYS_SECRET = "codefleet-api-keys"
+
+
+def model_key(name: str) -> str:
+    """A DNS-1035 label for a served model name (Kubernetes object names): ``granite-3.0`` -> ``granite-3-0``."""
+    key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not key or not key[0].isalpha():
+        key = "m-" + key
+    return key[:40].rstrip("-")
+
+
+def split_args(argv: list[str]) -> list[str]:
+    """vLLM flags after the module name, minus those the chart writes itself."""
+    out: list[str] = []
+    rest = argv[argv.index("-m") + 2 :]
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        has_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
+        if flag in CHART_FLAGS:
+            i += 2 if has_value else 1
+            continue
+        out.append(flag)
+        i += 1
+        while i < len(rest) and not rest[i].startswith("--"):
+            out.append(rest[i])
+            i += 1
+    return out
+
+
+def startup_failure_threshold(p: ReplicaPlan) -> int:
+    seconds = STARTUP_FIXED_S + STARTUP_S_PER_GIB * p.weight_bytes / GiB
+    return math.ceil(seconds / STARTUP_PERIOD_S)
+
+
+def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
+    if p.accelerator == "cpu":
+        raise PlanError(f"{p.name}: the chart serves GPU plans; plan with --gpu TYPE (one of {', '.join(GPU_PRODUCT)})")
+    if p.demo is not None:
+        raise PlanError(f"{p.name}: source {p.source} is a generated demo checkpoint that exists only on this "
+                        f"machine; the chart needs a Hugging Face id or a path inside the image")
+    cmd = engine_command(p, host="0.0.0.0", port=ENGINE_PORT, python="python3")
+    weights_gib = p.weight_bytes_per_gpu / GiB
+    values: dict[str, Any] = {
+        "name": p.name,
+        "key": model_key(p.name),
+        "model": p.model_ref,
+        "replicas": p.replicas,
+        "tensorParallelSize": p.tensor_parallel_size,
+        "chatTemplate": p.chat_template.name,
+        "args": split_args(cmd.argv),
+        "env": {k: v for k, v in sorted(cmd.env.items())},
+        # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
+        "resources": {
+            "requests": {"cpu": str(4 * p.tensor_parallel_size),
+                         "memory": f"{math.ceil(weights_gib * p.tensor_parallel_size + 16)}Gi"},
+            "limits": {"memory": f"{math.ceil(weights_gib * p.tensor_parallel_size * 1.5 + 32)}Gi"},
+        },
+        "shmSize": f"{max(2, 2 * p.tensor_parallel_size)}Gi" if p.tensor_parallel_size > 1 else "1Gi",
+        "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.accelerator]},
+        "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
+        "spread": "strict" if strict_spread else "preferred",
+        "plan": {
+            "gpu": p.accelerator,
+            "weightsGiBPerGpu": round(weights_gib, 1),
+            "kvCacheTokens": p.kv_tokens,
+            "fullLengthSequences": round(p.full_length_sequences, 1),
+        },
+    }
+    if p.revision:
+        values["revision"] = p.revision
+    return values
+
+
+def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = API_KEYS_SECRET) -> dict[str, Any]:
+    """Chart values; with API keys on, the keys are read from the existing Secret ``api_keys_secret``."""
+    r = plan.router
+    api_keys: dict[str, Any] = {"enabled": r.api_keys is not None}
+    if r.api_keys is not None:
+        api_keys |= {"existingSecret": api_keys_secret, "secretKey": "keys"}
+    values: dict[str, Any] = {
+        "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib},
+        "apiKeys": api_keys,
+        "models": [_model_values(p, loaded.manifest.runtime.strict_spread) for p in plan.models],
+    }
+    keys = [m["key"] for m in values["models"]]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise PlanError(f"model names map to the same Kubernetes name {dup[0]!r}; rename one of them")
+    custom = {p.chat_template.name: p.chat_template.read_text() for p in plan.models
+              if p.chat_template.name not in {f.template for f in FAMILIES.values()}}
+    if custom:
+        values["chatTemplates"] = custom
+    return values
+
+
+def helm_values_yaml(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = API_KEYS_SECRET) -> str:
+    gpus = ", ".join(f"{m.name} {m.replicas}x{m.gpus_per_replica}" for m in plan.models)
+    head = (f"# Generated by `codefleet helm-values {loaded.file.name}` from the manifest and its plan.\n"
+            f"# GPUs: {plan.total_gpus} in all ({gpus}).\n")
+    if plan.router.api_keys is not None:
+        head += (f"# API keys are on: kubectl create secret generic {api_keys_secret} --from-file=keys=KEYS_FILE\n"
+                 f"#   (one key per line) before installing.\n")
+    head += "# Install: helm install codefleet helm/codefleet -f THIS_FILE\n"
+    return head + yaml.safe_dump(helm_values(loaded, plan, api_keys_secret), sort_keys=False, width=120)

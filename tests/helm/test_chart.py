@@ -1,0 +1,310 @@
+"""helm/codefleet: lint, render, Kubernetes schema validation (strict), and what the objects say.
+
+Offline: helm-python-sdk (Helm's Go SDK) renders and lints; kubernetes-validate checks each
+object against the Kubernetes OpenAPI schemas. No cluster is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from codefleet.engine import VLLM_MODULE, engine_command
+from codefleet.errors import PlanError
+from codefleet.helm import ENGINE_PORT, helm_values, model_key
+from codefleet.manifest import load
+from codefleet.planner import FleetPlan, plan_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "codefleet"
+FLEET = ROOT / "deploy" / "manifests" / "fleet.yaml"
+K8S_VERSION = "1.31.0"
+#: Prometheus Operator kinds: no schema in kubernetes-validate; checked field by field below.
+CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
+SECRET_VALUES = {"apiKeys": {"existingSecret": "codefleet-api-keys"}}
+
+
+def fleet_plan(gpu: str) -> tuple[Any, FleetPlan]:
+    loaded = load(FLEET)
+    return loaded, plan_fleet(loaded, gpu=gpu)
+
+
+def fleet_values(gpu: str = "h100-80gb", **extra: Any) -> dict[str, Any]:
+    loaded, plan = fleet_plan(gpu)
+    return helm_values(loaded, plan) | extra
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm_python.Chart:
+    return helm_python.Chart.load(str(CHART))
+
+
+def render(chart: helm_python.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    out = chart.render(values, name="codefleet", namespace="llm")
+    objs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objs += [d for d in yaml.safe_load_all(text) if d]
+    return objs
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def engines(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Engine Deployments by served model name."""
+    return {d["metadata"]["annotations"]["codefleet.dev/served-model-name"]: d
+            for d in by_kind(objs, "Deployment").values()
+            if d["metadata"]["labels"]["app.kubernetes.io/component"] == "engine"}
+
+
+@pytest.fixture(scope="module", params=["h100-80gb", "a100-40gb"])
+def fleet(request: pytest.FixtureRequest, chart: helm_python.Chart) -> tuple[FleetPlan, list[dict[str, Any]]]:
+    loaded, plan = fleet_plan(request.param)
+    return plan, render(chart, helm_values(loaded, plan))
+
+
+def test_lint_clean_with_default_and_fleet_values() -> None:
+    for values in (None, fleet_values()):
+        report = helm_python.lint(str(CHART), values, strict=True, kube_version="v1.31.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [] and problems == [], report
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    fleet_values(),
+    fleet_values(apiKeys={"enabled": True, "keys": ["sk-one-key-0001", "sk-two-key-0002"]}),
+    fleet_values(networkPolicy={"enabled": False}, modelCache={"enabled": False}, huggingface={"tokenSecret": "hf"}),
+    fleet_values(metrics={"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}),
+], ids=["defaults", "fleet", "chart-made-key-secret", "no-netpol-no-cache-hf-token", "monitors"])
+def test_every_object_validates_strictly(chart: helm_python.Chart, values: dict[str, Any]) -> None:
+    objs = render(chart, values)
+    assert objs
+    for o in objs:
+        if o["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{o['kind']}/{o['metadata']['name']}: {exc}")
+
+
+def test_fleet_is_complete(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    deployed = engines(objs)
+    assert set(deployed) == {p.name for p in plan.models} and len(deployed) == 5
+    services = by_kind(objs, "Service")
+    for p in plan.models:
+        d = deployed[p.name]
+        assert d["spec"]["replicas"] == p.replicas
+        svc = services[d["metadata"]["name"]]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        assert d["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    for name in ("codefleet-frontend", "codefleet"):
+        assert name in by_kind(objs, "Deployment") or name in services
+    assert "codefleet-model-cache" in by_kind(objs, "PersistentVolumeClaim")
+    assert "codefleet-internal-key" in by_kind(objs, "Secret")
+
+
+def test_gpus_equal_tensor_parallel_size(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    deployed = engines(objs)
+    for p in plan.models:
+        (c,) = deployed[p.name]["spec"]["template"]["spec"]["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == p.tensor_parallel_size
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == p.tensor_parallel_size
+        args = c["args"]
+        assert args[args.index("--tensor-parallel-size") + 1] == str(p.tensor_parallel_size)
+    assert sum(p.tensor_parallel_size * p.replicas for p in plan.models) == plan.total_gpus
+
+
+def flag_groups(argv: list[str]) -> list[tuple[str, ...]]:
+    """``--flag value ...`` groups, sorted: vLLM's parser does not care about their order."""
+    out: list[list[str]] = []
+    for a in argv:
+        if a.startswith("--"):
+            out.append([a])
+        else:
+            out[-1].append(a)
+    return sorted(tuple(g) for g in out)
+
+
+def test_engine_command_is_the_local_runners(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    """The chart's argv and env are engine_command's, except the chat template's path."""
+    plan, objs = fleet
+    deployed = engines(objs)
+    for p in plan.models:
+        (c,) = deployed[p.name]["spec"]["template"]["spec"]["containers"]
+        want = engine_command(p, host="0.0.0.0", port=ENGINE_PORT, python="python3")
+        argv = want.argv[:]
+        argv[argv.index("--chat-template") + 1] = f"/etc/codefleet/chat-templates/{p.chat_template.name}"
+        assert c["command"] == argv[:3] == ["python3", "-m", VLLM_MODULE]
+        assert flag_groups(c["args"]) == flag_groups(argv[3:])
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        for k, v in want.env.items():
+            assert env[k] == v, k
+
+
+def test_chat_template_mounted_and_passed(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    (cm,) = [o for o in by_kind(objs, "ConfigMap").values() if o["metadata"]["name"].endswith("chat-templates")]
+    for p in plan.models:
+        spec = engines(objs)[p.name]["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        path = c["args"][c["args"].index("--chat-template") + 1]
+        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        assert cm["data"][Path(path).name] == p.chat_template.read_text().rstrip("\n")
+
+
+def test_probes_shm_and_spread(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    for p in plan.models:
+        spec = engines(objs)[p.name]["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+        start = c["startupProbe"]
+        # Long loads: at least 10 minutes, more for bigger weights.
+        assert start["periodSeconds"] * start["failureThreshold"] >= 600
+        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+        (tsc,) = spec["topologySpreadConstraints"]
+        assert tsc["topologyKey"] == "kubernetes.io/hostname"
+        assert tsc["labelSelector"]["matchLabels"]["codefleet.dev/model"] == model_key(p.name)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    budgets = {c["startupProbe"]["failureThreshold"]
+               for d in engines(objs).values() for c in d["spec"]["template"]["spec"]["containers"]}
+    assert len(budgets) > 1, "start-up budget should grow with the weights"
+
+
+def test_frontend_routes_to_every_model(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    cm = by_kind(objs, "ConfigMap")["codefleet-frontend"]
+    cfg = json.loads(cm["data"]["frontend.json"])
+    services = by_kind(objs, "Service")
+    deployed = engines(objs)
+    assert [t["model"] for t in cfg["targets"]] == [p.name for p in plan.models]
+    for t in cfg["targets"]:
+        svc_name, ns = t["host"].split(".")[:2]
+        assert ns == "llm" and t["host"].endswith(".svc.cluster.local")
+        assert svc_name == deployed[t["model"]]["metadata"]["name"] and svc_name in services
+        assert t["port"] == services[svc_name]["spec"]["ports"][0]["port"] == ENGINE_PORT
+    assert cfg["router"]["policy"] == plan.router.policy
+    assert cfg["router"]["api_keys"] == {"file": "/etc/codefleet/api-keys/keys"}
+    # The frontend parses the rendered config with its own model.
+    from codefleet.discovery import FrontendConfig
+    FrontendConfig.model_validate(cfg)
+    fe = by_kind(objs, "Deployment")["codefleet-frontend"]
+    (c,) = fe["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:4] == ["codefleet", "frontend", "--config", "/etc/codefleet/frontend/frontend.json"]
+    keys_volume = next(v for v in fe["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-keys")
+    assert keys_volume["secret"]["secretName"] == "codefleet-api-keys"
+    # Engines and frontend share the internal key.
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in [*deployed.values(), fe]
+            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] in ("VLLM_API_KEY", "CODEFLEET_UPSTREAM_KEY")}
+    assert refs == {"codefleet-internal-key"}
+
+
+def test_network_policy_admits_only_the_frontend(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    _, objs = fleet
+    (np,) = by_kind(objs, "NetworkPolicy").values()
+    engine_labels = next(iter(engines(objs).values()))["spec"]["template"]["metadata"]["labels"]
+    fe_labels = by_kind(objs, "Deployment")["codefleet-frontend"]["spec"]["template"]["metadata"]["labels"]
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    assert not np["spec"]["podSelector"]["matchLabels"].items() <= fe_labels.items()
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = np["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}
+    assert peer["podSelector"]["matchLabels"].items() <= fe_labels.items()
+    assert not peer["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    assert rule["ports"] == [{"port": ENGINE_PORT, "protocol": "TCP"}]
+
+
+def test_disruption_budgets(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    plan, objs = fleet
+    pdbs = by_kind(objs, "PodDisruptionBudget")
+    assert pdbs["codefleet-frontend"]["spec"]["minAvailable"] == 1
+    for p in plan.models:
+        name = engines(objs)[p.name]["metadata"]["name"]
+        assert pdbs[name]["spec"]["maxUnavailable"] == 1
+
+
+def test_monitors_carry_model_replica_node(chart: helm_python.Chart) -> None:
+    objs = render(chart, fleet_values(metrics={"serviceMonitor": {"enabled": True}}))
+    (pm,) = by_kind(objs, "PodMonitor").values()
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    targets = {r["targetLabel"]: r["sourceLabels"][0] for r in ep["relabelings"]}
+    assert targets == {"model": "__meta_kubernetes_pod_annotation_codefleet_dev_served_model_name",
+                       "replica": "__meta_kubernetes_pod_name", "node": "__meta_kubernetes_pod_node_name"}
+    (sm,) = by_kind(objs, "ServiceMonitor").values()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics", "gateway-metrics", "router-metrics"}
+
+
+def test_autoscaling_on_waiting_requests(chart: helm_python.Chart) -> None:
+    values = fleet_values()
+    values["models"][1]["autoscaling"] = {"enabled": True, "maxReplicas": 6, "waitingRequestsPerReplica": 8}
+    objs = render(chart, values)
+    (hpa,) = by_kind(objs, "HorizontalPodAutoscaler").values()
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+    target = engines(objs)[values["models"][1]["name"]]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == target["metadata"]["name"]
+    assert "replicas" not in target["spec"], "the HPA owns the replica count"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"frontend": {"policy": "fastest"}}, "/frontend/policy"),
+    ({"models": [{"name": "m", "key": "m", "model": "x/y", "replicas": 1, "tensorParallelSize": 3,
+                  "chatTemplate": "chatml.jinja"}]}, "/models/0/tensorParallelSize"),
+    ({"models": [{"name": "m", "key": "Granite_3", "model": "x/y", "replicas": 1, "tensorParallelSize": 1,
+                  "chatTemplate": "chatml.jinja"}]}, "/models/0/key"),
+    ({"models": [{"name": "m"}]}, "missing properties 'key', 'model', 'replicas', 'tensorParallelSize', 'chatTemplate'"),
+    ({"apiKeys": {"enabled": True}}, "/apiKeys/keys"),
+    ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
+    ({"modelCache": {"size": "lots"}}, "/modelCache/size"),
+    ({"models": [{"name": "m", "key": "m", "model": "x/y", "replicas": -1, "tensorParallelSize": 1,
+                  "chatTemplate": "chatml.jinja"}]}, "/models/0/replicas"),
+])
+def test_schema_rejects_bad_values(chart: helm_python.Chart, patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError) as err:
+        chart.render(patch, name="codefleet", namespace="llm")
+    assert message in str(err.value)
+
+
+def test_chart_templates_equal_the_projects() -> None:
+    shipped = {p.name: p.read_text() for p in (CHART / "files" / "chat_templates").glob("*.jinja")}
+    source = {p.name: p.read_text() for p in (ROOT / "chat_templates").glob("*.jinja")}
+    assert shipped == source, "copy chat_templates/*.jinja to helm/codefleet/files/chat_templates/"
+
+
+def test_committed_fleet_values_are_current() -> None:
+    from codefleet.helm import helm_values_yaml
+    loaded, plan = fleet_plan("h100-80gb")
+    assert (ROOT / "deploy" / "helm" / "fleet-values.yaml").read_text() == helm_values_yaml(loaded, plan), \
+        "regenerate: codefleet helm-values deploy/manifests/fleet.yaml -o deploy/helm/fleet-values.yaml"
+
+
+def test_helm_values_refuses_cpu_and_demo_plans() -> None:
+    loaded = load(ROOT / "deploy" / "manifests" / "demo-cpu.yaml")
+    with pytest.raises(PlanError, match="--gpu"):
+        helm_values(loaded, plan_fleet(loaded))
+    with pytest.raises(PlanError, match="demo checkpoint"):
+        helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb"))
