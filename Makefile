@@ -10,12 +10,12 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.codefleet-installed
 
-.PHONY: up test install plan clean
+.PHONY: up test install tools plan clean
 
 up: install
 	$(VENV)/bin/codefleet up $(MANIFEST)
 
-test: install
+test: install tools
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -34,6 +34,16 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
 	@touch $(STAMP)
+
+# Prometheus and promtool for the monitoring tests (tests/prometheus, tests/e2e/test_prometheus.py).
+tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing Prometheus (Debian package prometheus, about 15 s) for the monitoring tests ..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  { echo "error: could not install Prometheus with apt-get; install prometheus and promtool 2.x and re-run"; exit 1; }; \
+	  promtool --version | head -1; }
 
 clean:
 	rm -rf $(VENV)

@@ -11,16 +11,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
 from codefleet.manifest import load
-from codefleet.observability import scrape_config_yaml
+from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_yaml
 from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runners.local import LocalFleet, read_state, state_dir
+from codefleet.status import fleet_status, format_status
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
 
@@ -112,12 +111,21 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
-    text = scrape_config_yaml(_plan(args), state_dir(), interval=args.interval)
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
-    else:
-        print(text, end="")
+    loaded = load(args.manifest)
+    plan = plan_fleet(loaded)
+    ports: dict[str, int] = {}
+    state = read_state()
+    if state and state.get("metrics"):
+        # A running fleet: its real ports (the manifest may say 0, a free port).
+        ports = {k: int(v.rsplit(":", 1)[1]) for k, v in state["metrics"].items() if v}
+    if not args.output:
+        print(scrape_config_yaml(plan, state_dir(), interval=args.interval, ports=ports), end="")
+        return 0
+    out = Path(args.output)
+    rules = out.with_name(RULES_FILE)
+    rules.write_text(alert_rules_yaml(loaded))
+    out.write_text(scrape_config_yaml(plan, state_dir(), interval=args.interval, ports=ports, rule_files=[rules.name]))
+    print(f"wrote {out} and {rules}")
     return 0
 
 
@@ -139,18 +147,12 @@ def cmd_frontend(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = read_state()
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    state = read_state(run_dir)
     if not state:
         print("no fleet is running")
         return 1
-    print(f"endpoint: {state.get('endpoint')}/v1")
-    with httpx.Client(timeout=2.0) as client:
-        for r in state["replicas"]:
-            try:
-                ok = client.get(r["url"] + "/health").status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            print(f"{r['model']:<26} replica {r['index']}  {r['url']}  {'ready' if ok else 'not ready'}")
+    print(format_status(state, fleet_status(state)))
     return 0
 
 
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", default="/tmp/codefleet", help="logs of the router and gateway")
     sp.set_defaults(func=cmd_frontend)
 
-    sp = sub.add_parser("status", help="health of the running fleet")
+    sp = sub.add_parser("status", help="per model: ready replicas, running/waiting requests, KV-cache usage")
+    sp.add_argument("--run-dir", help="the fleet's run directory (default: $CODEFLEET_HOME/run)")
     sp.set_defaults(func=cmd_status)
     sp = sub.add_parser("down", help="stop the running fleet")
     sp.set_defaults(func=cmd_down)

@@ -88,6 +88,19 @@ class Metrics(_Strict):
     router_port: int = Field(9402, ge=0, le=65535)
 
 
+class Alerts(_Strict):
+    """Thresholds of the alert rules (``codefleet prometheus-config`` writes them next to the config)."""
+
+    queue_minutes: int = Field(5, ge=1)
+    """Page when a model's queue has not been empty for this many minutes."""
+    kv_cache_usage: float = Field(0.95, gt=0.0, le=1.0)
+    """Warn when a replica's KV cache stays fuller than this for 5 minutes."""
+    error_ratio: float = Field(0.05, gt=0.0, le=1.0)
+    """Page when this share of the endpoint's answers are 5xx over 5 minutes."""
+    restarts: int = Field(3, ge=1)
+    """Page when a replica restarted this many times within 15 minutes."""
+
+
 class Runtime(_Strict):
     kind: Literal["local", "ray"] = "local"
     """local: vLLM processes on this host; ray: Ray actors on a cluster."""
@@ -108,6 +121,8 @@ class Defaults(_Strict):
     """The plan must leave KV room for this many full-length sequences per replica."""
     cpu_kv_cache_gib: int = Field(1, ge=1)
     """KV cache per engine rank on the CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer)."""
+    ttft_slo_seconds: float = Field(2.0, gt=0)
+    """Alert when a model's p95 time to first token stays above this for 10 minutes."""
 
 
 class ModelSpec(_Strict):
@@ -128,6 +143,7 @@ class ModelSpec(_Strict):
     gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
     min_concurrent_sequences: int | None = Field(None, ge=1)
     cpu_kv_cache_gib: int | None = Field(None, ge=1)
+    ttft_slo_seconds: float | None = Field(None, gt=0)
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
@@ -142,6 +158,7 @@ class Manifest(_Strict):
     router: Router = Field(default_factory=Router)
     metrics: Metrics = Field(default_factory=Metrics)
     runtime: Runtime = Field(default_factory=Runtime)
+    alerts: Alerts = Field(default_factory=Alerts)
     models: list[ModelSpec] = Field(min_length=1)
 
 

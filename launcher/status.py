@@ -1,0 +1,85 @@
+"""``codefleet status``: per model, ready replicas and live figures read from each engine's /metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+#: vLLM gauge -> column. Summed over a model's replicas, except KV usage (the fullest replica).
+GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+          "vllm:kv_cache_usage_perc": "kv_usage"}
+
+
+@dataclass
+class ReplicaStatus:
+    index: int
+    url: str
+    ready: bool
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    replicas: list[ReplicaStatus] = field(default_factory=list)
+
+    @property
+    def ready(self) -> int:
+        return sum(r.ready for r in self.replicas)
+
+    def total(self, key: str) -> float | None:
+        vals = [r.figures[key] for r in self.replicas if key in r.figures]
+        if not vals:
+            return None
+        return max(vals) if key == "kv_usage" else sum(vals)
+
+
+def engine_figures(text: str) -> dict[str, float]:
+    """The GAUGES from one engine's Prometheus text (summed over label sets, e.g. engine ranks)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = GAUGES.get(sample.name)
+            if key is not None:
+                out[key] = max(out.get(key, 0.0), sample.value) if key == "kv_usage" else out.get(key, 0.0) + sample.value
+    return out
+
+
+def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatus]:
+    models: dict[str, ModelStatus] = {}
+    with httpx.Client(timeout=timeout) as client:
+        for r in state["replicas"]:
+            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False)
+            try:
+                rs.ready = client.get(r["url"] + "/health").status_code == 200
+                if rs.ready:
+                    m = client.get(r["url"] + "/metrics")
+                    if m.status_code == 200:
+                        rs.figures = engine_figures(m.text)
+            except httpx.HTTPError:
+                pass
+            models.setdefault(r["model"], ModelStatus(r["model"])).replicas.append(rs)
+    return list(models.values())
+
+
+def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    lines = [f"endpoint: {state.get('endpoint')}/v1", "",
+             f"{'model':<34} {'ready':>7} {'running':>8} {'waiting':>8} {'kv-cache':>9}"]
+    for m in models:
+        lines.append(f"{m.name:<34} {m.ready:>3}/{len(m.replicas):<3} {num(m.total('running')):>8} "
+                     f"{num(m.total('waiting')):>8} {pct(m.total('kv_usage')):>9}")
+        for r in m.replicas:
+            f = r.figures
+            lines.append(f"  replica {r.index}  {r.url:<24} {'ready' if r.ready else 'NOT READY':<9} "
+                         f"running {num(f.get('running'))}  waiting {num(f.get('waiting'))}  "
+                         f"kv {pct(f.get('kv_usage'))}")
+    return "\n".join(lines)
