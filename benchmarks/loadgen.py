@@ -5,9 +5,12 @@ Per request: time to first token, inter-token gaps, end-to-end latency, output t
 server's reported usage when it sends it, else the number of content chunks), the generated text.
 
 Definitions (the same as vLLM's ``vllm bench serve``):
-* TTFT: from sending the request to the first content chunk (non-streaming: to the whole answer).
+* TTFT: from sending the request to the first chunk carrying a choice, even with empty text
+  (non-streaming: to the whole answer).
 * TPOT: (latency - TTFT) / (output tokens - 1): the first token is excluded.
-* ITL: the gaps between consecutive content chunks (a chunk may carry more than one token).
+* ITL: the gaps between consecutive such chunks (a chunk may carry more than one token).
+* latency: to the end of the stream ([DONE]); vLLM stops its clock at the last token chunk, a
+  difference of the final usage chunk's and [DONE]'s transfer (microseconds on loopback).
 * send lag: when the request was actually sent minus when the arrival schedule said (open loop).
 """
 
@@ -95,14 +98,15 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], h
                     if event.get("usage"):
                         usage_tokens = event["usage"].get("completion_tokens")
                         res.input_tokens = event["usage"].get("prompt_tokens")
-                    choices = event.get("choices") or []
-                    piece = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
-                    if piece:
+                    choices = event.get("choices")
+                    if choices:
+                        # A chunk with choices is a token event even when its text is empty (a special
+                        # token, or bytes the detokenizer holds back), as vllm bench serve counts it.
                         now = time.perf_counter() - t0
                         if res.ttft is None:
                             res.ttft = now - res.start
                         res.chunk_times.append(now)
-                        parts.append(piece)
+                        parts.append(choices[0].get("text") or (choices[0].get("delta") or {}).get("content") or "")
                         chunks += 1
                 res.text = "".join(parts)
                 res.output_tokens = usage_tokens if usage_tokens is not None else chunks

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from benchmarks.bench import environment
@@ -68,16 +69,26 @@ def _with_fleet(manifest: Path, group: list[dict[str, Any]], bench: list[str], r
     os.environ.setdefault(KEY_ENV, "sk-scenario")
     plan = plan_fleet(load(manifest))
     out: list[dict[str, Any]] = []
+    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as d, LocalFleet(plan, enforce_eager=True, run_dir=Path(d) / "run") as fleet:
         fleet.start(timeout=900)
         fe = fleet.frontend
         assert fe is not None
+        cores = sorted(os.sched_getaffinity(0))
+        if sum(m.tensor_parallel_size * m.replicas for m in plan.models) == 1 and len(cores) > 1:
+            # One single-rank engine computes on core 0: keep the client, router and gateway off it
+            # (as on a GPU host, where they do not share the engine's CPU).
+            for pid in [os.getpid(), *fe.pgids()]:
+                for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                    os.sched_setaffinity(proc.pid, cores[1:])
+            print(f"client, router and gateway pinned to cores {cores[1:]}; the engine computes on core {cores[0]}")
         for run in group:
             if run.get("target", "endpoint") == "engine":
                 url, key = fleet.replicas[0].url, fe.upstream_key
             else:
                 url, key = fleet.url, os.environ[KEY_ENV].split(",")[0]
             out += _bench(run, url, key, bench + run.get("bench", []), results)
+    os.sched_setaffinity(0, affinity)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -13,12 +14,17 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies, so nothing is orphaned."""
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGTERM when the launcher dies, so nothing is orphaned.
+
+    If the launcher died between fork and prctl, the signal will never come: exit at once.
+    """
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -31,7 +37,7 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
 
 

@@ -1,0 +1,178 @@
+"""Ray scenarios run inside a network namespace of their own (``unshare -n``): Ray 2.60 does not stay
+on loopback otherwise. Each scenario prints one JSON line starting with ``RESULT `` that
+tests/ray/test_ray.py asserts on; progress goes to stderr.
+
+    unshare -n bash -c 'ip link set lo up; python -m tests.ray.cluster_scenarios placement'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+from codefleet.errors import PlanError
+from codefleet.manifest import load, parse
+from codefleet.planner import plan_fleet
+from codefleet.runners.ray_runner import RayFleet, bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cluster(workers: list[dict[str, Any]], head_cpus: int = 1) -> Cluster:
+    t0 = time.monotonic()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "num_gpus": 0,
+                                                      "node_ip_address": "127.0.0.1"})
+    for w in workers:
+        c.add_node(node_ip_address="127.0.0.1", **w)
+    c.wait_for_nodes()
+    say(f"cluster of {1 + len(workers)} nodes up in {time.monotonic() - t0:.1f} s")
+    return c
+
+
+def result(**data: Any) -> None:
+    print("RESULT " + json.dumps(data), flush=True)
+
+
+def placement() -> None:
+    """The H100 plan of the seed fleet on three logical 4-GPU nodes; placement only, no engines."""
+    c = cluster([{"num_cpus": 8, "num_gpus": 4} for _ in range(3)])
+    ray.init(address=c.address, log_to_driver=False)
+    plan = plan_fleet(load(ROOT / "deploy" / "manifests" / "fleet.yaml"), gpu="h100-80gb")
+    out: dict[str, Any] = {"models": {}}
+    try:
+        for strict in (False, True):
+            fleet = RayFleet(plan, address=c.address, strict_spread=strict, placement_timeout=10, say=say)
+            placed: dict[str, list[dict[str, Any]]] = {}
+            for p in plan.models[-2:]:  # starcoder (TP 1) and codefuse-34b (TP 2)
+                for i in range(p.replicas):
+                    pg = fleet.place_group(p, i)
+                    table = ray.util.placement_group_table(pg)
+                    fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
+                    placed.setdefault(p.name, []).append({"node": table["bundles_to_node_id"][0],
+                                                          "bundle": table["bundles"][0]})
+            out["models"]["strict" if strict else "spread"] = placed
+            out.setdefault("tp", {}).update({p.name: p.tensor_parallel_size for p in plan.models[-2:]})
+            # A third replica of codefuse-34b (TP 2): spread puts it on the third node; strict too.
+            p = plan.models[-1]
+            pg = fleet.place_group(p, 2)
+            out.setdefault("third", {})["strict" if strict else "spread"] = \
+                ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
+            fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
+            # A fourth: spread shares a node (none is free of the model); strict fails fast.
+            t0 = time.monotonic()
+            try:
+                pg = fleet.place_group(p, 3) if not strict else None
+                if strict:
+                    from codefleet.runners.ray_runner import check_feasible
+                    check_feasible(p, 4, True, ray.nodes())
+                out.setdefault("fourth", {})["spread"] = "placed"
+                if pg is not None:
+                    fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
+            except PlanError as exc:
+                out.setdefault("fourth", {})["strict"] = {"error": str(exc), "seconds": time.monotonic() - t0}
+            for r in fleet.replicas:
+                ray.util.remove_placement_group(r.pg)
+        # TP 8 cannot fit a 4-GPU node.
+        big = parse("""version: 1
+defaults: {gpu: h100-80gb}
+models: [{name: big, source: codefuse-ai/CodeFuse-CodeLlama-34B, tensor_parallel_size: 8, replicas: 1}]
+""", ROOT / "inline.yaml")
+        t0 = time.monotonic()
+        try:
+            RayFleet(plan_fleet(big), address=c.address, say=say).start()
+        except PlanError as exc:
+            out["tp8"] = {"error": str(exc), "seconds": time.monotonic() - t0}
+        out["nodes"] = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")]
+        out["bundle_codefuse"] = bundle(plan.models[-1])
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    result(**out)
+
+
+class _Stub:
+    def __init__(self, plan: Any, pg: Any) -> None:
+        self.plan, self.pg, self.info = plan, pg, {}
+
+
+def serve() -> None:
+    """A real vLLM engine (tiny checkpoint) in Ray actors on a 3-node cluster, through the router."""
+    import openai
+
+    c = cluster([{"num_cpus": 1}, {"num_cpus": 1}], head_cpus=1)
+    manifest = ROOT / "tests" / "ray" / "fleet.yaml"
+    os.environ.setdefault("CODEFLEET_RAY_TEST_KEYS", "sk-ray-test")
+    plan = plan_fleet(load(manifest))
+    run_dir = Path(os.environ.get("RUN_DIR", "/tmp/codefleet-ray"))
+    out: dict[str, Any] = {}
+    fleet = RayFleet(plan, address=c.address, strict_spread=True, enforce_eager=True, run_dir=run_dir, say=say)
+    try:
+        t0 = time.monotonic()
+        fleet.start(timeout=600)
+        out["start_s"] = time.monotonic() - t0
+        out["status"] = fleet.status()
+        client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="sk-ray-test", max_retries=0)
+
+        def chat() -> str:
+            r = client.chat.completions.create(model="granite-code-tiny", max_tokens=4,
+                                               messages=[{"role": "user", "content": "def add(a, b):"}])
+            return r.choices[0].finish_reason or ""
+
+        out["chat"] = [chat() for _ in range(4)]
+        # 1. The engine process dies: the actor exits, Ray restarts it, the replica comes back.
+        victim = fleet.replicas[0]
+        old = dict(victim.info)
+        os.kill(old["pid"], 9)
+        out["after_engine_kill"] = _wait_back(fleet, victim, old, client, chat)
+        # 2. The actor itself dies (Ray restarts it).
+        old = dict(victim.info)
+        ray.kill(victim.actor, no_restart=False)
+        out["after_actor_kill"] = _wait_back(fleet, victim, old, client, chat)
+        # 3. Scale 2 -> 1 -> 2: the untouched replica keeps its engine.
+        keep = fleet.replicas[0]
+        keep_pid = keep.info["pid"]
+        fleet.scale("granite-code-tiny", 1)
+        out["after_scale_down"] = [r.name for r in fleet.replicas]
+        fleet.scale("granite-code-tiny", 2)
+        fleet.wait_ready(600)
+        out["after_scale_up"] = fleet.status()
+        out["kept_pid"] = keep.info["pid"] == keep_pid
+        out["chat_after_scale"] = [chat() for _ in range(4)]
+        out["registered"] = sorted(w["url"] for w in fleet.frontend.admin.workers())  # type: ignore[union-attr]
+    finally:
+        fleet.stop()
+        ray.shutdown()
+        c.shutdown()
+    result(**out)
+
+
+def _wait_back(fleet: RayFleet, victim: Any, old: dict[str, Any], client: Any, chat: Any) -> dict[str, Any]:
+    t0 = time.monotonic()
+    saw_down = False
+    while time.monotonic() - t0 < 400:
+        fleet.watch_once()
+        saw_down = saw_down or not victim.ready
+        if victim.ready and victim.info.get("actor_pid") != old["actor_pid"]:
+            break
+        # the other replica keeps serving meanwhile
+        time.sleep(0.5)
+    back = time.monotonic() - t0
+    served = [chat() for _ in range(4)]
+    return {"seconds": back, "saw_down": saw_down, "new_actor": victim.info.get("actor_pid") != old["actor_pid"],
+            "new_url": victim.url, "old_url": old["url"], "ready": victim.ready, "restarts": victim.restarts,
+            "chat": served}
+
+
+if __name__ == "__main__":
+    {"placement": placement, "serve": serve}[sys.argv[1]]()
