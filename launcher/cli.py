@@ -14,7 +14,7 @@ from pathlib import Path
 from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
-from codefleet.manifest import load
+from codefleet.manifest import LoadedManifest, load
 from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_yaml
 from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
@@ -79,7 +79,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if running and _pid_alive(int(running["launcher_pid"])):
         print("a fleet is already running here; `codefleet down` first", file=sys.stderr)
         return 2
+    loaded = load(args.manifest)
+    if args.ray or loaded.manifest.runtime.kind == "ray":
+        return _up_ray(args, loaded, plan)
     fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
+
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -108,6 +112,54 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         fleet.stop()
         print("all engines stopped")
+
+
+def _up_ray(args: argparse.Namespace, loaded: LoadedManifest, plan: FleetPlan) -> int:
+    """The fleet on a Ray cluster; editing `replicas` in the manifest scales a model while it runs."""
+    from codefleet.runners.ray_runner import RayFleet
+
+    rt = loaded.manifest.runtime
+    address = args.ray or rt.ray_address or "auto"
+    fleet = RayFleet(plan, address=address, strict_spread=rt.strict_spread, enforce_eager=args.enforce_eager,
+                     run_dir=state_dir())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting {sum(m.replicas for m in plan.models)} replicas on the Ray cluster at {address} ...")
+    manifest = Path(args.manifest)
+    mtime = manifest.stat().st_mtime
+    try:
+        fleet.start(timeout=args.timeout)
+        fleet.write_state(state_dir() / "fleet.json")
+        print(f"\nfleet ready. One OpenAI endpoint for every model: {fleet.url}/v1")
+        for s in fleet.status():
+            print(f"  {s['model']:<26} replica {s['index']}  {s['url']}  node {s['node_ip']} ({s['node_id'][:8]})")
+        print("\nEdit `replicas` in the manifest to scale a model; Ctrl-C (or `codefleet down`) stops everything.")
+        while True:
+            fleet.watch_once()
+            if manifest.stat().st_mtime != mtime:
+                mtime = manifest.stat().st_mtime
+                try:
+                    new = plan_fleet(load(manifest))
+                except CodefleetError as exc:
+                    print(f"manifest changed but is not valid; keeping the running fleet:\n{exc}", file=sys.stderr)
+                else:
+                    for m in new.models:
+                        have = sum(1 for r in fleet.replicas if r.plan.name == m.name)
+                        if have != m.replicas and any(p.name == m.name for p in fleet.plan.models):
+                            print(f"scaling {m.name}: {have} -> {m.replicas} replicas")
+                            fleet.scale(m.name, m.replicas)
+            fleet.write_state(state_dir() / "fleet.json")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        return 0
+    finally:
+        fleet.stop()
+        (state_dir() / "fleet.json").unlink(missing_ok=True)
+        print("all replicas stopped")
 
 
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
@@ -211,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     manifest_arg(sp)
     sp.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for health")
+    sp.add_argument("--ray", metavar="ADDRESS",
+                    help="run the replicas as Ray actors on this cluster ('auto': the local one)")
     sp.set_defaults(func=cmd_up)
 
     sp = sub.add_parser("prometheus-config", help="Prometheus scrape config for the fleet of a manifest")

@@ -19,6 +19,8 @@ class ReplicaStatus:
     url: str
     ready: bool
     figures: dict[str, float] = field(default_factory=dict)
+    node: str = ""
+    """Ray runtime: the node (IP and id prefix) the replica runs on."""
 
 
 @dataclass
@@ -52,7 +54,8 @@ def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatu
     models: dict[str, ModelStatus] = {}
     with httpx.Client(timeout=timeout) as client:
         for r in state["replicas"]:
-            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False)
+            node = f"{r['node_ip']} ({str(r.get('node_id') or '')[:8]})" if r.get("node_ip") else ""
+            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False, node=node)
             try:
                 rs.ready = client.get(r["url"] + "/health").status_code == 200
                 if rs.ready:
@@ -81,5 +84,5 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
             f = r.figures
             lines.append(f"  replica {r.index}  {r.url:<24} {'ready' if r.ready else 'NOT READY':<9} "
                          f"running {num(f.get('running'))}  waiting {num(f.get('waiting'))}  "
-                         f"kv {pct(f.get('kv_usage'))}")
+                         f"kv {pct(f.get('kv_usage'))}" + (f"  node {r.node}" if r.node else ""))
     return "\n".join(lines)
