@@ -15,14 +15,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 from benchmarks.bench import environment
 from benchmarks.loadgen import run_sync, summarize
-from codefleet.procs import free_port, spawn, stop_group
+from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,16 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(up.pid, {cores[-1]})
             os.sched_setaffinity(0, {cores[0]})
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"fake upstream did not start: {log.read_text()}")
-            time.sleep(0.05)
+        wait_healthy(url, 20, up, log)
         body = {"model": "fake", "prompt": "x", "max_tokens": 4, "stream": args.stream}
         print(f"{'offered':>8} {'achieved':>9} {'lag p50':>8} {'lag p99':>8} {'lag max':>8} {'errors':>7}  (req/s, ms)")
         for rate in (float(r) for r in args.rates.split(",")):

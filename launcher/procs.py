@@ -93,3 +93,22 @@ def tail(path: Path, lines: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                 log: Path | None = None) -> None:
+    """Wait until ``url``/health answers 200; RuntimeError with the log's tail if ``proc`` exits or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}" + (f":\n{tail(log)}" if log else ""))
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not healthy after {timeout:.0f} s" + (f":\n{tail(log)}" if log else ""))
+        time.sleep(0.05)

@@ -6,16 +6,14 @@ The fakes stand in for engines only here, where the layers in front of an engine
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from codefleet.manifest import ApiKeys, Metrics, Router
-from codefleet.procs import free_port, spawn, stop_group
+from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 from codefleet.router import Frontend
 
 KEY = "sk-router-test"
@@ -33,18 +31,11 @@ class Fakes:
 
     def add_upstream(self, model: str, *args: str) -> str:
         port = free_port()
+        log = self.run_dir / f"fake-{model}-{port}.log"
         proc = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", model, *args],
-                     {}, self.run_dir / f"fake-{model}-{port}.log")
+                     {}, log)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (self.run_dir / f"fake-{model}-{port}.log").read_text()
-            time.sleep(0.05)
+        wait_healthy(url, 20, proc, log)
         self.frontend.admin.add(url, model)
         self.upstreams.setdefault(model, []).append((url, proc.pid))
         return url

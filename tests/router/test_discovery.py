@@ -22,7 +22,7 @@ import pytest
 from codefleet.discovery import DnsRegistrar, Target, resolve_dns
 from codefleet.manifest import Metrics, Router
 from codefleet.metrics import FleetMetrics
-from codefleet.procs import free_port, spawn, stop_group
+from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 from codefleet.router import Frontend
 
 UPSTREAM_KEY = "internal-test-key"
@@ -32,15 +32,8 @@ def start_pod(run_dir: Path, ip: str, port: int, model: str) -> int:
     log = run_dir / f"pod-{ip}.log"
     proc = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--host", ip, "--port", str(port),
                   "--model", model], {}, log)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"http://{ip}:{port}/health", timeout=1).status_code == 200:
-                return proc.pid
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-        time.sleep(0.05)
+    wait_healthy(f"http://{ip}:{port}", 20, proc, log)
+    return proc.pid
 
 
 @pytest.fixture
