@@ -53,9 +53,10 @@ VLLM_BENCH = "import sys; from vllm.benchmarks.serve import add_cli_args, main; 
 
 
 def run_vllm_bench(url: str, model: str, tokenizer: str, dataset: Path, n: int, conc: int, max_tokens: int,
-                   out: Path) -> dict[str, Any]:
+                   out: Path, gc_off: bool = False) -> dict[str, Any]:
     name = f"vllm-{len(list(out.glob('vllm-*.json')))}.json"
-    argv = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--endpoint", "/v1/completions",
+    code = ("import gc; gc.collect(); gc.freeze(); gc.disable(); " if gc_off else "") + VLLM_BENCH
+    argv = [sys.executable, "-c", code, "--backend", "openai", "--endpoint", "/v1/completions",
             "--base-url", url, "--model", model, "--tokenizer", tokenizer, "--dataset-name", "custom",
             "--dataset-path", str(dataset), "--custom-output-len", str(max_tokens), "--skip-chat-template",
             "--num-prompts", str(n), "--max-concurrency", str(conc), "--ignore-eos", "--request-rate", "inf",
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative difference of the medians")
     p.add_argument("--json", help="write the comparison here")
+    p.add_argument("--vllm-gc-off", action="store_true",
+                   help="run vllm bench serve with Python's garbage collector off, as our generator runs")
     args = p.parse_args(argv)
     try:
         import pandas  # noqa: F401
@@ -119,7 +122,7 @@ models:
             for rnd in range(args.rounds):
                 print(f"round {rnd + 1}/{args.rounds}: vllm bench serve ...", flush=True)
                 theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
-                                             args.concurrency, args.max_tokens, dpath))
+                                             args.concurrency, args.max_tokens, dpath, args.vllm_gc_off))
                 print(f"round {rnd + 1}/{args.rounds}: benchmarks.bench ...", flush=True)
                 out = dpath / f"ours-{rnd}"
                 bench_main(common + ["--out", str(out)])

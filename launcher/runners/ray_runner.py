@@ -85,13 +85,23 @@ class EngineReplica:
         full_env = {**cmd.env, **env}
         if plan.accelerator == "cpu":
             full_env.pop("CUDA_VISIBLE_DEVICES", None)
+        # A previous incarnation of this actor (killed, or OOM-killed by Ray) may have left its engine
+        # running: its process group is recorded on this node, where the bundle keeps the replica.
+        self.pidfile = Path(log_dir) / f"{plan.name}-{index}.{ray.get_runtime_context().get_node_id()[:12]}.pgid"
+        try:
+            stop_group(int(self.pidfile.read_text()), grace=5)
+        except (OSError, ValueError):
+            pass
         self.proc = spawn(cmd.argv, full_env, log)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(str(self.proc.pid))
         self.log = str(log)
         threading.Thread(target=self._exit_with_engine, daemon=True).start()
 
     def _exit_with_engine(self) -> None:
         code = self.proc.wait()
         print(f"engine exited with status {code}; the actor exits so that Ray restarts it", flush=True)
+        stop_group(self.proc.pid, grace=5)  # the engine's own children (EngineCore, workers)
         os._exit(1)
 
     def info(self) -> dict[str, Any]:
@@ -102,6 +112,7 @@ class EngineReplica:
 
     def stop(self) -> None:
         stop_group(self.proc.pid, grace=10)
+        self.pidfile.unlink(missing_ok=True)
 
 
 @dataclass

@@ -29,7 +29,9 @@ def api_key() -> str:
     return API_KEY
 
 
-@pytest.fixture(scope="session")
+# Package scope: the fleet (six engines, ~12 GiB) is stopped when the e2e tests are done, before
+# the Ray tests start engines of their own on this 24 GiB machine.
+@pytest.fixture(scope="package")
 def fleet(demo_plan: FleetPlan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     """The e2e fleet: real engines, real vllm-router, the gateway, API keys on, watched in the background."""
     run_dir = tmp_path_factory.mktemp("run")
