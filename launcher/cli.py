@@ -146,11 +146,8 @@ def _up_ray(args: argparse.Namespace, loaded: LoadedManifest, plan: FleetPlan) -
                 except CodefleetError as exc:
                     print(f"manifest changed but is not valid; keeping the running fleet:\n{exc}", file=sys.stderr)
                 else:
-                    for m in new.models:
-                        have = sum(1 for r in fleet.replicas if r.plan.name == m.name)
-                        if have != m.replicas and any(p.name == m.name for p in fleet.plan.models):
-                            print(f"scaling {m.name}: {have} -> {m.replicas} replicas")
-                            fleet.scale(m.name, m.replicas)
+                    for change in fleet.apply(new):
+                        print(f"scaled {change}")
             fleet.write_state(state_dir() / "fleet.json")
             time.sleep(0.5)
     except KeyboardInterrupt:

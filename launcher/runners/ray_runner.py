@@ -227,6 +227,18 @@ class RayFleet:
             self._retire(r)
         self.metrics.replicas_desired.labels(model).set(replicas)
 
+    def apply(self, new: FleetPlan) -> list[str]:
+        """Follow an edited manifest's replica counts; returns what changed. Other edits need a restart."""
+        changed = []
+        for m in new.models:
+            if not any(p.name == m.name for p in self.plan.models):
+                continue
+            have = sum(1 for r in self.replicas if r.plan.name == m.name)
+            if have != m.replicas:
+                self.scale(m.name, m.replicas)
+                changed.append(f"{m.name}: {have} -> {m.replicas} replicas")
+        return changed
+
     def _retire(self, r: RayReplica) -> None:
         self._deregister(r)
         try:

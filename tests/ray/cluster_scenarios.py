@@ -142,9 +142,12 @@ def serve() -> None:
         # 3. Scale 2 -> 1 -> 2: the untouched replica keeps its engine.
         keep = fleet.replicas[0]
         keep_pid = keep.info["pid"]
-        fleet.scale("granite-code-tiny", 1)
+        # As `codefleet up` does when the manifest's replicas are edited.
+        edited = manifest.read_text()
+        one = edited.replace("replicas: 2", "replicas: 1")
+        out["applied"] = fleet.apply(plan_fleet(parse(one, manifest)))
         out["after_scale_down"] = [r.name for r in fleet.replicas]
-        fleet.scale("granite-code-tiny", 2)
+        out["applied"] += fleet.apply(plan_fleet(parse(edited, manifest)))
         fleet.wait_ready(600)
         out["after_scale_up"] = fleet.status()
         out["kept_pid"] = keep.info["pid"] == keep_pid

@@ -74,6 +74,7 @@ def test_real_engine_in_ray_actors(tmp_path: Path) -> None:
         assert s["saw_down"] and s["new_actor"] and s["ready"], (step, s)
         assert s["chat"] == ["length"] * 4, (step, s)
         print(f"{step}: back in {s['seconds']:.0f} s at {s['new_url']} (was {s['old_url']})")
+    assert out["applied"] == ["granite-code-tiny: 2 -> 1 replicas", "granite-code-tiny: 1 -> 2 replicas"]
     assert out["after_scale_down"] == ["granite-code-tiny-0"]
     assert len(out["after_scale_up"]) == 2 and all(s["ready"] for s in out["after_scale_up"])
     assert out["kept_pid"], "scaling restarted the replica it did not touch"
