@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import os
 import platform
-import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -58,7 +57,6 @@ def list_models(base_url: str, api_key: str | None) -> list[str]:
 def build_requests(args: argparse.Namespace, models: list[str], tokenizer: Any) -> tuple[list[dict[str, Any]], list[str]]:
     """(bodies, paths) for the run: the workload's prompts, spread over ``models`` round robin."""
     n = args.num_requests
-    rng = random.Random(args.seed)
     if args.workload == "humaneval":
         prompts = workloads.humaneval_prompts()
         prompts = [prompts[i % len(prompts)] for i in range(n)]
@@ -72,7 +70,7 @@ def build_requests(args: argparse.Namespace, models: list[str], tokenizer: Any) 
         raise SystemExit(f"error: unknown workload {args.workload}")
     bodies, paths = [], []
     for i, prompt in enumerate(prompts):
-        model = models[i % len(models)] if args.workload != "shared-prefix" or len(models) == 1 else rng.choice(models)
+        model = models[i % len(models)]
         body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens, "stream": not args.no_stream}
         if args.ignore_eos:
             body["ignore_eos"] = True  # vLLM's extension: exactly max_tokens tokens

@@ -72,6 +72,14 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """`codefleet down` sends SIGTERM: stop like Ctrl-C, through the same cleanup."""
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     plan = _plan(args)
     print(format_plan(plan))
@@ -84,10 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _up_ray(args, loaded, plan)
     fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    _stop_on_sigterm()
     n = sum(m.replicas for m in plan.models)
     print(f"starting {n} engines (logs in {fleet.run_dir / 'logs'}) ...")
     try:
@@ -123,10 +128,7 @@ def _up_ray(args: argparse.Namespace, loaded: LoadedManifest, plan: FleetPlan) -
     fleet = RayFleet(plan, address=address, strict_spread=rt.strict_spread, enforce_eager=args.enforce_eager,
                      run_dir=state_dir())
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    _stop_on_sigterm()
     print(f"starting {sum(m.replicas for m in plan.models)} replicas on the Ray cluster at {address} ...")
     manifest = Path(args.manifest)
     mtime = manifest.stat().st_mtime

@@ -110,8 +110,8 @@ def test_fleet_is_complete(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> Non
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
         assert d["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
-    for name in ("codefleet-frontend", "codefleet"):
-        assert name in by_kind(objs, "Deployment") or name in services
+    assert "codefleet-frontend" in by_kind(objs, "Deployment")
+    assert services["codefleet"]["spec"]["selector"]["app.kubernetes.io/component"] == "frontend"
     assert "codefleet-model-cache" in by_kind(objs, "PersistentVolumeClaim")
     assert "codefleet-internal-key" in by_kind(objs, "Secret")
 

@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 from codefleet.errors import PlanError
 from codefleet.manifest import load, parse
 from codefleet.planner import plan_fleet
-from codefleet.runners.ray_runner import RayFleet, bundle
+from codefleet.runners.ray_runner import RayFleet, bundle, check_feasible
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def placement() -> None:
     out: dict[str, Any] = {"models": {}}
     try:
         for strict in (False, True):
-            fleet = RayFleet(plan, address=c.address, strict_spread=strict, placement_timeout=10, say=say)
+            fleet = RayFleet(plan, address=c.address, strict_spread=strict, placement_timeout=5, say=say)
             placed: dict[str, list[dict[str, Any]]] = {}
             for p in plan.models[-2:]:  # starcoder (TP 1) and codefuse-34b (TP 2)
                 for i in range(p.replicas):
@@ -69,18 +69,23 @@ def placement() -> None:
             out.setdefault("third", {})["strict" if strict else "spread"] = \
                 ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
             fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
-            # A fourth: spread shares a node (none is free of the model); strict fails fast.
-            t0 = time.monotonic()
-            try:
-                pg = fleet.place_group(p, 3) if not strict else None
-                if strict:
-                    from codefleet.runners.ray_runner import check_feasible
+            # A fourth: spread shares a node (none is free of the model); strict is refused up front
+            # (the feasibility check `scale` runs) and by the placement itself.
+            fourth = out.setdefault("fourth", {})
+            if not strict:
+                fleet.replicas.append(_Stub(p, fleet.place_group(p, 3)))  # type: ignore[arg-type]
+                fourth["spread"] = "placed"
+            else:
+                t0 = time.monotonic()
+                try:
                     check_feasible(p, 4, True, ray.nodes())
-                out.setdefault("fourth", {})["spread"] = "placed"
-                if pg is not None:
-                    fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
-            except PlanError as exc:
-                out.setdefault("fourth", {})["strict"] = {"error": str(exc), "seconds": time.monotonic() - t0}
+                except PlanError as exc:
+                    fourth["strict"] = {"error": str(exc), "seconds": time.monotonic() - t0}
+                try:
+                    fleet.place_group(p, 3)
+                    fourth["strict_placement"] = "placed"
+                except PlanError as exc:
+                    fourth["strict_placement"] = str(exc)
             for r in fleet.replicas:
                 ray.util.remove_placement_group(r.pg)
         # TP 8 cannot fit a 4-GPU node.

@@ -59,6 +59,8 @@ def test_placement(tmp_path: Path) -> None:
     strict = out["fourth"]["strict"]
     assert "strict_spread needs 4 nodes" in strict["error"] and "the cluster has 3" in strict["error"]
     assert strict["seconds"] < 5
+    assert "cannot be placed" in out["fourth"]["strict_placement"]
+    assert "without another replica of the model" in out["fourth"]["strict_placement"]
     assert "no Ray node can hold one replica" in out["tp8"]["error"] and out["tp8"]["seconds"] < 10
     assert out["bundle_codefuse"] == {"GPU": 2.0, "CPU": 2.0}
 
