@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         port=a.port,
         access_log=None,
         print=None,
+        backlog=2048,  # as uvicorn (vLLM's server): a burst of new connections must not be refused
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.loadgen import Result, run, summarize
+from benchmarks.loadgen import Result, run, run_sync, summarize
 from codefleet.manifest import Metrics, Router
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import Frontend
@@ -48,21 +48,46 @@ def _wait(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} not healthy")
 
 
-def _frontend(run_dir: Path, models: tuple[str, ...], keys_file: Path) -> Frontend:
+def _frontend(run_dir: Path, models: tuple[str, ...], keys_file: Path, policy: str) -> Frontend:
     from codefleet.manifest import ApiKeys
 
     keys_file.write_text(KEY + "\n")
-    fe = Frontend(Router(port=0, api_keys=ApiKeys(file=str(keys_file))),
+    fe = Frontend(Router(port=0, policy=policy, api_keys=ApiKeys(file=str(keys_file))),
                   Metrics(launcher_port=0, gateway_port=0, router_port=0), models, run_dir, sys.executable)
     fe.start()
     return fe
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants so far (this process: itself only, since
+    the fleet under test runs as its children)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root] if pid == os.getpid() else [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _pin(pids: list[int], cores: list[int]) -> None:
+    for pid in pids:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            for thread in proc.threads():  # OpenMP threads carry their own affinity
+                try:
+                    os.sched_setaffinity(thread.id, cores)
+                except OSError:
+                    pass
 
 
 def _row(name: str, s: dict[str, Any], keys: tuple[str, ...]) -> str:
     return f"  {name:<10} " + "  ".join(f"{k} {s[k]:8.2f}" for k in keys) + f"  errors {s['errors'] or 0}"
 
 
-def part_fake(rate: float, requests: int, stream: bool, rounds: int) -> dict[str, Any]:
+def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
         port = free_port()
@@ -72,7 +97,7 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int) -> dict[str
         try:
             upstream = f"http://127.0.0.1:{port}"
             _wait(upstream)
-            fe = _frontend(run_dir, ("fake",), run_dir / "keys")
+            fe = _frontend(run_dir, ("fake",), run_dir / "keys", policy)
             fe.admin.add(upstream, "fake")
             time.sleep(1.0)
             targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
@@ -92,7 +117,7 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int) -> dict[str
                 fe.stop()
             stop_group(fake.pid, grace=2)
     field = "ttft" if stream else "latency"
-    print(f"\nfake upstream, {rate:.0f} req/s, {requests} x {rounds} requests per target, stream={stream}")
+    print(f"\nfake upstream, policy {policy}, {rate:.0f} req/s, {requests} x {rounds} requests per target, stream={stream}")
     for name, s in sums.items():
         print(_row(name, s, (f"{field}_p50_ms", f"{field}_p99_ms", "request_throughput", "send_lag_p99_ms")))
     d = sums["direct"]
@@ -103,7 +128,8 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int) -> dict[str
     return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added}
 
 
-def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, isolate: bool) -> dict[str, Any]:
+def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, isolate: bool,
+                policy: str = "cache_aware") -> dict[str, Any]:
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
     from codefleet.runners.local import LocalFleet
@@ -111,13 +137,12 @@ def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, i
     manifest = """
 version: 1
 defaults: {gpu: cpu, cpu_kv_cache_gib: 1}
-router: {port: 0, api_keys: {env: CODEFLEET_BENCH_KEYS}}
+router: {port: 0, policy: POLICY, api_keys: {env: CODEFLEET_BENCH_KEYS}}
 metrics: {launcher_port: 0, gateway_port: 0, router_port: 0}
 models:
   - {name: granite-code-tiny, source: "demo://granite-code", max_model_len: 2048, engine_args: {enforce_eager: true}}
 """
-
-
+    manifest = manifest.replace("POLICY", policy)
     os.environ["CODEFLEET_BENCH_KEYS"] = KEY
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "m.yaml").write_text(manifest)
@@ -128,13 +153,15 @@ models:
             assert fe is not None
             engine = fleet.replicas[0].url
             if isolate:
-                # The engine's OpenMP thread is bound to core 0 (cpu_slot 0); keep the client, the router
-                # and the gateway off it, as on a GPU host where the router does not share the engine's CPU.
-                others = sorted(os.sched_getaffinity(0))[1:]
-                if others:
-                    for pid in [os.getpid(), *fe.pgids()]:
-                        for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-                            os.sched_setaffinity(proc.pid, others)
+                # One core for the engine (its API server and its OpenMP rank), the others for the
+                # client, the router and the gateway: the engine gets the same CPU whichever way it
+                # is reached, as on a GPU host where the router does not share the engine's CPU.
+                cores = sorted(os.sched_getaffinity(0))
+                if len(cores) > 1:
+                    replica = fleet.replicas[0]
+                    assert replica.proc is not None
+                    _pin([replica.proc.pid], cores[:1])
+                    _pin([os.getpid(), *fe.pgids()], cores[1:])
             targets = {"direct": (engine, fe.upstream_key), "router": (fe.router_url, fe.upstream_key),
                        "endpoint": (fleet.url, KEY)}
             body = {"model": "granite-code-tiny", "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
@@ -146,23 +173,45 @@ models:
             res: dict[str, list[Result]] = {k: [] for k in targets}
             per_block = requests // blocks
             wall: dict[str, float] = dict.fromkeys(targets, 0.0)
-            for _ in range(blocks):
-                for name, (url, key) in targets.items():
+            assert fleet.replicas[0].proc is not None and fe.router_proc and fe.gateway_proc
+            parts = {"client": os.getpid(), "engine": fleet.replicas[0].proc.pid,
+                     "router": fe.router_proc.pid, "gateway": fe.gateway_proc.pid}
+            cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(parts, 0.0) for k in targets}
+            names = list(targets)
+            per_block_tps: dict[str, list[float]] = {k: [] for k in targets}
+            for block in range(blocks):
+                # Rotate the order every block, so that no target always runs first or after another.
+                for name in names[block % len(names):] + names[:block % len(names)]:
+                    url, key = targets[name]
+                    before = {p: _cpu_seconds(pid) for p, pid in parts.items()}
                     t0 = time.perf_counter()
-                    res[name].extend(asyncio.run(run(url, "/v1/completions", [body] * per_block,
-                                                     concurrency=concurrency, api_key=key)))
-                    wall[name] += time.perf_counter() - t0
+                    res[name].extend(run_sync(url, "/v1/completions", [body] * per_block,
+                                              concurrency=concurrency, api_key=key))
+                    took = time.perf_counter() - t0
+                    wall[name] += took
+                    per_block_tps[name].append(sum(r.output_tokens for r in res[name][-per_block:] if r.ok) / took)
+                    for p, pid in parts.items():
+                        cpu[name][p] += _cpu_seconds(pid) - before[p]
             sums = {k: summarize(v) for k, v in res.items()}
             for k in sums:  # throughput over the summed wall time of the blocks, not first-to-last
                 sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
-    print(f"\nvllm-cpu engine (tiny granite-code), concurrency {concurrency}, {requests} requests x "
+    print(f"\nvllm-cpu engine (tiny granite-code), policy {policy}, concurrency {concurrency}, {requests} requests x "
           f"{max_tokens} tokens per target, {blocks} alternating blocks, isolated={isolate}")
     for name, s in sums.items():
-        print(_row(name, s, ("ttft_p50_ms", "ttft_p99_ms", "output_token_throughput")))
+        print(_row(name, s, ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "latency_p50_ms", "output_token_throughput")))
+    print("  output tokens/s per block: " + "; ".join(
+        f"{k} " + " ".join(f"{v:.0f}" for v in per_block_tps[k]) for k in per_block_tps))
+    print("  CPU seconds per 1,000 output tokens (where the cores went):")
+    for name in sums:
+        tokens = sum(r.output_tokens for r in res[name] if r.ok) / 1000
+        print(f"  {name:<10} " + "  ".join(f"{p} {cpu[name][p] / tokens:6.3f}" for p in cpu[name])
+              + f"  (wall {wall[name] / tokens:6.3f})")
     ratio = sums["endpoint"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
     print(f"  endpoint throughput = {ratio:.1%} of direct; TTFT p50 added "
           f"{sums['endpoint']['ttft_p50_ms'] - sums['direct']['ttft_p50_ms']:+.2f} ms")
-    return {"concurrency": concurrency, "max_tokens": max_tokens, "summaries": sums, "throughput_ratio": ratio}
+    return {"concurrency": concurrency, "max_tokens": max_tokens, "policy": policy, "summaries": sums,
+            "throughput_ratio": ratio, "cpu_seconds": cpu, "wall_seconds": wall,
+            "block_token_throughput": per_block_tps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--no-isolate", action="store_true",
                    help="engine part: let client, router and gateway share the engine's core")
+    p.add_argument("--policy", default="cache_aware", help="vllm-router policy (the manifest default: cache_aware)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     a = p.parse_args(argv)
     out: dict[str, Any] = {
@@ -187,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         out["vllm"] = version("vllm")
     if a.part in ("fake", "all"):
-        out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds)
-        out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds)
+        out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds, policy=a.policy)
+        out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds, policy=a.policy)
     if a.part in ("engine", "all"):
         out["engine"] = part_engine(a.concurrency, 256 if a.part == "all" else a.requests, a.max_tokens, a.blocks,
-                                    isolate=not a.no_isolate)
+                                    isolate=not a.no_isolate, policy=a.policy)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2, default=str))
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -129,3 +131,38 @@ def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(SecretError, match="holds no key"):
         load_api_keys(ApiKeys(file="empty.txt"), tmp_path)
+
+
+def _raw(fakes: Fakes, data: bytes, expect: int, timeout: float = 10) -> bytes:
+    """Send raw bytes to the gateway and read until ``expect`` responses have ended."""
+    host, port = fakes.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while got.count(b"HTTP/1.1 ") - got.count(b"HTTP/1.1 100 ") < expect or not got.endswith((b"}", b"\n\n", b"ok")):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_pipelined_requests_are_answered_in_order(fakes: Fakes) -> None:
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    got = _raw(fakes, b"GET /v1/models/beta HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+                      b"GET /v1/models/gamma HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+                      b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", expect=3)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", got)
+    assert statuses == [b"200", b"404", b"200"], got
+    assert got.index(b'"beta"') < got.index(b"gamma")
+
+
+def test_expect_100_continue_and_malformed_http(fakes: Fakes) -> None:
+    body = b'{"model": "alpha", "prompt": "x", "max_tokens": 2}'
+    got = _raw(fakes, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+               + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body, expect=1)
+    assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), got
+    assert b'"text":"xx"' in got.replace(b" ", b"")
+    bad = _raw(fakes, b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n", expect=1)
+    assert bad.startswith(b"HTTP/1.1 400 ") and b"malformed HTTP request" in bad
