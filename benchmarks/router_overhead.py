@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from benchmarks.loadgen import Result, run, run_sync, summarize
+from benchmarks.pinning import cpu_seconds, isolate_engine
 from codefleet.manifest import Metrics, Router
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import Frontend
@@ -58,29 +58,9 @@ def _frontend(run_dir: Path, models: tuple[str, ...], keys_file: Path, policy: s
     return fe
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its descendants so far (this process: itself only, since
-    the fleet under test runs as its children)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root] if pid == os.getpid() else [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def _pin(pids: list[int], cores: list[int]) -> None:
-    for pid in pids:
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            for thread in proc.threads():  # OpenMP threads carry their own affinity
-                try:
-                    os.sched_setaffinity(thread.id, cores)
-                except OSError:
-                    pass
+def _own_cpu(pid: int) -> float:
+    # This process runs the fleet under test as its children: count only its own time.
+    return cpu_seconds(pid, tree=pid != os.getpid())
 
 
 def _row(name: str, s: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -156,12 +136,8 @@ models:
                 # One core for the engine (its API server and its OpenMP rank), the others for the
                 # client, the router and the gateway: the engine gets the same CPU whichever way it
                 # is reached, as on a GPU host where the router does not share the engine's CPU.
-                cores = sorted(os.sched_getaffinity(0))
-                if len(cores) > 1:
-                    replica = fleet.replicas[0]
-                    assert replica.proc is not None
-                    _pin([replica.proc.pid], cores[:1])
-                    _pin([os.getpid(), *fe.pgids()], cores[1:])
+                assert fleet.replicas[0].proc is not None
+                isolate_engine(fleet.replicas[0].proc.pid, [os.getpid(), *fe.pgids()])
             targets = {"direct": (engine, fe.upstream_key), "router": (fe.router_url, fe.upstream_key),
                        "endpoint": (fleet.url, KEY)}
             body = {"model": "granite-code-tiny", "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
@@ -183,7 +159,7 @@ models:
                 # Rotate the order every block, so that no target always runs first or after another.
                 for name in names[block % len(names):] + names[:block % len(names)]:
                     url, key = targets[name]
-                    before = {p: _cpu_seconds(pid) for p, pid in parts.items()}
+                    before = {p: _own_cpu(pid) for p, pid in parts.items()}
                     t0 = time.perf_counter()
                     res[name].extend(run_sync(url, "/v1/completions", [body] * per_block,
                                               concurrency=concurrency, api_key=key))
@@ -191,7 +167,7 @@ models:
                     wall[name] += took
                     per_block_tps[name].append(sum(r.output_tokens for r in res[name][-per_block:] if r.ok) / took)
                     for p, pid in parts.items():
-                        cpu[name][p] += _cpu_seconds(pid) - before[p]
+                        cpu[name][p] += _own_cpu(pid) - before[p]
             sums = {k: summarize(v) for k, v in res.items()}
             for k in sums:  # throughput over the summed wall time of the blocks, not first-to-last
                 sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
