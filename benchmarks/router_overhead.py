@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -73,12 +75,14 @@ def _row(name: str, s: dict[str, Any], keys: tuple[str, ...]) -> str:
     return f"  {name:<10} " + "  ".join(f"{k} {s[k]:8.2f}" for k in keys) + f"  errors {s['errors'] or 0}"
 
 
-def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware") -> dict[str, Any]:
+@contextlib.contextmanager
+def _fake_front(policy: str, *fake_args: str) -> Iterator[tuple[int, str, Frontend]]:
+    """A fake upstream and a frontend (router + gateway) with it registered: (fake pid, its URL, frontend)."""
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
         port = free_port()
         fake = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake",
-                      "--tokens", "16"], {}, run_dir / "fake.log")
+                      *fake_args], {}, run_dir / "fake.log")
         fe = None
         try:
             upstream = f"http://127.0.0.1:{port}"
@@ -86,22 +90,27 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
             fe = _frontend(run_dir, ("fake",), run_dir / "keys", policy)
             fe.admin.add(upstream, "fake")
             time.sleep(1.0)
-            targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
-            body = {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": stream}
-            lat: dict[str, list[Result]] = {k: [] for k in targets}
-            achieved: dict[str, list[float]] = {k: [] for k in targets}
-            for rnd in range(rounds):
-                for name, (url, key) in targets.items():
-                    res = asyncio.run(run(url, "/v1/completions", [body] * requests, rate=rate, api_key=key, seed=rnd))
-                    lat[name].extend(res)
-                    achieved[name].append(summarize(res)["request_throughput"])
-            sums = {k: summarize(v) for k, v in lat.items()}
-            for k in sums:  # rounds each start at t=0: the rate is per round, the lowest one counts
-                sums[k]["request_throughput"] = min(achieved[k])
+            yield fake.pid, upstream, fe
         finally:
             if fe is not None:
                 fe.stop()
             stop_group(fake.pid, grace=2)
+
+
+def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware") -> dict[str, Any]:
+    with _fake_front(policy, "--tokens", "16") as (_, upstream, fe):
+        targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
+        body = {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": stream}
+        lat: dict[str, list[Result]] = {k: [] for k in targets}
+        achieved: dict[str, list[float]] = {k: [] for k in targets}
+        for rnd in range(rounds):
+            for name, (url, key) in targets.items():
+                res = asyncio.run(run(url, "/v1/completions", [body] * requests, rate=rate, api_key=key, seed=rnd))
+                lat[name].extend(res)
+                achieved[name].append(summarize(res)["request_throughput"])
+        sums = {k: summarize(v) for k, v in lat.items()}
+        for k in sums:  # rounds each start at t=0: the rate is per round, the lowest one counts
+            sums[k]["request_throughput"] = min(achieved[k])
     field = "ttft" if stream else "latency"
     print(f"\nfake upstream, policy {policy}, {rate:.0f} req/s, {requests} x {rounds} requests per target, stream={stream}")
     for name, s in sums.items():
@@ -120,39 +129,24 @@ def part_paced(concurrency: int, requests: int, max_tokens: int, token_delay_ms:
     (one token every ``token_delay_ms``): what the router and the gateway cost in output tokens/s,
     free of the 2-core engine's scheduling noise (the upstream alone on core 0; client, router and
     gateway on the other cores)."""
-    with tempfile.TemporaryDirectory() as d:
-        run_dir = Path(d)
-        port = free_port()
-        fake = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake",
-                      "--token-delay-ms", str(token_delay_ms)], {}, run_dir / "fake.log")
-        fe = None
-        try:
-            upstream = f"http://127.0.0.1:{port}"
-            _wait(upstream)
-            fe = _frontend(run_dir, ("fake",), run_dir / "keys", policy)
-            fe.admin.add(upstream, "fake")
-            time.sleep(1.0)
-            isolate_engine(fake.pid, [os.getpid(), *fe.pgids()])
-            targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
-            body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            res: dict[str, list[Result]] = {k: [] for k in targets}
-            wall = dict.fromkeys(targets, 0.0)
-            names = list(targets)
-            for rnd in range(rounds):
-                for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                    url, key = targets[name]
-                    t0 = time.perf_counter()
-                    res[name].extend(run_sync(url, "/v1/completions", [body] * requests,
-                                              concurrency=concurrency, api_key=key))
-                    wall[name] += time.perf_counter() - t0
-            sums = {k: summarize(v) for k, v in res.items()}
-            for k in sums:
-                sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
-        finally:
-            if fe is not None:
-                fe.stop()
-            stop_group(fake.pid, grace=2)
+    with _fake_front(policy, "--token-delay-ms", str(token_delay_ms)) as (fake_pid, upstream, fe):
+        isolate_engine(fake_pid, [os.getpid(), *fe.pgids()])
+        targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
+        body = {"model": "fake", "prompt": "hello", "max_tokens": max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}}
+        res: dict[str, list[Result]] = {k: [] for k in targets}
+        wall = dict.fromkeys(targets, 0.0)
+        names = list(targets)
+        for rnd in range(rounds):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                url, key = targets[name]
+                t0 = time.perf_counter()
+                res[name].extend(run_sync(url, "/v1/completions", [body] * requests,
+                                          concurrency=concurrency, api_key=key))
+                wall[name] += time.perf_counter() - t0
+        sums = {k: summarize(v) for k, v in res.items()}
+        for k in sums:
+            sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
     print(f"\npaced fake upstream ({token_delay_ms:g} ms per token), policy {policy}, concurrency {concurrency}, "
           f"{requests} x {rounds} requests x {max_tokens} tokens per target")
     for name, s in sums.items():
