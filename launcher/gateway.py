@@ -70,6 +70,16 @@ _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", 
 _IDLE_UPSTREAM = 512
 """Keep-alive connections to the router kept open when idle."""
 
+_MAX_CONNECTING = 64
+"""New connections to the router that have not yet seen a byte from it. vllm-router 0.1.17 listens
+with a backlog of 128 (``ss -ltn``); the kernel completes a handshake before the router accepts the
+connection, so a burst of 1,000 new streams overflowed its accept queue (``nstat``
+TcpExtListenOverflows: 100-200 per burst) and the dropped SYNs were retried a second or more later.
+A new connection holds its permit until the router answers on it (so it was accepted), it closes,
+or ``_PERMIT_HOLD_S`` passes (a non-streamed answer may take minutes)."""
+
+_PERMIT_HOLD_S = 0.05
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -488,6 +498,12 @@ class _Upstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.used = False
         self.closed = False
+        self.permit = False  # holds one of the pool's connecting permits
+
+    def release_permit(self) -> None:
+        if self.permit:
+            self.permit = False
+            self.pool.connecting.release()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
@@ -500,6 +516,7 @@ class _Upstream(asyncio.Protocol):
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        self.release_permit()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -532,6 +549,7 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.release_permit()
         self.pool.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -542,6 +560,7 @@ class _Pool:
     def __init__(self, addr: tuple[str, int]) -> None:
         self.addr = addr
         self.idle: list[_Upstream] = []
+        self.connecting = asyncio.Semaphore(_MAX_CONNECTING)
 
     def take(self) -> _Upstream | None:
         while self.idle:
@@ -552,10 +571,18 @@ class _Pool:
 
     async def connect(self) -> _Upstream:
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(lambda: _Upstream(self), *self.addr)
+        await self.connecting.acquire()
+        try:
+            _, proto = await loop.create_connection(lambda: _Upstream(self), *self.addr)
+        except BaseException:
+            self.connecting.release()
+            raise
+        proto.permit = True
+        loop.call_later(_PERMIT_HOLD_S, proto.release_permit)
         return proto
 
     def release(self, conn: _Upstream) -> None:
+        conn.release_permit()  # returned unused (its client left): the router may never write on it
         if len(self.idle) < _IDLE_UPSTREAM:
             self.idle.append(conn)
         else:
