@@ -14,11 +14,18 @@ import os
 import psutil
 
 
-def pin(pids: list[int], cores: list[int]) -> None:
-    """Pin every thread of each process tree (OpenMP threads carry their own affinity)."""
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def pin(pids: list[int], cores: list[int], skip: frozenset[int] = frozenset()) -> None:
+    """Pin every thread of each process tree (OpenMP threads carry their own affinity), except the
+    processes in ``skip``."""
     for pid in pids:
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
+        for proc in tree(pid):
+            if proc.pid in skip:
+                continue
             try:
                 threads = proc.threads()
             except psutil.NoSuchProcess:
@@ -36,8 +43,11 @@ def isolate_engine(engine_pid: int, others: list[int]) -> bool:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return False
+    engine = frozenset(p.pid for p in tree(engine_pid))
     pin([engine_pid], cores[:1])
-    pin(others, cores[1:])
+    # The engine is usually a child of one of ``others`` (the process that started the fleet):
+    # pinning that tree must leave the engine's processes where they are.
+    pin(others, cores[1:], skip=engine)
     return True
 
 
