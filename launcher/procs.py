@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -82,10 +83,23 @@ def _reap() -> None:
         pass
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before by this process. The kernel may give a port it
+    just released to the next bind(0): two replicas of one fleet once got the same port in CI
+    (granite-code-tiny-1 and stable-code-tiny-0 both "ready" on :60559, and the router sent
+    granite-code requests to the stable-code engine)."""
+    with _handed_out_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def tail(path: Path, lines: int = 25) -> str:
