@@ -55,10 +55,9 @@ VLLM_BENCH = "import sys; from vllm.benchmarks.serve import add_cli_args, main; 
 
 
 def run_vllm_bench(url: str, model: str, tokenizer: str, dataset: Path, n: int, conc: int, max_tokens: int,
-                   out: Path, gc_off: bool = False, uvloop: bool = False) -> dict[str, Any]:
+                   out: Path, gc_off: bool = False) -> dict[str, Any]:
     name = f"vllm-{len(list(out.glob('vllm-*.json')))}.json"
-    code = (("import gc; gc.collect(); gc.freeze(); gc.disable(); " if gc_off else "")
-            + ("import uvloop; uvloop.install(); " if uvloop else "") + VLLM_BENCH)
+    code = ("import gc; gc.collect(); gc.freeze(); gc.disable(); " if gc_off else "") + VLLM_BENCH
     argv = [sys.executable, "-c", code, "--backend", "openai", "--endpoint", "/v1/completions",
             "--base-url", url, "--model", model, "--tokenizer", tokenizer, "--dataset-name", "custom",
             "--dataset-path", str(dataset), "--custom-output-len", str(max_tokens), "--skip-chat-template",
@@ -82,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the comparison here")
     p.add_argument("--vllm-gc-off", action="store_true",
                    help="run vllm bench serve with Python's garbage collector off, as our generator runs")
-    p.add_argument("--vllm-uvloop", action="store_true",
-                   help="run vllm bench serve on uvloop, as our generator runs (its asyncio.run picks it up)")
     args = p.parse_args(argv)
     try:
         import pandas  # noqa: F401
@@ -131,8 +128,7 @@ models:
                     print(f"round {rnd + 1}/{args.rounds}: {label} ...", flush=True)
                     if tool == "vllm":
                         theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
-                                                     args.concurrency, args.max_tokens, dpath, args.vllm_gc_off,
-                                                     args.vllm_uvloop))
+                                                     args.concurrency, args.max_tokens, dpath, args.vllm_gc_off))
                     else:
                         out = dpath / f"ours-{rnd}"
                         bench_main(common + ["--out", str(out)])

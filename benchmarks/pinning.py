@@ -51,11 +51,10 @@ def isolate_engine(engine_pid: int, others: list[int]) -> bool:
     return True
 
 
-def cpu_seconds(pid: int, tree: bool = True) -> float:
+def cpu_seconds(pid: int, children: bool = True) -> float:
     """User + system CPU time of a process (and its descendants) so far."""
-    root = psutil.Process(pid)
     total = 0.0
-    for proc in [root, *root.children(recursive=True)] if tree else [root]:
+    for proc in tree(pid) if children else [psutil.Process(pid)]:
         try:
             t = proc.cpu_times()
             total += t.user + t.system

@@ -68,7 +68,12 @@ def _frontend(run_dir: Path, models: tuple[str, ...], keys_file: Path, policy: s
 
 def _own_cpu(pid: int) -> float:
     # This process runs the fleet under test as its children: count only its own time.
-    return cpu_seconds(pid, tree=pid != os.getpid())
+    return cpu_seconds(pid, children=pid != os.getpid())
+
+
+def _rotated(names: list[str], i: int) -> list[str]:
+    """Round ``i``'s order: rotated every round, so that no target always runs first or after another."""
+    return names[i % len(names):] + names[:i % len(names)]
 
 
 def _row(name: str, s: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -138,7 +143,7 @@ def part_paced(concurrency: int, requests: int, max_tokens: int, token_delay_ms:
         wall = dict.fromkeys(targets, 0.0)
         names = list(targets)
         for rnd in range(rounds):
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            for name in _rotated(names, rnd):
                 url, key = targets[name]
                 t0 = time.perf_counter()
                 res[name].extend(run_sync(url, "/v1/completions", [body] * requests,
@@ -208,8 +213,7 @@ models:
             names = list(targets)
             per_block_tps: dict[str, list[float]] = {k: [] for k in targets}
             for block in range(blocks):
-                # Rotate the order every block, so that no target always runs first or after another.
-                for name in names[block % len(names):] + names[:block % len(names)]:
+                for name in _rotated(names, block):
                     url, key = targets[name]
                     before = {p: _own_cpu(pid) for p, pid in parts.items()}
                     t0 = time.perf_counter()
@@ -237,15 +241,15 @@ models:
     ratio = sums["endpoint"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
     print(f"  endpoint throughput = {ratio:.1%} of direct; TTFT p50 added "
           f"{sums['endpoint']['ttft_p50_ms'] - sums['direct']['ttft_p50_ms']:+.2f} ms")
-    if control:
-        aa = sums["direct-again"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+    aa = (sums["direct-again"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
+          if control else None)
+    if aa is not None:
         print(f"  A/A control: the engine directly, measured twice: second = {aa:.1%} of first "
               f"(differences smaller than this gap are noise)")
     return {"concurrency": concurrency, "max_tokens": max_tokens, "policy": policy, "summaries": sums,
             "throughput_ratio": ratio, "cpu_seconds": cpu, "wall_seconds": wall,
             "block_token_throughput": per_block_tps,
-            "aa_ratio": (sums["direct-again"]["output_token_throughput"] / sums["direct"]["output_token_throughput"]
-                         if control else None)}
+            "aa_ratio": aa}
 
 
 def main(argv: list[str] | None = None) -> int:
