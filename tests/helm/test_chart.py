@@ -289,10 +289,25 @@ def test_schema_rejects_bad_values(chart: helm_python.Chart, patch: dict[str, An
     assert message in str(err.value)
 
 
-def test_chart_templates_equal_the_projects() -> None:
-    shipped = {p.name: p.read_text() for p in (CHART / "files" / "chat_templates").glob("*.jinja")}
-    source = {p.name: p.read_text() for p in (ROOT / "chat_templates").glob("*.jinja")}
-    assert shipped == source, "copy chat_templates/*.jinja to helm/codefleet/files/chat_templates/"
+def test_chart_holds_no_template_of_its_own(chart: helm_python.Chart) -> None:
+    """One copy of the templates (chat_templates/): the chart gets them through values only."""
+    assert not list(CHART.rglob("*.jinja"))
+    values = fleet_values()
+    values["chatTemplates"].pop("codefuse.jinja")
+    with pytest.raises(Exception, match="chatTemplate \"codefuse.jinja\" is not a key of chatTemplates"):
+        render(chart, values)
+
+
+def test_revision_reaches_the_chart_once(tmp_path: Path, chart: helm_python.Chart) -> None:
+    text = FLEET.read_text().replace("source: codefuse-ai/CodeFuse-CodeLlama-34B",
+                                     "source: codefuse-ai/CodeFuse-CodeLlama-34B\n    revision: 0123abc", 1)
+    assert "revision: 0123abc" in text
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    plan = plan_fleet(loaded, gpu="h100-80gb")
+    (c,) = engines(render(chart, helm_values(loaded, plan)))["codefuse-codellama-34b"]["spec"]["template"]["spec"][
+        "containers"]
+    assert c["args"].count("--revision") == 1 and c["args"][c["args"].index("--revision") + 1] == "0123abc"
 
 
 def test_committed_fleet_values_are_current() -> None:

@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Ray clusters (placement) and real engines in Ray actors: slow.
+pytestmark = pytest.mark.e2e
+
 
 def run_scenario(name: str, tmp_path: Path, timeout: float) -> dict[str, Any]:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
@@ -58,10 +61,9 @@ def test_placement(tmp_path: Path) -> None:
     assert out["fourth"]["spread"] == "placed"
     strict = out["fourth"]["strict"]
     assert "strict_spread needs 4 nodes" in strict["error"] and "the cluster has 3" in strict["error"]
-    assert strict["seconds"] < 5
     assert "cannot be placed" in out["fourth"]["strict_placement"]
     assert "without another replica of the model" in out["fourth"]["strict_placement"]
-    assert "no Ray node can hold one replica" in out["tp8"]["error"] and out["tp8"]["seconds"] < 10
+    assert "no Ray node can hold one replica" in out["tp8"]["error"]
     assert out["bundle_codefuse"] == {"GPU": 2.0, "CPU": 2.0}
 
 

@@ -32,7 +32,7 @@ class Fakes:
     def add_upstream(self, model: str, *args: str) -> str:
         port = free_port()
         log = self.run_dir / f"fake-{model}-{port}.log"
-        proc = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--port", str(port), "--model", model, *args],
+        proc = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port), "--model", model, *args],
                      {}, log)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 20, proc, log)

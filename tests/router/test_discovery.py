@@ -30,7 +30,7 @@ UPSTREAM_KEY = "internal-test-key"
 
 def start_pod(run_dir: Path, ip: str, port: int, model: str) -> int:
     log = run_dir / f"pod-{ip}.log"
-    proc = spawn([sys.executable, "-m", "benchmarks.fake_upstream", "--host", ip, "--port", str(port),
+    proc = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--host", ip, "--port", str(port),
                   "--model", model], {}, log)
     wait_healthy(f"http://{ip}:{port}", 20, proc, log)
     return proc.pid

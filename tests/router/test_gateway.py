@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -105,9 +104,9 @@ def test_gateway_restart_keeps_serving(fakes: Fakes) -> None:
     assert fakes.frontend.gateway_proc is not None
     fakes.frontend.gateway_proc.send_signal(signal.SIGKILL)
     fakes.frontend.gateway_proc.wait()
-    t0 = time.monotonic()
+    dead = fakes.frontend.gateway_proc.pid
     fakes.frontend.check()
-    assert time.monotonic() - t0 < 10
+    assert fakes.frontend.gateway_proc.pid != dead and fakes.frontend.gateway_proc.poll() is None
     assert sdk(fakes).completions.create(model="alpha", prompt="x", max_tokens=1).choices[0].text == "x"
 
 

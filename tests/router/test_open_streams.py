@@ -21,6 +21,9 @@ import pytest
 
 from tests.router.conftest import KEY, start_fakes
 
+# three 30 s waves of 1,000 streams: slow
+pytestmark = pytest.mark.e2e
+
 STREAMS = 1000
 TOKENS = 30
 TOKEN_DELAY_MS = 1000  # a 30 s stream: all 1,000 are open at once

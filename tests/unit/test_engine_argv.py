@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from codefleet.engine import MIDDLEWARE, VLLM_MODULE, cpu_binding, engine_command
+from codefleet.engine import MIDDLEWARE, VLLM_MODULE, cpu_binding, engine_command, engine_spec, flags_argv
 from codefleet.manifest import parse
 from codefleet.planner import ReplicaPlan, plan_fleet
 
@@ -98,3 +98,29 @@ def test_cpu_demo_env(tmp_path: Path) -> None:
                                                         (4, [0, 1, 2, 3, 4, 5, 6, 7], "0,1|2,3|4,5|6,7")])
 def test_cpu_binding(tp: int, cores: list[int], expected: str) -> None:
     assert cpu_binding(tp, cores) == expected
+
+
+def test_revision_passed_once_and_unset_flags_omitted(tmp_path: Path) -> None:
+    text = f"models:\n  - name: cf\n    source: {CODEFUSE}\n"
+    plain = _plan(tmp_path, text, gpu="h100-80gb")
+    assert "--revision" not in engine_command(plain, host="h", port=1).argv
+    pinned = _plan(tmp_path, text + "    revision: 0123abc\n", gpu="h100-80gb")
+    argv = engine_command(pinned, host="h", port=1).argv
+    assert argv.count("--revision") == 1 and vllm_parse(argv[3:])["revision"] == "0123abc"
+
+
+def test_argv_is_a_rendering_of_the_spec(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, f"models:\n  - name: cf\n    source: {CODEFUSE}\n    engine_args: {{max_num_seqs: 8}}\n",
+                 gpu="h100-80gb")
+    spec = engine_spec(plan, loopback=False)
+    argv = engine_command(plan, host="0.0.0.0", port=8000, python="python3").argv
+    assert argv[-len(flags_argv(spec.flags)):] == flags_argv(spec.flags)
+    assert spec.flags["max_num_seqs"] == 8 and "--max-num-seqs" in flags_argv(spec.flags)
+
+
+@pytest.mark.parametrize(("flags", "argv"), [
+    ({"a_b": True, "c": False, "d": None}, ["--a-b", "--no-c"]),
+    ({"x": [1, "y"], "j": {"k": 1}}, ["--x", "1", "y", "--j", '{"k": 1}']),
+])
+def test_flags_argv(flags: dict[str, Any], argv: list[str]) -> None:
+    assert flags_argv(flags) == argv

@@ -72,6 +72,13 @@ CORPUS: list[tuple[str, str, str, int | None, list[str]]] = [
     ("bad-name", "models:\n  - name: 'my model'\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n",
      "models[0].name", 2, ["should match pattern"]),
     ("unknown-demo", "models:\n  - name: a\n    source: demo://gpt2\n", "models[0].source", 3, ["unknown demo model", "demo://codefuse"]),
+    # An unknown key whose value is a mapping still lists the keys valid where it stands.
+    ("unknown-mapping-in-model", "models:\n" + OK_MODEL + "    autoscaling: {min_replicas: 0}\n",
+     "models[0].autoscaling", 4, ["unknown key 'autoscaling'", "valid keys here: name, source,"]),
+    ("unknown-mapping-in-defaults", "defaults:\n  autoscaling:\n    min_replicas: 0\nmodels:\n" + OK_MODEL,
+     "defaults.autoscaling", 2, ["unknown key 'autoscaling'", "valid keys here: gpu, gpus_per_node,"]),
+    ("unknown-mapping-at-top", "scaling: {a: 1}\nmodels:\n" + OK_MODEL,
+     "scaling", 1, ["unknown key 'scaling'", "valid keys here: version, defaults,"]),
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from codefleet.families import FAMILIES
-from tests.goldens import CARD_EXAMPLES, CONVERSATIONS, GOLDEN, INVALID
+from tests.goldens import A1, CARD_EXAMPLES, CONVERSATIONS, GOLDEN, INVALID, Q1, SYS
 
 
 def render(family: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -38,6 +38,35 @@ def test_golden(family: str, conversation: str, gen: bool) -> None:
 @pytest.mark.parametrize(("family", "messages", "expected"), CARD_EXAMPLES, ids=[c[0] for c in CARD_EXAMPLES])
 def test_model_card_example(family: str, messages: list[dict[str, Any]], expected: str) -> None:
     assert render(family, messages) == expected
+
+
+#: The ChatML template of stabilityai/stable-code-instruct-3b (tokenizer_config.json), as published.
+PUBLISHED_CHATML = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = 'You are a helpful assistant.' %}{% endif %}"
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+    "{{'<|im_start|>system\\n' + system_message + '<|im_end|>\\n'}}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("gen", [True, False])
+@pytest.mark.parametrize("messages", [
+    *CONVERSATIONS.values(),
+    [{"role": "system", "content": SYS}],
+    [{"role": "system", "content": SYS}, {"role": "user", "content": Q1}, {"role": "assistant", "content": A1}],
+], ids=[*CONVERSATIONS, "system_only", "system_user_assistant"])
+def test_chatml_renders_as_published(messages: list[dict[str, Any]], gen: bool) -> None:
+    published, _ = render_jinja_template(conversations=[messages], chat_template=PUBLISHED_CHATML,
+                                         add_generation_prompt=gen)
+    assert render("chatml", messages, gen) == published[0]
+
+
+def test_chatml_system_only_renders_no_system_block() -> None:
+    assert render("chatml", [{"role": "system", "content": SYS}]) == "<|im_start|>assistant\n"
 
 
 def test_granite_tools_block() -> None:

@@ -211,8 +211,10 @@ def _index_lines(file: Path, node: yaml.Node, path: YamlPath, out: dict[YamlPath
 
 
 def _unwrap(annotation: Any) -> Any:
-    """The model class or container inside Optional[...] / X | None."""
+    """The model class or container inside Optional[...] / X | None / Annotated[...]."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _unwrap(args[0]) if len(args) == 1 else annotation
@@ -276,8 +278,7 @@ def parse(text: str, file: Path) -> LoadedManifest:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
-            problems.append((_location(file, lines, loc), _message(err)))
+            problems.append((_location(file, lines, tuple(err["loc"])), _message(err)))
         raise ManifestError(problems) from None
     loaded = LoadedManifest(manifest, file, lines)
     return loaded

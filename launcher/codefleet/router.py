@@ -198,8 +198,10 @@ class Frontend:
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = {"router": (self.router_url, lambda: self.router_proc),
-                   "gateway": (f"http://127.0.0.1:{self.gateway_port}", lambda: self.gateway_proc)}
+        pending: dict[str, tuple[str, Callable[[], subprocess.Popen[bytes] | None]]] = {
+            "router": (self.router_url, lambda: self.router_proc),
+            "gateway": (f"http://127.0.0.1:{self.gateway_port}", lambda: self.gateway_proc),
+        }
         with httpx.Client(timeout=1.0) as client:
             while pending:
                 for name, (url, proc) in list(pending.items()):

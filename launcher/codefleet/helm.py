@@ -1,8 +1,10 @@
 """Chart values for helm/codefleet from a manifest and its plan (``codefleet helm-values``).
 
-The engine command line in the chart is the one ``engine.engine_command`` builds for the local
-runner: the chart assembles the flags it owns (model, served name, host, port, tensor parallel
-size, chat template path) and appends ``args`` from here verbatim, so the two targets never drift.
+The chart's engines run ``engine.engine_spec``, as the local and Ray runners do: the chart writes
+the flags it owns from the spec's fields (model, served name, host, port, tensor parallel size,
+chat template path) and appends ``args``, the spec's other flags rendered by ``flags_argv``. The
+chat templates the models use travel in the values (``chatTemplates``), read from the package's
+one copy, so the chart holds none of its own.
 """
 
 from __future__ import annotations
@@ -13,15 +15,12 @@ from typing import Any
 
 import yaml
 
-from codefleet.engine import engine_command
+from codefleet.engine import engine_spec, flags_argv
 from codefleet.errors import PlanError
-from codefleet.families import FAMILIES
 from codefleet.manifest import LoadedManifest
 from codefleet.planner import FleetPlan, GiB, ReplicaPlan
 
 ENGINE_PORT = 8000
-#: Flags the chart's Deployment template writes itself; everything else goes to ``args``.
-CHART_FLAGS = {"--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size", "--chat-template"}
 #: NVIDIA GPU feature discovery's ``nvidia.com/gpu.product`` per planner GPU type.
 GPU_PRODUCT = {
     "a100-40gb": "NVIDIA-A100-SXM4-40GB",
@@ -45,25 +44,6 @@ def model_key(name: str) -> str:
     return key[:40].rstrip("-")
 
 
-def split_args(argv: list[str]) -> list[str]:
-    """vLLM flags after the module name, minus those the chart writes itself."""
-    out: list[str] = []
-    rest = argv[argv.index("-m") + 2 :]
-    i = 0
-    while i < len(rest):
-        flag = rest[i]
-        has_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
-        if flag in CHART_FLAGS:
-            i += 2 if has_value else 1
-            continue
-        out.append(flag)
-        i += 1
-        while i < len(rest) and not rest[i].startswith("--"):
-            out.append(rest[i])
-            i += 1
-    return out
-
-
 def startup_failure_threshold(p: ReplicaPlan) -> int:
     seconds = STARTUP_FIXED_S + STARTUP_S_PER_GIB * p.weight_bytes / GiB
     return math.ceil(seconds / STARTUP_PERIOD_S)
@@ -75,17 +55,17 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
     if p.demo is not None:
         raise PlanError(f"{p.name}: source {p.source} is a generated demo checkpoint that exists only on this "
                         f"machine; the chart needs a Hugging Face id or a path inside the image")
-    cmd = engine_command(p, host="0.0.0.0", port=ENGINE_PORT, python="python3")
+    spec = engine_spec(p, loopback=False)
     weights_gib = p.weight_bytes_per_gpu / GiB
     values: dict[str, Any] = {
         "name": p.name,
         "key": model_key(p.name),
-        "model": p.model_ref,
+        "model": spec.model,
         "replicas": p.replicas,
-        "tensorParallelSize": p.tensor_parallel_size,
-        "chatTemplate": p.chat_template.name,
-        "args": split_args(cmd.argv),
-        "env": {k: v for k, v in sorted(cmd.env.items())},
+        "tensorParallelSize": spec.tensor_parallel_size,
+        "chatTemplate": spec.chat_template.name,
+        "args": flags_argv(spec.flags),
+        "env": dict(sorted(spec.env.items())),
         # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
         "resources": {
             "requests": {"cpu": str(4 * p.tensor_parallel_size),
@@ -103,8 +83,6 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
             "fullLengthSequences": round(p.full_length_sequences, 1),
         },
     }
-    if p.revision:
-        values["revision"] = p.revision
     return values
 
 
@@ -123,10 +101,12 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise PlanError(f"model names map to the same Kubernetes name {dup[0]!r}; rename one of them")
-    custom = {p.chat_template.name: p.chat_template.read_text() for p in plan.models
-              if p.chat_template.name not in {f.template for f in FAMILIES.values()}}
-    if custom:
-        values["chatTemplates"] = custom
+    templates: dict[str, str] = {}
+    for p in plan.models:
+        name = p.chat_template.name
+        if templates.setdefault(name, p.chat_template.read_text()) != p.chat_template.read_text():
+            raise PlanError(f"two models use different chat templates named {name!r}; rename one of the files")
+    values["chatTemplates"] = dict(sorted(templates.items()))
     return values
 
 
@@ -138,4 +118,15 @@ def helm_values_yaml(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: s
         head += (f"# API keys are on: kubectl create secret generic {api_keys_secret} --from-file=keys=KEYS_FILE\n"
                  f"#   (one key per line) before installing.\n")
     head += "# Install: helm install codefleet helm/codefleet -f THIS_FILE\n"
-    return head + yaml.safe_dump(helm_values(loaded, plan, api_keys_secret), sort_keys=False, width=120)
+    return head + yaml.dump(helm_values(loaded, plan, api_keys_secret), Dumper=_BlockDumper, sort_keys=False, width=120)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the chat templates) as YAML literal blocks, readable in the values file."""
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_BlockDumper.add_representer(str, _str)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import ray
@@ -194,7 +194,7 @@ class RayFleet:
             pg = placement_group([bundle(p)], strategy="STRICT_PACK", name=f"codefleet-{p.name}-{index}",
                                  bundle_label_selector=sel)
             if _ready(pg, self.placement_timeout if n == len(selectors) - 1 else 5.0):
-                return pg
+                return cast(PlacementGroup, pg)
             remove_placement_group(pg)
         raise PlanError(f"{p.name}: replica {index} cannot be placed ({bundle(p)} on one node"
                         + (", on a node without another replica of the model" if self.strict_spread else "")
@@ -284,7 +284,7 @@ class RayFleet:
                 self._deregister(r)
                 r.url, r.info = info["url"], info
             healthy = _healthy(self._client, r.url)
-            if healthy and not r.registered:
+            if healthy and not r.registered and r.url is not None:
                 self.frontend.admin.add(r.url, r.plan.name)
                 self.metrics.registrations.labels(r.plan.name, "add").inc()
                 r.registered = r.ready = True

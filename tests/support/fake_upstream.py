@@ -3,7 +3,7 @@
 Never used as the engine of an end-to-end test: it exists to measure the layers in front of an
 engine (router overhead, load-generator ceiling) and for fault injection.
 
-    python -m benchmarks.fake_upstream --port 9001 --model fake --tokens 16 --token-delay-ms 0
+    python -m tests.support.fake_upstream --port 9001 --model fake --tokens 16 --token-delay-ms 0
 """
 
 from __future__ import annotations
