@@ -22,7 +22,7 @@ import httpx
 from pydantic import Field
 
 from codefleet.errors import CodefleetError, RuntimeStartError
-from codefleet.gateway import UPSTREAM_KEY_ENV
+from codefleet.gateway.config import UPSTREAM_KEY_ENV
 from codefleet.manifest import Metrics, Router, _Strict
 from codefleet.metrics import FleetMetrics
 from codefleet.router import Frontend

@@ -93,7 +93,8 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
     if r.api_keys is not None:
         api_keys |= {"existingSecret": api_keys_secret, "secretKey": "keys"}
     values: dict[str, Any] = {
-        "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib},
+        "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib,
+                     **({"limits": limits} if (limits := r.limits.model_dump(exclude_defaults=True)) else {})},
         "apiKeys": api_keys,
         "models": [_model_values(p, loaded.manifest.runtime.strict_spread) for p in plan.models],
     }

@@ -63,6 +63,30 @@ class ApiKeys(_Strict):
         return self
 
 
+class Limits(_Strict):
+    """The endpoint's limits on what a client may send and how slowly (nginx's defaults beside each)."""
+
+    max_request_target_kib: int = Field(8, ge=1, le=64)
+    """Longest request target (path and query); longer gets 414. nginx: large_client_header_buffers 8k."""
+    max_header_kib: int = Field(16, ge=1, le=256)
+    """Largest header block (every header line); larger gets 431. nginx: 4 x 8k buffers."""
+    max_headers: int = Field(100, ge=8, le=1000)
+    """Most header lines; more gets 431 (nginx has no count, its buffers bound it)."""
+    header_timeout_s: float = Field(60, gt=0)
+    """Time to send the whole request head, from its first byte (408 after). nginx: client_header_timeout 60s."""
+    body_timeout_s: float = Field(60, gt=0)
+    """Longest pause between two reads of a request body (408 after). nginx: client_body_timeout 60s."""
+    keepalive_timeout_s: float = Field(75, gt=0)
+    """An idle keep-alive connection is closed after this. nginx: keepalive_timeout 75s."""
+    send_timeout_s: float = Field(60, gt=0)
+    """A client that reads nothing of its answer for this long is disconnected. nginx: send_timeout 60s."""
+    max_connections: int = Field(4096, ge=16, le=1_000_000)
+    """Open client connections; one more is answered 503 and closed (also bounded by the file limit:
+    each connection may hold two descriptors). nginx: worker_connections 512 per worker."""
+    max_pipelined: int = Field(16, ge=1, le=1024)
+    """Requests read ahead of their answers on one connection before reading pauses."""
+
+
 class Router(_Strict):
     host: str = "127.0.0.1"
     """Address the one OpenAI endpoint listens on."""
@@ -73,7 +97,9 @@ class Router(_Strict):
     api_keys: ApiKeys | None = None
     """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
     max_body_mib: int = Field(32, ge=1, le=1024)
-    """Largest request body accepted; larger ones get 413."""
+    """Largest request body accepted; larger ones get 413 (checked on Content-Length before any body byte)."""
+    limits: Limits = Field(default_factory=Limits)
+    """Header sizes, timeouts and the connection cap of the endpoint."""
 
 
 class Metrics(_Strict):

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from codefleet.errors import RuntimeStartError, SecretError
-from codefleet.gateway import UPSTREAM_KEY_ENV, GatewayConfig, hash_keys
+from codefleet.gateway.config import UPSTREAM_KEY_ENV, GatewayConfig, hash_keys
 from codefleet.manifest import ApiKeys, Metrics, Router
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
@@ -170,7 +170,7 @@ class Frontend:
         return GatewayConfig(
             router_url=self.router_url, models=self.models,
             host=r.host, port=self.gateway_port, metrics_host=m.host, metrics_port=self.gateway_metrics_port,
-            key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024,
+            key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
         )
 
     def _launch_router(self) -> None:

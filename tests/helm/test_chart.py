@@ -191,6 +191,15 @@ def test_probes_shm_and_spread(fleet: tuple[FleetPlan, list[dict[str, Any]]]) ->
     assert len(budgets) > 1, "start-up budget should grow with the weights"
 
 
+def test_frontend_limits_reach_the_gateway(chart: helm_python.Chart) -> None:
+    values = fleet_values()
+    values["frontend"]["limits"] = {"header_timeout_s": 10, "max_connections": 20000}
+    cm = by_kind(render(chart, values), "ConfigMap")["codefleet-frontend"]
+    from codefleet.discovery import FrontendConfig
+    limits = FrontendConfig.model_validate(json.loads(cm["data"]["frontend.json"])).router.limits
+    assert (limits.header_timeout_s, limits.max_connections, limits.body_timeout_s) == (10, 20000, 60)
+
+
 def test_frontend_routes_to_every_model(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
     plan, objs = fleet
     cm = by_kind(objs, "ConfigMap")["codefleet-frontend"]

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from codefleet.errors import SecretError
-from codefleet.gateway import GatewayConfig, hash_keys
-from codefleet.manifest import ApiKeys
+from codefleet.gateway.config import GatewayConfig, hash_keys
+from codefleet.manifest import ApiKeys, Limits
 from codefleet.router import load_api_keys
 from tests.router.conftest import KEY, Fakes
 
@@ -111,10 +111,11 @@ def test_gateway_restart_keeps_serving(fakes: Fakes) -> None:
 
 
 def test_config_round_trip(tmp_path: Path) -> None:
-    cfg = GatewayConfig(router_url="http://127.0.0.1:1", models=("a", "b"), key_sha256=hash_keys(["k"]))
+    cfg = GatewayConfig(router_url="http://127.0.0.1:1", models=("a", "b"), key_sha256=hash_keys(["sk-plain-1"]),
+                        limits=Limits(header_timeout_s=3))
     (tmp_path / "g.json").write_text(cfg.to_json())
     assert GatewayConfig.from_file(tmp_path / "g.json") == cfg
-    assert "k" not in cfg.to_json().replace('"key_sha256"', "")  # only the digest is written
+    assert "sk-plain-1" not in cfg.to_json()  # only the digest is written
 
 
 def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,4 +165,4 @@ def test_expect_100_continue_and_malformed_http(fakes: Fakes) -> None:
     assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), got
     assert b'"text":"xx"' in got.replace(b" ", b"")
     bad = _raw(fakes, b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n", expect=1)
-    assert bad.startswith(b"HTTP/1.1 400 ") and b"malformed HTTP request" in bad
+    assert bad.startswith(b"HTTP/1.1 400 ") and b"Malformed HTTP request" in bad

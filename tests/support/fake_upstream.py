@@ -49,6 +49,13 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0)
             rid = f"fake-{state['requests']}"
             if ttft_s:
                 await asyncio.sleep(ttft_s)
+            if request.headers.get("x-fake-cut"):  # fault: a fixed-length answer cut halfway
+                resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
+                await resp.prepare(request)
+                await resp.write(b'{"id": "cut", "choices": [')
+                assert request.transport is not None
+                request.transport.close()
+                return resp
             if not body.get("stream"):
                 if token_delay_s:
                     await asyncio.sleep(token_delay_s * n)
@@ -66,6 +73,7 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0)
                         "model": body.get("model", model),
                         "choices": [choice],
                         "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                        "seen_headers": sorted(h.lower() for h in request.headers),
                     }
                 )
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -1,0 +1,3 @@
+from codefleet.gateway.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""What the gateway process is told: written as JSON by the launcher, or by the chart's frontend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codefleet.manifest import Limits
+
+#: Paths the gate forwards to the router (POST, JSON body with a ``model``).
+FORWARDED = ("/v1/chat/completions", "/v1/completions")
+
+#: Environment variable carrying the key the gate presents to the engines (never on argv).
+UPSTREAM_KEY_ENV = "CODEFLEET_UPSTREAM_KEY"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gate needs."""
+
+    router_url: str
+    models: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    key_sha256: tuple[str, ...] = ()
+    """Hex SHA-256 of each accepted client key; empty means no authentication."""
+    max_body_bytes: int = 32 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    poll_s: float = 0.5
+    """How often the gate reads the router's worker list."""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            data[k] = list(v) if isinstance(v, tuple) else v.model_dump() if isinstance(v, Limits) else v
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GatewayConfig:
+        data = json.loads(Path(path).read_text())
+        data["models"] = tuple(data["models"])
+        data["key_sha256"] = tuple(data.get("key_sha256", ()))
+        data["limits"] = Limits(**data.get("limits", {}))
+        return cls(**data)
+
+
+def hash_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    return tuple(hashlib.sha256(k.encode()).hexdigest() for k in keys)

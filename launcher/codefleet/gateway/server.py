@@ -1,0 +1,239 @@
+"""The gateway process: the policy wired to the HTTP protocol and the router pool, its metrics,
+the router's worker list, and signals. ``python -m codefleet.gateway --config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import time
+import urllib.parse
+from typing import Any
+
+import orjson
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.client_exceptions import ClientError
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from codefleet.gateway.config import FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
+from codefleet.gateway.http import Client, Request
+from codefleet.gateway.policy import Rejection, check_body, error_body, reject
+from codefleet.gateway.upstream import Exchange, Pool
+
+disable_created_metrics()
+
+_FORWARDED = frozenset(p.encode() for p in FORWARDED)
+
+
+def connection_cap(configured: int) -> int:
+    """The configured cap, or fewer when the file limit could not hold two descriptors per
+    connection (the client's and the router's) plus a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(16, min(configured, (soft - 64) // 2))
+
+
+class Gateway:
+    """The checks and answers of the gate; ``http.Client`` and ``upstream.Exchange`` move the bytes."""
+
+    def __init__(self, config: GatewayConfig, upstream_key: str | None = None) -> None:
+        self.config = config
+        self.models = frozenset(config.models)
+        self.digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
+        self.upstream_auth = f"Bearer {upstream_key}".encode() if upstream_key else None
+        url = urllib.parse.urlsplit(config.router_url)
+        self.upstream_addr = (url.hostname or "127.0.0.1", url.port or 80)
+        self.upstream_host = url.netloc.encode()
+        self.pool = Pool(self.upstream_addr)
+        self.max_connections = connection_cap(config.limits.max_connections)
+        self.connections = 0
+        self._session: ClientSession | None = None
+        self._poller: asyncio.Task[None] | None = None
+        #: Models with at least one healthy worker in the router, refreshed every ``poll_s``.
+        #: vllm-router sends a request for a model without workers to *another* model's worker,
+        #: so the gate answers 503 itself for those.
+        self.available: frozenset[str] = self.models
+        self._refreshed_at = 0.0
+        self._refreshing: asyncio.Future[None] | None = None
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "codefleet_gateway_requests", "Requests answered by the gateway, by model and HTTP status",
+            ["model", "status"], registry=self.registry,
+        )
+        self.rejected = Counter(
+            "codefleet_gateway_rejected", "Requests the gateway answered itself without reaching the router",
+            ["reason"], registry=self.registry,
+        )
+        self._counted: dict[tuple[str, str], Any] = {}
+        self._models_body = orjson.dumps({"object": "list", "data": [self._model_object(m) for m in config.models]})
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
+
+    def count(self, model: str, status: str) -> None:
+        child = self._counted.get((model, status))
+        if child is None:
+            child = self._counted[(model, status)] = self.requests.labels(model, status)
+        child.inc()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def admit(self) -> bool:
+        if self.connections >= self.max_connections:
+            return False
+        self.connections += 1
+        return True
+
+    def release(self) -> None:
+        self.connections -= 1
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._session = ClientSession(connector=TCPConnector(limit=4), timeout=ClientTimeout(total=5))
+        await self.refresh_workers()
+        self._poller = asyncio.create_task(self._poll_workers())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._session is not None:
+            await self._session.close()
+        self.pool.close()
+
+    async def refresh_workers(self) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(self.config.router_url + "/workers") as r:
+                data = await r.json(content_type=None)
+            self.available = frozenset(w["model_id"] for w in data.get("workers", []) if w.get("is_healthy", True))
+        except (ClientError, TimeoutError, ValueError, KeyError, AttributeError):
+            pass  # router restarting: keep the last known set
+        self._refreshed_at = time.monotonic()
+
+    async def _poll_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_s)
+            await self.refresh_workers()
+
+    def metrics_app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def answer(self, client: Client, rej: Rejection) -> None:
+        self.rejected.labels(rej.reason).inc()
+        client.respond(rej.status, rej.body, headers=rej.headers)
+
+    def dispatch(self, client: Client, req: Request) -> None:
+        """Answer ``req`` or start forwarding it (its key and size were checked with its head)."""
+        path, method = req.path, req.method
+        if path == b"/health":
+            client.respond(200, b"ok", content_type=b"text/plain")
+        elif path == b"/v1/models" or path.startswith(b"/v1/models/"):
+            if method not in (b"GET", b"HEAD"):
+                self._not_allowed(client, req, b"GET")
+            elif path == b"/v1/models":
+                client.respond(200, self._models_body)
+            else:
+                name = urllib.parse.unquote(path[len(b"/v1/models/"):].decode("latin-1"))
+                if name in self.models:
+                    client.respond(200, orjson.dumps(self._model_object(name)))
+                else:
+                    self.answer(client, self._unknown_model(name))
+        elif path in _FORWARDED:
+            if method != b"POST":
+                self._not_allowed(client, req, b"POST")
+            else:
+                self.forward(client, req)
+        else:
+            self.answer(client, reject(404, f"Unknown path {path.decode('latin-1')}. This endpoint serves "
+                                            f"{', '.join(FORWARDED)} and /v1/models.", "unknown_url", "unknown_path"))
+
+    def _not_allowed(self, client: Client, req: Request, allow: bytes) -> None:
+        self.answer(client, reject(405, f"Method {req.method.decode('latin-1')} is not allowed on "
+                                        f"{req.path.decode('latin-1')}.", "method_not_allowed", "unknown_path",
+                                   headers=((b"Allow", allow),)))
+
+    def _unknown_model(self, name: str) -> Rejection:
+        return reject(404, f"The model `{name}` does not exist. Served models: {', '.join(sorted(self.models))}.",
+                      "model_not_found", "unknown_model", param="model")
+
+    def no_replica(self, client: Client, model: str) -> None:
+        self.count(model, "503")
+        client.respond(503, error_body(f"Model `{model}` has no ready replica right now; retry shortly.",
+                                       type_="server_error", code="model_unavailable"),
+                       headers=((b"Retry-After", b"5"),))
+
+    def forward(self, client: Client, req: Request) -> None:
+        checked = check_body(req.path, req.body)
+        if isinstance(checked, Rejection):
+            self.answer(client, checked)
+            return
+        payload, model = checked
+        if model not in self.models:
+            self.answer(client, self._unknown_model(model))
+            return
+        exchange = Exchange(self, client, req, model, stream=payload.get("stream") is True)
+        if model in self.available:
+            exchange.start()
+        else:
+            self.spawn(self._recheck(exchange))
+
+    async def _recheck(self, exchange: Exchange) -> None:
+        """A replica may have just been registered: look again before answering 503. Requests that
+        arrive together share one look; one finished under 0.1 s ago counts as fresh."""
+        if self._refreshing is None or self._refreshing.done():
+            if time.monotonic() - self._refreshed_at > 0.1:
+                self._refreshing = asyncio.ensure_future(self.refresh_workers())
+        if self._refreshing is not None and not self._refreshing.done():
+            await asyncio.shield(self._refreshing)
+        if exchange.model in self.available:
+            exchange.start()
+        else:
+            self.no_replica(exchange.client, exchange.model)
+
+
+async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
+    gw = Gateway(config, upstream_key)
+    await gw.open()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Client(gw), config.host, config.port, backlog=2048,
+                                      reuse_address=True)
+    metrics_runner = web.AppRunner(gw.metrics_app(), access_log=None, handle_signals=False)
+    await metrics_runner.setup()
+    await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port).start()
+    print(f"codefleet gateway on http://{config.host}:{config.port} -> {config.router_url}; "
+          f"metrics on http://{config.metrics_host}:{config.metrics_port}/metrics; "
+          f"at most {gw.max_connections} connections", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await gw.close()
+    await metrics_runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="codefleet gateway", description="The fleet's OpenAI endpoint in front of vllm-router.")
+    p.add_argument("--config", required=True, help="gateway JSON config (written by `codefleet up`)")
+    args = p.parse_args(argv)
+    config = GatewayConfig.from_file(args.config)
+    import uvloop
+
+    uvloop.run(serve(config, os.environ.get(UPSTREAM_KEY_ENV) or None))
+    return 0

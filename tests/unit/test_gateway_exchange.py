@@ -1,0 +1,150 @@
+"""The gateway's request state machine in-process: a Gateway and its protocol on one event loop,
+with a misbehaving router written here (no processes), driven by httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import httptools
+import httpx
+import pytest
+
+from codefleet.gateway.config import GatewayConfig
+from codefleet.gateway.http import Client
+from codefleet.gateway.server import Gateway
+
+Behaviour = Callable[["FakeRouter", asyncio.Transport, bytes, int], None]
+OK = b'{"choices": [{"text": "ok"}]}'
+
+
+class FakeRouter(asyncio.Protocol):
+    """Answers ``/workers``; every other request goes to ``behaviour(router, transport, path, n)``
+    where n counts the requests seen on this connection."""
+
+    connections = 0
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.n = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        FakeRouter.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        if self.url == b"/workers":
+            body = json.dumps({"workers": [{"model_id": "m", "is_healthy": True}]}).encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            return
+        self.n += 1
+        self.behaviour(self, self.transport, self.url, self.n)
+
+
+def answer(t: asyncio.Transport, body: bytes = OK) -> None:
+    t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
+async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
+    loop = asyncio.get_running_loop()
+    FakeRouter.connections = 0
+    router = await loop.create_server(lambda: FakeRouter(behaviour), "127.0.0.1", 0)
+    rport = router.sockets[0].getsockname()[1]
+    gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", models=("m",), port=0))
+    await gw.open()
+    server = await loop.create_server(lambda: Client(gw), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+            await client(c)
+    finally:
+        server.close()
+        await gw.close()
+        router.close()
+
+
+BODY = {"model": "m", "prompt": "x"}
+
+
+def test_stale_keepalive_connection_is_retried_once() -> None:
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        if n == 1:
+            answer(t)
+        else:
+            t.close()  # the router dropped the kept-alive connection just as the next request came
+
+    async def client(c: httpx.AsyncClient) -> None:
+        for _ in range(3):
+            r = await c.post("/v1/completions", json=BODY)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+
+    asyncio.run(with_gateway(behaviour, client))
+    assert FakeRouter.connections >= 4  # /workers, the first, then a new one for each stale one
+
+
+def test_fresh_connection_dropped_before_an_answer_is_a_502() -> None:
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        t.close()
+
+    async def client(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+        # the connection to the client stays usable
+        assert (await c.get("/health")).status_code == 200
+
+    asyncio.run(with_gateway(behaviour, client))
+
+
+def test_router_answer_cut_mid_body_is_a_502() -> None:
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"choices\": [")
+        t.close()
+
+    async def client(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == 502 and "was cut" in r.json()["error"]["message"]
+
+    asyncio.run(with_gateway(behaviour, client))
+
+
+def test_router_stream_cut_ends_with_an_error_event() -> None:
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        event = b'data: {"choices": [{"text": "a"}]}\n\n'
+        t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%b\r\n" % (len(event), event))
+        t.close()
+
+    async def client(c: httpx.AsyncClient) -> None:
+        async with c.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as r:
+            text = (await r.aread()).decode()
+        assert r.status_code == 200
+        assert text.startswith('data: {"choices"') and '"code":"stream_interrupted"' in text
+        assert text.endswith("data: [DONE]\n\n")
+
+    asyncio.run(with_gateway(behaviour, client))
+
+
+@pytest.mark.parametrize("status", [400, 503])
+def test_router_plain_text_errors_become_openai_errors(status: int) -> None:
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        text = b"No available workers" if status == 503 else b"bad thing"
+        t.write(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (status, len(text), text))
+
+    async def client(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == status and "error" in r.json()
+        if status == 503:
+            assert r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "model_unavailable"
+
+    asyncio.run(with_gateway(behaviour, client))
