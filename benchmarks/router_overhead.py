@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import httpx
 
 from benchmarks.loadgen import Result, run, run_sync, summarize
 from benchmarks.pinning import cpu_seconds, isolate_engine
+from codefleet.gateway.config import UPSTREAM_KEY_ENV
 from codefleet.manifest import Metrics, Router
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import Frontend
@@ -102,15 +104,48 @@ def _fake_front(policy: str, *fake_args: str) -> Iterator[tuple[int, str, Fronte
             stop_group(fake.pid, grace=2)
 
 
-def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware") -> dict[str, Any]:
-    with _fake_front(policy, "--tokens", "16") as (_, upstream, fe):
+@contextlib.contextmanager
+def _granian_gateway(fe: Frontend) -> Iterator[tuple[str, int]]:
+    """benchmarks/gateway_granian.py in front of ``fe``'s router: (its URL, its pid)."""
+    with tempfile.TemporaryDirectory() as d:
+        port = free_port()
+        cfg = Path(d) / "gateway.json"
+        cfg.write_text(replace(fe.gateway_config(), port=port).to_json())
+        env = {"CODEFLEET_GATEWAY_CONFIG": str(cfg), **({UPSTREAM_KEY_ENV: fe.upstream_key} if fe.upstream_key else {})}
+        proc = spawn([sys.executable, "-m", "granian", "--interface", "rsgi", "--loop", "uvloop", "--workers", "1",
+                      "--host", "127.0.0.1", "--port", str(port), "--no-ws", "--log-level", "warning",
+                      "benchmarks.gateway_granian:app"], env, Path(d) / "granian.log")
+        try:
+            _wait(f"http://127.0.0.1:{port}")
+            yield f"http://127.0.0.1:{port}", proc.pid
+        finally:
+            stop_group(proc.pid, grace=2)
+
+
+def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware",
+              alternative: str | None = None) -> dict[str, Any]:
+    """Latency added at a constant rate. The gateway's own share is endpoint minus router; CPU per
+    request of each gateway is its process's CPU time over its blocks. ``alternative="granian"``
+    adds the gateway's request path on granian (benchmarks/gateway_granian.py) as a fourth target."""
+    with _fake_front(policy, "--tokens", "16") as (_, upstream, fe), contextlib.ExitStack() as stack:
+        assert fe.gateway_proc is not None
         targets = {"direct": (upstream, None), "router": (fe.router_url, None), "endpoint": (fe.url, KEY)}
+        cpu_pid = {"endpoint": fe.gateway_proc.pid}
+        if alternative == "granian":
+            url, pid = stack.enter_context(_granian_gateway(fe))
+            targets["granian"] = (url, KEY)
+            cpu_pid["granian"] = pid
         body = {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": stream}
         lat: dict[str, list[Result]] = {k: [] for k in targets}
         achieved: dict[str, list[float]] = {k: [] for k in targets}
+        cpu = dict.fromkeys(cpu_pid, 0.0)
         for rnd in range(rounds):
-            for name, (url, key) in targets.items():
+            for name in _rotated(list(targets), rnd):
+                url, key = targets[name]
+                c0 = cpu_seconds(cpu_pid[name]) if name in cpu_pid else 0.0
                 res = asyncio.run(run(url, "/v1/completions", [body] * requests, rate=rate, api_key=key, seed=rnd))
+                if name in cpu_pid:
+                    cpu[name] += cpu_seconds(cpu_pid[name]) - c0
                 lat[name].extend(res)
                 achieved[name].append(summarize(res)["request_throughput"])
         sums = {k: summarize(v) for k, v in lat.items()}
@@ -120,12 +155,18 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
     print(f"\nfake upstream, policy {policy}, {rate:.0f} req/s, {requests} x {rounds} requests per target, stream={stream}")
     for name, s in sums.items():
         print(_row(name, s, (f"{field}_p50_ms", f"{field}_p99_ms", "request_throughput", "send_lag_p99_ms")))
-    d = sums["direct"]
-    added = {n: {q: sums[n][f"{field}_{q}_ms"] - d[f"{field}_{q}_ms"] for q in ("p50", "p99")}
-             for n in ("router", "endpoint")}
+    d, r = sums["direct"], sums["router"]
+    added = {n: {q: sums[n][f"{field}_{q}_ms"] - d[f"{field}_{q}_ms"] for q in ("p50", "p99")} for n in targets
+             if n != "direct"}
+    gateway = {n: {q: sums[n][f"{field}_{q}_ms"] - r[f"{field}_{q}_ms"] for q in ("p50", "p99")} for n in cpu_pid}
+    cpu_ms = {n: 1000 * cpu[n] / (requests * rounds) for n in cpu_pid}
     for n, a in added.items():
         print(f"  added by {n:<8}: p50 {a['p50']:+.3f} ms  p99 {a['p99']:+.3f} ms")
-    return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added}
+    for n, a in gateway.items():
+        print(f"  gateway share ({n} - router): p50 {a['p50']:+.3f} ms  p99 {a['p99']:+.3f} ms;"
+              f"  gateway CPU {cpu_ms[n]:.3f} ms per request")
+    return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added, "gateway_ms": gateway,
+            "gateway_cpu_ms_per_request": cpu_ms}
 
 
 def part_paced(concurrency: int, requests: int, max_tokens: int, token_delay_ms: float, rounds: int,
@@ -267,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="cache_aware", help="vllm-router policy (the manifest default: cache_aware)")
     p.add_argument("--control", action="store_true",
                    help="engine part: measure the engine directly twice (an A/A test of the run's noise)")
+    p.add_argument("--alternative", choices=["granian"],
+                   help="fake part: also measure the gateway's request path on this server (benchmarks/gateway_granian.py)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     a = p.parse_args(argv)
     out: dict[str, Any] = {
@@ -279,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         out["vllm"] = version("vllm")
     if a.part in ("fake", "all"):
-        out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds, policy=a.policy)
-        out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds, policy=a.policy)
+        out["fake_nonstream"] = part_fake(a.rate, a.requests, stream=False, rounds=a.rounds, policy=a.policy,
+                                          alternative=a.alternative)
+        out["fake_stream"] = part_fake(a.rate, a.requests, stream=True, rounds=a.rounds, policy=a.policy,
+                                       alternative=a.alternative)
     if a.part in ("paced", "all"):
         out["paced"] = part_paced(a.concurrency, a.requests if a.part == "paced" else 400, a.max_tokens,
                                   a.token_delay_ms, a.rounds, policy=a.policy)
