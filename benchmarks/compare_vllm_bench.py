@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
-    from codefleet.runners.local import LocalFleet
+    from codefleet.runtime.local import LocalFleet
 
     manifest = """version: 1
 defaults: {gpu: cpu}

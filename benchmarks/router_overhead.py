@@ -208,7 +208,7 @@ def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, i
                 policy: str = "cache_aware", control: bool = False) -> dict[str, Any]:
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
-    from codefleet.runners.local import LocalFleet
+    from codefleet.runtime.local import LocalFleet
 
     manifest = """
 version: 1

@@ -64,7 +64,7 @@ def run_scenario(folder: Path, only: list[str] | None = None) -> list[dict[str, 
 def _with_fleet(manifest: Path, group: list[dict[str, Any]], bench: list[str], results: Path) -> list[dict[str, Any]]:
     from codefleet.manifest import load
     from codefleet.planner import plan_fleet
-    from codefleet.runners.local import LocalFleet
+    from codefleet.runtime.local import LocalFleet
 
     os.environ.setdefault(KEY_ENV, "sk-scenario")
     plan = plan_fleet(load(manifest))

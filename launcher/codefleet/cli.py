@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,11 +15,12 @@ from pathlib import Path
 from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
-from codefleet.manifest import LoadedManifest, load
+from codefleet.manifest import load
 from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_yaml
 from codefleet.planner import FleetPlan, GiB, plan_fleet
 from codefleet.procs import stop_group
-from codefleet.runners.local import LocalFleet, read_state, state_dir
+from codefleet.runtime.core import Fleet
+from codefleet.runtime.local import LocalFleet, read_state, state_dir
 from codefleet.status import fleet_status, format_status
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
@@ -38,7 +40,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def format_plan(plan: FleetPlan) -> str:
     head = (f"{'model':<34} {'gpu':<10} {'TP':>2} {'repl':>4} {'max_len':>7} {'wGiB/gpu':>8} "
-            f"{'kvGiB/gpu':>9} {'KV tokens':>10} {'full seqs':>9} {'decode tok/s b1|bmax (est.)':>28}")
+            f"{'kvGiB/gpu':>9} {'KV tokens':>10} {'full seqs':>9} {'drain s':>7} {'decode tok/s b1|bmax (est.)':>28}")
     rows = [head, "-" * len(head)]
     for m in plan.models:
         est = m.estimate
@@ -47,7 +49,7 @@ def format_plan(plan: FleetPlan) -> str:
         rows.append(
             f"{m.name:<34} {m.accelerator:<10} {m.tensor_parallel_size:>2} {m.replicas:>4} {m.max_model_len:>7} "
             f"{m.weight_bytes_per_gpu / GiB:>8.2f} {m.kv_bytes_per_gpu / GiB:>9.2f} {m.kv_tokens:>10,} "
-            f"{m.full_length_sequences:>9.1f} {tps:>28}"
+            f"{m.full_length_sequences:>9.1f} {m.drain_seconds:>7} {tps:>28}"
         )
     rows.append(f"GPUs: {plan.total_gpus} ({plan.gpus_per_node} per node). Decode figures are roofline "
                 "upper bounds from memory bandwidth, full-length sequences.")
@@ -72,12 +74,30 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm() -> None:
-    """`codefleet down` sends SIGTERM: stop like Ctrl-C, through the same cleanup."""
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+class _Signals:
+    """``up``'s signals. Starting: SIGINT/SIGTERM abort the start. Running: the first SIGINT or
+    SIGTERM (Ctrl-C, ``codefleet down``) drains and stops; SIGUSR2 (``down --now``) stops at
+    once; SIGHUP (``codefleet apply``) reloads. Stopping: any of them again ends the drain."""
 
-    signal.signal(signal.SIGTERM, on_signal)
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.phase = "starting"
+        self.stop = threading.Event()
+        self.now = False
+        self.reload = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        if self.phase == "starting":
+            raise KeyboardInterrupt
+        if self.phase == "stopping" or signum == signal.SIGUSR2:
+            self.fleet.abort_drain.set()
+            if self.phase == "stopping":
+                print("\nstopping now (the drain is cut short) ...", flush=True)
+        self.now = self.now or signum == signal.SIGUSR2
+        self.stop.set()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -88,77 +108,120 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("a fleet is already running here; `codefleet down` first", file=sys.stderr)
         return 2
     loaded = load(args.manifest)
-    if args.ray or loaded.manifest.runtime.kind == "ray":
-        return _up_ray(args, loaded, plan)
-    fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
-
-    _stop_on_sigterm()
-    n = sum(m.replicas for m in plan.models)
-    print(f"starting {n} engines (logs in {fleet.run_dir / 'logs'}) ...")
-    try:
-        fleet.start(timeout=args.timeout)
-        print(f"\nfleet ready. One OpenAI endpoint for every model: {fleet.url}/v1")
-        for model, urls in fleet.endpoints().items():
-            print(f"  {model:<26} {len(urls)} replica(s): {' '.join(urls)}")
-        m = plan.metrics
-        fe = fleet.frontend
-        assert fe is not None
-        print(f"metrics: launcher http://{m.host}:{fleet.metrics_port}/metrics, gateway "
-              f"http://{m.host}:{fe.gateway_metrics_port}/metrics, router http://{m.host}:{fe.router_metrics_port}/metrics")
-        if plan.router.api_keys is not None:
-            print("API keys are on: send 'Authorization: Bearer <key>'.")
-        print("\nCtrl-C (or `codefleet down`) stops everything.")
-        while True:
-            fleet.watch_once()
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\nstopping ...")
-        return 0
-    finally:
-        fleet.stop()
-        print("all engines stopped")
-
-
-def _up_ray(args: argparse.Namespace, loaded: LoadedManifest, plan: FleetPlan) -> int:
-    """The fleet on a Ray cluster; editing `replicas` in the manifest scales a model while it runs."""
-    from codefleet.runners.ray_runner import RayFleet
-
     rt = loaded.manifest.runtime
-    address = args.ray or rt.ray_address or "auto"
-    fleet = RayFleet(plan, address=address, strict_spread=rt.strict_spread, enforce_eager=args.enforce_eager,
-                     run_dir=state_dir())
+    fleet: Fleet
+    if args.ray or rt.kind == "ray":
+        from codefleet.runtime.ray import RayFleet
 
-    _stop_on_sigterm()
-    print(f"starting {sum(m.replicas for m in plan.models)} replicas on the Ray cluster at {address} ...")
-    manifest = Path(args.manifest)
-    mtime = manifest.stat().st_mtime
+        address = args.ray or rt.ray_address or "auto"
+        fleet = RayFleet(plan, address=address, strict_spread=rt.strict_spread, enforce_eager=args.enforce_eager,
+                         run_dir=state_dir())
+        where = f"on the Ray cluster at {address}"
+    else:
+        fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
+        where = f"(logs in {fleet.run_dir / 'logs'})"
+    signals = _Signals(fleet)
+    print(f"starting {sum(m.replicas for m in plan.models)} engines {where} ...")
     try:
         fleet.start(timeout=args.timeout)
-        fleet.write_state(state_dir() / "fleet.json")
-        print(f"\nfleet ready. One OpenAI endpoint for every model: {fleet.url}/v1")
-        for s in fleet.status():
-            print(f"  {s['model']:<26} replica {s['index']}  {s['url']}  node {s['node_ip']} ({s['node_id'][:8]})")
-        print("\nEdit `replicas` in the manifest to scale a model; Ctrl-C (or `codefleet down`) stops everything.")
-        while True:
-            fleet.watch_once()
-            if manifest.stat().st_mtime != mtime:
-                mtime = manifest.stat().st_mtime
-                try:
-                    new = plan_fleet(load(manifest))
-                except CodefleetError as exc:
-                    print(f"manifest changed but is not valid; keeping the running fleet:\n{exc}", file=sys.stderr)
-                else:
-                    for change in fleet.apply(new):
-                        print(f"scaled {change}")
-            fleet.write_state(state_dir() / "fleet.json")
-            time.sleep(0.5)
     except KeyboardInterrupt:
-        print("\nstopping ...")
-        return 0
+        print("\nstart interrupted; everything started was stopped")
+        return 130
+    signals.phase = "running"
+    print(f"\nfleet ready. One OpenAI endpoint for every model: {fleet.url}/v1")
+    for model, urls in fleet.endpoints().items():
+        print(f"  {model:<26} {len(urls)} replica(s): {' '.join(urls)}")
+    m = plan.metrics
+    fe = fleet.frontend
+    assert fe is not None
+    print(f"metrics: launcher http://{m.host}:{fleet.metrics_port}/metrics, gateway "
+          f"http://{m.host}:{fe.gateway_metrics_port}/metrics, router http://{m.host}:{fe.router_metrics_port}/metrics")
+    if plan.router.api_keys is not None:
+        print("API keys are on: send 'Authorization: Bearer <key>'.")
+    print("\n`codefleet apply MANIFEST` changes the running fleet; Ctrl-C (or `codefleet down`) drains and stops it,\n"
+          "a second Ctrl-C (or `codefleet down --now`) stops at once.")
+    try:
+        while not signals.stop.wait(0.5):
+            fleet.reconcile()
+            if signals.reload.is_set():
+                signals.reload.clear()
+                _reload(fleet, args)
     finally:
-        fleet.stop()
-        (state_dir() / "fleet.json").unlink(missing_ok=True)
-        print("all replicas stopped")
+        signals.phase = "stopping"
+        if signals.now:
+            print("\nstopping now ...", flush=True)
+        else:
+            budget = max(p.drain_seconds for p in fleet.plan.models)
+            print(f"\ndraining (new requests get 503 + Retry-After; at most {budget} s; Ctrl-C again to stop now) ...",
+                  flush=True)
+        fleet.stop(drain=not signals.now)
+        print("all engines stopped")
+    return 0
+
+
+APPLY_REQUEST = "apply-request.json"
+APPLY_RESULT = "apply-result.json"
+
+
+def _reload(fleet: Fleet, args: argparse.Namespace) -> None:
+    """``codefleet apply``: plan the manifest it names; a manifest that fails changes nothing."""
+    req = json.loads((fleet.run_dir / APPLY_REQUEST).read_text())
+    result: dict[str, object] = {"id": req["id"]}
+    try:
+        new = plan_fleet(load(req["manifest"]), gpu=getattr(args, "gpu", None),
+                         gpus_per_node=getattr(args, "gpus_per_node", None))
+        changes = fleet.apply(new)
+        result.update(ok=True, changes=changes)
+        print(f"applied {req['manifest']}: " + ("; ".join(changes) or "no change"), flush=True)
+    except CodefleetError as exc:
+        result.update(ok=False, error=str(exc))
+        print(f"apply refused, the running fleet is unchanged:\n{exc}", file=sys.stderr, flush=True)
+    tmp = fleet.run_dir / (APPLY_RESULT + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(fleet.run_dir / APPLY_RESULT)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    _plan(args)  # a manifest that does not validate or plan is refused here, with its location
+    state = read_state()
+    if not state or not _pid_alive(int(state["launcher_pid"])):
+        print("no fleet is running; `codefleet up MANIFEST` starts one", file=sys.stderr)
+        return 1
+    run = state_dir()
+    rid = f"{os.getpid()}-{time.time()}"
+    (run / APPLY_REQUEST).write_text(json.dumps({"id": rid, "manifest": str(Path(args.manifest).resolve())}))
+    os.kill(int(state["launcher_pid"]), signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            result = json.loads((run / APPLY_RESULT).read_text())
+            if result.get("id") == rid:
+                break
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            print("the running fleet did not answer in 30 s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    if not result["ok"]:
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 2
+    print("changes: " + ("; ".join(result["changes"]) or "none"))
+    if args.no_wait or not result["changes"]:
+        return 0
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    while True:
+        state = read_state() or {}
+        if state.get("converged"):
+            print(f"converged in {time.monotonic() - t0:.0f} s")
+            return 0
+        if time.monotonic() - t0 > args.timeout:
+            print(f"not converged after {args.timeout:.0f} s; see `codefleet status`", file=sys.stderr)
+            return 1
+        states = ", ".join(f"{r['model']}-{r['index']} {r['state']}" for r in state.get("replicas", []))
+        print(f"  [{time.monotonic() - t0:4.0f} s] {states}", flush=True)
+        time.sleep(5)
 
 
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
@@ -214,15 +277,19 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     pid = int(state["launcher_pid"])
     if pid != os.getpid() and _pid_alive(pid):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(150):
-            if not _pid_alive(pid):
-                break
+        budget = max((int(m.get("drain_seconds", 0)) for m in state.get("models", [])), default=0)
+        os.kill(pid, signal.SIGUSR2 if args.now else signal.SIGTERM)
+        print("stopping now ..." if args.now else f"draining (at most {budget} s; `codefleet down --now` stops at once) ...",
+              flush=True)
+        t0 = last = time.monotonic()
+        while _pid_alive(pid) and time.monotonic() - t0 < budget + 60:
             time.sleep(0.2)
-    for r in state["replicas"]:
+            if time.monotonic() - last >= 5:
+                last = time.monotonic()
+                left = (read_state() or {}).get("replicas", [])
+                print(f"  [{last - t0:4.0f} s] " + ", ".join(f"{r['model']}-{r['index']} {r.get('state', '?')}"
+                                                            for r in left), flush=True)
+    for r in state["replicas"]:  # whatever a launcher that died left behind
         if r.get("pgid"):
             stop_group(int(r["pgid"]), grace=10)
     for pgid in state.get("frontend_pgids", []):
@@ -289,8 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="per model: ready replicas, running/waiting requests, KV-cache usage")
     sp.add_argument("--run-dir", help="the fleet's run directory (default: $CODEFLEET_HOME/run)")
     sp.set_defaults(func=cmd_status)
-    sp = sub.add_parser("down", help="stop the running fleet")
+    sp = sub.add_parser("down", help="drain and stop the running fleet")
+    sp.add_argument("--now", action="store_true", help="stop at once, without draining")
     sp.set_defaults(func=cmd_down)
+    sp = sub.add_parser("apply", help="change the running fleet to a manifest (scale, rolling replace)")
+    manifest_arg(sp)
+    sp.add_argument("--gpu", help="plan every model on this GPU type (as `up` was)")
+    sp.add_argument("--no-wait", action="store_true", help="return once the change is accepted")
+    sp.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the fleet to converge")
+    sp.set_defaults(func=cmd_apply)
     sp = sub.add_parser("demo-models", help="build the tiny demo checkpoints")
     sp.set_defaults(func=cmd_demo_models)
     return p

@@ -46,6 +46,8 @@ class FrontendConfig(_Strict):
     targets: list[Target] = Field(min_length=1)
     interval: float = Field(2.0, gt=0)
     """Seconds between DNS look-ups."""
+    drain_seconds: float = Field(120, gt=0)
+    """On SIGTERM: how long open streams may finish before each ends with an error event."""
 
 
 def resolve_dns(host: str, port: int) -> set[str]:
@@ -116,7 +118,8 @@ def run(config_path: str, run_dir: Path) -> int:
         raise CodefleetError(f"{config_path}: {exc}") from None
     models = tuple(dict.fromkeys(t.model for t in cfg.targets))
     fe = Frontend(cfg.router, cfg.metrics, models, run_dir, sys.executable,
-                  manifest_dir=Path(config_path).parent, upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None)
+                  manifest_dir=Path(config_path).parent, upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
+                  drain_s=cfg.drain_seconds)
     metrics = FleetMetrics()
     for t in cfg.targets:
         if t.replicas is not None:

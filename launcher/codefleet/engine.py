@@ -79,7 +79,9 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
     among the host's single-rank engines; they are bound to one core each, round robin, instead
     of vLLM's "auto", which puts every one of them on core 0.
     """
-    flags: dict[str, Any] = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "revision": plan.revision}
+    flags: dict[str, Any] = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "revision": plan.revision,
+                             # on SIGTERM vLLM finishes its requests for up to this long ("drain")
+                             "shutdown_timeout": plan.drain_seconds}
     if plan.accelerator != "cpu":
         flags["gpu_memory_utilization"] = f"{plan.gpu_memory_utilization:g}"
     if plan.sampling_defaults:

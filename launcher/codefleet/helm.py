@@ -63,6 +63,7 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         "model": spec.model,
         "replicas": p.replicas,
         "tensorParallelSize": spec.tensor_parallel_size,
+        "drainSeconds": p.drain_seconds,
         "chatTemplate": spec.chat_template.name,
         "args": flags_argv(spec.flags),
         "env": dict(sorted(spec.env.items())),

@@ -30,6 +30,7 @@ DECIDED_FLAGS: dict[str, str] = {
     "max_model_len": "max_model_len",
     "gpu_memory_utilization": "gpu_memory_utilization",
     "chat_template": "chat_template",
+    "shutdown_timeout": "drain_seconds",
     "host": "router/runtime settings",
     "port": "router/runtime settings",
 }
@@ -149,6 +150,10 @@ class Defaults(_Strict):
     """KV cache per engine rank on the CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer)."""
     ttft_slo_seconds: float = Field(2.0, gt=0)
     """Alert when a model's p95 time to first token stays above this for 10 minutes."""
+    drain_seconds: int = Field(120, ge=1, le=86400)
+    """Drain budget: how long a replica leaving service (scale-down, rolling replace, ``down``) may
+    take to finish its requests (out of the router first, then vLLM's own --shutdown-timeout drain),
+    before what is left is cut (each cut stream ends with an error event)."""
 
 
 class ModelSpec(_Strict):
@@ -170,6 +175,7 @@ class ModelSpec(_Strict):
     min_concurrent_sequences: int | None = Field(None, ge=1)
     cpu_kv_cache_gib: int | None = Field(None, ge=1)
     ttft_slo_seconds: float | None = Field(None, gt=0)
+    drain_seconds: int | None = Field(None, ge=1, le=86400)
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
     engine_args: dict[str, Any] = Field(default_factory=dict)

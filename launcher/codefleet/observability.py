@@ -60,14 +60,13 @@ QUERIES: tuple[Query, ...] = (
 )
 
 
-def engine_targets(replicas: list[tuple[str, int, str]], node: str | None = None) -> list[dict[str, Any]]:
-    """file_sd entries for (model, replica index, url) triples."""
-    node = node or socket.gethostname()
+def engine_targets(replicas: list[tuple[str, int, str, str]]) -> list[dict[str, Any]]:
+    """file_sd entries for (model, replica index, url, node) of each engine."""
     return [{"targets": [url.removeprefix("http://")], "labels": {"model": model, "replica": str(i), "node": node}}
-            for model, i, url in replicas]
+            for model, i, url, node in replicas]
 
 
-def write_engine_targets(run_dir: Path, replicas: list[tuple[str, int, str]]) -> Path:
+def write_engine_targets(run_dir: Path, replicas: list[tuple[str, int, str, str]]) -> Path:
     path = run_dir / ENGINE_SD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -138,6 +138,8 @@ class ReplicaPlan:
     env: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
     demo: str | None = None
+    #: Drain budget (seconds) of a replica leaving service; vLLM's --shutdown-timeout.
+    drain_seconds: int = 120
 
     @property
     def gpus_per_replica(self) -> int:
@@ -231,6 +233,7 @@ def plan_model(
         env=dict(spec.env),
         revision=spec.revision,
         demo=m.demo,
+        drain_seconds=m.drain_seconds,
     )
     if accel == "cpu":
         tp = spec.tensor_parallel_size or 1

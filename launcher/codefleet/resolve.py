@@ -37,6 +37,7 @@ class ResolvedModel:
     cpu_kv_cache_gib: int
     dtype: str
     max_model_len: int
+    drain_seconds: int
 
 
 def _dtype(spec: ModelSpec, catalog: CatalogEntry | None, config: dict[str, Any] | None) -> str:
@@ -174,6 +175,7 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         cpu_kv_cache_gib=spec.cpu_kv_cache_gib or defaults.cpu_kv_cache_gib,
         dtype=_dtype(spec, catalog, config),
         max_model_len=spec.max_model_len or shape.max_position,
+        drain_seconds=spec.drain_seconds or defaults.drain_seconds,
     )
 
 

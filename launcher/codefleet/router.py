@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -119,6 +120,8 @@ class Frontend:
     manifest_dir: Path = field(default_factory=Path.cwd)
     say: Say = print
     upstream_key: str | None = None
+    drain_s: float = 60.0
+    """The gateway's drain on SIGTERM: how long open streams may finish."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -130,7 +133,8 @@ class Frontend:
     @classmethod
     def for_plan(cls, plan: FleetPlan, run_dir: Path, python: str, say: Say = print) -> Frontend:
         return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.replicas > 0), run_dir, python,
-                   manifest_dir=plan.manifest_dir, say=say)
+                   manifest_dir=plan.manifest_dir, say=say,
+                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)))
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
@@ -171,6 +175,7 @@ class Frontend:
             router_url=self.router_url, models=self.models,
             host=r.host, port=self.gateway_port, metrics_host=m.host, metrics_port=self.gateway_metrics_port,
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
+            drain_s=self.drain_s,
         )
 
     def _launch_router(self) -> None:
@@ -238,16 +243,26 @@ class Frontend:
             self._wait(60)
         return restarted
 
+    def refresh_gateway(self) -> None:
+        """Ask the gateway to read the router's worker list now (a replica just left it)."""
+        if self.gateway_proc is not None and self.gateway_proc.poll() is None:
+            try:
+                os.kill(self.gateway_proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     def pgids(self) -> list[int]:
         return [p.pid for p in (self.gateway_proc, self.router_proc) if p is not None]
 
     def stop(self, grace: float = 5.0) -> None:
+        """The gateway first (it lets open streams finish for up to ``drain_s``, then ends them
+        with an error event), then the router."""
         if self._admin is not None:
             self._admin.close()
             self._admin = None
-        for p in (self.gateway_proc, self.router_proc):
+        for p, wait in ((self.gateway_proc, self.drain_s + grace), (self.router_proc, grace)):
             if p is not None:
-                stop_group(p.pid, grace)
+                stop_group(p.pid, wait)
                 try:
                     p.wait(timeout=1)
                 except subprocess.TimeoutExpired:

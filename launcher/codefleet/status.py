@@ -21,12 +21,16 @@ class ReplicaStatus:
     figures: dict[str, float] = field(default_factory=dict)
     node: str = ""
     """Ray runtime: the node (IP and id prefix) the replica runs on."""
+    state: str = ""
+    """The runtime's view: starting, ready, draining."""
 
 
 @dataclass
 class ModelStatus:
     name: str
     replicas: list[ReplicaStatus] = field(default_factory=list)
+    desired: int | None = None
+    drain_seconds: int | None = None
 
     @property
     def ready(self) -> int:
@@ -51,11 +55,13 @@ def engine_figures(text: str) -> dict[str, float]:
 
 
 def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatus]:
-    models: dict[str, ModelStatus] = {}
+    models: dict[str, ModelStatus] = {m["model"]: ModelStatus(m["model"], desired=m.get("desired"),
+                                                              drain_seconds=m.get("drain_seconds"))
+                                      for m in state.get("models", [])}
     with httpx.Client(timeout=timeout) as client:
         for r in state["replicas"]:
             node = f"{r['node_ip']} ({str(r.get('node_id') or '')[:8]})" if r.get("node_ip") else ""
-            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False, node=node)
+            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False, node=node, state=r.get("state", ""))
             try:
                 rs.ready = client.get(r["url"] + "/health").status_code == 200
                 if rs.ready:
@@ -75,14 +81,17 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    lines = [f"endpoint: {state.get('endpoint')}/v1", "",
-             f"{'model':<34} {'ready':>7} {'running':>8} {'waiting':>8} {'kv-cache':>9}"]
+    converging = "" if state.get("converged", True) else "  (changing: see each replica's state)"
+    lines = [f"endpoint: {state.get('endpoint')}/v1{converging}", "",
+             f"{'model':<34} {'ready/desired':>13} {'running':>8} {'waiting':>8} {'kv-cache':>9} {'drain s':>8}"]
     for m in models:
-        lines.append(f"{m.name:<34} {m.ready:>3}/{len(m.replicas):<3} {num(m.total('running')):>8} "
-                     f"{num(m.total('waiting')):>8} {pct(m.total('kv_usage')):>9}")
+        desired = m.desired if m.desired is not None else len(m.replicas)
+        lines.append(f"{m.name:<34} {m.ready:>6}/{desired:<6} {num(m.total('running')):>8} "
+                     f"{num(m.total('waiting')):>8} {pct(m.total('kv_usage')):>9} {num(m.drain_seconds):>8}")
         for r in m.replicas:
             f = r.figures
-            lines.append(f"  replica {r.index}  {r.url:<24} {'ready' if r.ready else 'NOT READY':<9} "
+            shown = r.state if r.state and r.state != "ready" else ("ready" if r.ready else "NOT READY")
+            lines.append(f"  replica {r.index}  {r.url:<24} {shown:<9} "
                          f"running {num(f.get('running'))}  waiting {num(f.get('waiting'))}  "
                          f"kv {pct(f.get('kv_usage'))}" + (f"  node {r.node}" if r.node else ""))
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import pytest
 from codefleet.manifest import load
 from codefleet.planner import FleetPlan, plan_fleet
 from codefleet.procs import group_alive
-from codefleet.runners.local import LocalFleet
+from codefleet.runtime.local import LocalFleet
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = Path(__file__).with_name("fleet.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench import main as bench_main
-from codefleet.runners.local import LocalFleet
+from codefleet.runtime.local import LocalFleet
 from tests.e2e.conftest import API_KEY
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from codefleet.runners.local import LocalFleet
+from codefleet.runtime.local import LocalFleet
 from tests.e2e.conftest import API_KEY
 from tests.goldens import CONVERSATIONS, GOLDEN
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from codefleet.runners.local import LocalFleet
+from codefleet.runtime.local import LocalFleet
 from tests.e2e.conftest import API_KEY
 
 pytestmark = pytest.mark.e2e

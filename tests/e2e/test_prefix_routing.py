@@ -17,7 +17,8 @@ import pytest
 from benchmarks.workloads import shared_prefix_prompts
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import RouterAdmin, router_argv
-from codefleet.runners.local import LocalFleet, Replica
+from codefleet.runtime.local import LocalFleet
+from codefleet.runtime.replica import Replica
 
 pytestmark = pytest.mark.e2e
 

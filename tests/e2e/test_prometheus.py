@@ -23,7 +23,7 @@ from codefleet.cli import main as cli_main
 from codefleet.manifest import load
 from codefleet.observability import QUERIES, RECORDING, RULES_FILE, alert_rules_yaml, scrape_config_yaml
 from codefleet.procs import free_port, spawn, stop_group
-from codefleet.runners.local import LocalFleet
+from codefleet.runtime.local import LocalFleet
 from tests.e2e.conftest import API_KEY, FLEET
 
 pytestmark = pytest.mark.e2e

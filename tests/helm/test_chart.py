@@ -191,6 +191,32 @@ def test_probes_shm_and_spread(fleet: tuple[FleetPlan, list[dict[str, Any]]]) ->
     assert len(budgets) > 1, "start-up budget should grow with the weights"
 
 
+def test_engines_drain_before_they_go(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+    """preStop keeps a leaving pod serving until the frontend has stopped sending to it, vLLM then
+    drains for the model's budget (--shutdown-timeout), and the grace period covers both."""
+    plan, objs = fleet
+    for p in plan.models:
+        d = engines(objs)[p.name]
+        spec = d["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        args = c["args"]
+        assert args[args.index("--shutdown-timeout") + 1] == str(p.drain_seconds)
+        pre = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert pre >= 2 * 2 + 1  # two DNS refreshes of the frontend (discoveryInterval 2 s), and some
+        assert spec["terminationGracePeriodSeconds"] == pre + p.drain_seconds + 15
+        assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    fe = by_kind(objs, "Deployment")["codefleet-frontend"]
+    cfg = json.loads(by_kind(objs, "ConfigMap")["codefleet-frontend"]["data"]["frontend.json"])
+    assert fe["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == cfg["drain_seconds"] + 15
+
+
+def test_surge_rollout_adds_before_it_removes(chart: helm_python.Chart) -> None:
+    values = fleet_values()
+    values["engine"] = {"maxSurge": 1}
+    for d in engines(render(chart, values)).values():
+        assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
 def test_frontend_limits_reach_the_gateway(chart: helm_python.Chart) -> None:
     values = fleet_values()
     values["frontend"]["limits"] = {"header_timeout_s": 10, "max_connections": 20000}

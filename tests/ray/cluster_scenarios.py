@@ -7,6 +7,7 @@ tests/ray/test_ray.py asserts on; progress goes to stderr.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -14,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ray
 from ray.cluster_utils import Cluster
 
 from codefleet.errors import PlanError
 from codefleet.manifest import load, parse
 from codefleet.planner import plan_fleet
-from codefleet.runners.ray_runner import RayFleet, bundle, check_feasible
+from codefleet.runtime.ray import RayFleet, bundle, check_feasible
+from codefleet.runtime.replica import State
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +61,6 @@ def placement() -> None:
                 for i in range(p.replicas):
                     pg = fleet.place_group(p, i)
                     table = ray.util.placement_group_table(pg)
-                    fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
                     placed.setdefault(p.name, []).append({"node": table["bundles_to_node_id"][0],
                                                           "bundle": table["bundles"][0]})
             out["models"]["strict" if strict else "spread"] = placed
@@ -68,12 +70,11 @@ def placement() -> None:
             pg = fleet.place_group(p, 2)
             out.setdefault("third", {})["strict" if strict else "spread"] = \
                 ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
-            fleet.replicas.append(_Stub(p, pg))  # type: ignore[arg-type]
             # A fourth: spread shares a node (none is free of the model); strict is refused up front
             # (the feasibility check `scale` runs) and by the placement itself.
             fourth = out.setdefault("fourth", {})
             if not strict:
-                fleet.replicas.append(_Stub(p, fleet.place_group(p, 3)))  # type: ignore[arg-type]
+                fleet.place_group(p, 3)
                 fourth["spread"] = "placed"
             else:
                 t0 = time.monotonic()
@@ -87,7 +88,7 @@ def placement() -> None:
                 except PlanError as exc:
                     fourth["strict_placement"] = str(exc)
             for r in fleet.replicas:
-                ray.util.remove_placement_group(r.pg)
+                ray.util.remove_placement_group(r.handle["pg"])
         # TP 8 cannot fit a 4-GPU node.
         big = parse("""version: 1
 defaults: {gpu: h100-80gb}
@@ -104,11 +105,6 @@ models: [{name: big, source: codefuse-ai/CodeFuse-CodeLlama-34B, tensor_parallel
         ray.shutdown()
         c.shutdown()
     result(**out)
-
-
-class _Stub:
-    def __init__(self, plan: Any, pg: Any) -> None:
-        self.plan, self.pg, self.info = plan, pg, {}
 
 
 def serve() -> None:
@@ -137,27 +133,39 @@ def serve() -> None:
         out["chat"] = [chat() for _ in range(4)]
         # 1. The engine process dies: the actor exits, Ray restarts it, the replica comes back.
         victim = fleet.replicas[0]
-        old = dict(victim.info)
+        old = dict(victim.handle, url=victim.url)
         os.kill(old["pid"], 9)
         out["after_engine_kill"] = _wait_back(fleet, victim, old, client, chat)
         # 2. The actor itself dies (Ray restarts it).
-        old = dict(victim.info)
-        ray.kill(victim.actor, no_restart=False)
+        old = dict(victim.handle, url=victim.url)
+        ray.kill(victim.handle["actor"], no_restart=False)
         out["after_actor_kill"] = _wait_back(fleet, victim, old, client, chat)
-        # 3. Scale 2 -> 1 -> 2: the untouched replica keeps its engine.
+        # 3. Scale 2 -> 1 while streams are in flight (`codefleet apply`): the streams finish, the
+        #    drained replica goes; then 1 -> 2. The untouched replica keeps its engine.
         keep = fleet.replicas[0]
-        keep_pid = keep.info["pid"]
-        # As `codefleet up` does when the manifest's replicas are edited.
+        keep_pid = keep.handle["pid"]
         edited = manifest.read_text()
         one = edited.replace("replicas: 2", "replicas: 1")
-        out["applied"] = fleet.apply(plan_fleet(parse(one, manifest)))
+        fleet.watch_in_background()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(_stream, client) for _ in range(8)]
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            out["applied"] = fleet.apply(plan_fleet(parse(one, manifest)))
+            _converge(fleet, 300)
+            out["scale_down_s"] = time.monotonic() - t0
+            out["streams_during_scale_down"] = [f.result() for f in streams]
         out["after_scale_down"] = [r.name for r in fleet.replicas]
+        out["metrics_after_scale_down"] = httpx.get(f"http://127.0.0.1:{fleet.metrics_port}/metrics", timeout=5).text
+        out["targets_after_scale_down"] = json.loads((run_dir / "prometheus" / "engines.json").read_text())
         out["applied"] += fleet.apply(plan_fleet(parse(edited, manifest)))
-        fleet.wait_ready(600)
+        _converge(fleet, 600)
         out["after_scale_up"] = fleet.status()
-        out["kept_pid"] = keep.info["pid"] == keep_pid
+        out["kept_pid"] = keep.handle["pid"] == keep_pid
         out["chat_after_scale"] = [chat() for _ in range(4)]
         out["registered"] = sorted(w["url"] for w in fleet.frontend.admin.workers())  # type: ignore[union-attr]
+        out["targets"] = json.loads((run_dir / "prometheus" / "engines.json").read_text())
+        out["state"] = json.loads((run_dir / "fleet.json").read_text())
     finally:
         fleet.stop()
         ray.shutdown()
@@ -165,21 +173,43 @@ def serve() -> None:
     result(**out)
 
 
+def _converge(fleet: RayFleet, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not fleet.converged():
+        assert time.monotonic() - t0 < timeout, "the fleet did not converge"
+        time.sleep(0.5)
+
+
+def _stream(client: Any) -> dict[str, Any]:
+    """One long streamed completion: its finish reason and whether it ended cleanly."""
+    finish, chunks = None, 0
+    try:
+        for chunk in client.completions.create(model="granite-code-tiny", prompt="def f(x):", max_tokens=200,
+                                               stream=True, extra_body={"ignore_eos": True}):
+            chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+    except Exception as exc:  # noqa: BLE001 - counted as a cut stream
+        return {"finish": None, "chunks": chunks, "error": repr(exc)}
+    return {"finish": finish, "chunks": chunks, "error": None}
+
+
 def _wait_back(fleet: RayFleet, victim: Any, old: dict[str, Any], client: Any, chat: Any) -> dict[str, Any]:
     t0 = time.monotonic()
     saw_down = False
     while time.monotonic() - t0 < 400:
         fleet.watch_once()
-        saw_down = saw_down or not victim.ready
-        if victim.ready and victim.info.get("actor_pid") != old["actor_pid"]:
+        ready = victim.state is State.READY
+        saw_down = saw_down or not ready
+        if ready and victim.handle.get("actor_pid") != old["actor_pid"]:
             break
         # the other replica keeps serving meanwhile
         time.sleep(0.5)
     back = time.monotonic() - t0
     served = [chat() for _ in range(4)]
-    return {"seconds": back, "saw_down": saw_down, "new_actor": victim.info.get("actor_pid") != old["actor_pid"],
-            "new_url": victim.url, "old_url": old["url"], "ready": victim.ready, "restarts": victim.restarts,
-            "chat": served}
+    return {"seconds": back, "saw_down": saw_down, "new_actor": victim.handle.get("actor_pid") != old["actor_pid"],
+            "new_url": victim.url, "old_url": old["url"], "ready": victim.state is State.READY,
+            "restarts": victim.restarts, "chat": served}
 
 
 if __name__ == "__main__":

@@ -80,6 +80,20 @@ def test_real_engine_in_ray_actors(tmp_path: Path) -> None:
         print(f"{step}: back in {s['seconds']:.0f} s at {s['new_url']} (was {s['old_url']})")
     assert out["applied"] == ["granite-code-tiny: 2 -> 1 replicas", "granite-code-tiny: 1 -> 2 replicas"]
     assert out["after_scale_down"] == ["granite-code-tiny-0"]
+    streams = out["streams_during_scale_down"]
+    # a finish reason ("stop": the family's stop strings may turn up in the tiny model's random text)
+    assert all(s["finish"] in ("length", "stop") for s in streams) and not any(s["error"] for s in streams), streams
+    print(f"scale 2 -> 1 with 8 streams in flight: drained in {out['scale_down_s']:.1f} s, no stream cut")
+    # The launcher's metrics and the Prometheus targets, as under the local runtime.
+    metrics = out["metrics_after_scale_down"]
+    assert 'codefleet_replicas_ready{model="granite-code-tiny"} 1.0' in metrics
+    assert 'codefleet_replicas_desired{model="granite-code-tiny"} 1.0' in metrics
+    (target,) = out["targets_after_scale_down"]
+    assert target["labels"]["model"] == "granite-code-tiny" and target["labels"]["replica"] == "0"
+    assert target["labels"]["node"] == status[0]["node_ip"] or target["labels"]["node"] == status[1]["node_ip"]
+    assert sorted(t["targets"][0] for t in out["targets"]) == sorted(u.removeprefix("http://")
+                                                                      for u in out["registered"])
+    assert out["state"]["runtime"] == "ray" and out["state"]["converged"]
     assert len(out["after_scale_up"]) == 2 and all(s["ready"] for s in out["after_scale_up"])
     assert out["kept_pid"], "scaling restarted the replica it did not touch"
     assert out["chat_after_scale"] == ["length"] * 4

@@ -35,9 +35,10 @@ def test_scrape_config_covers_engines_router_gateway_launcher(tmp_path: Path) ->
     assert set(jobs) == {"vllm", "codefleet-launcher", "codefleet-gateway", "vllm-router"}
     assert jobs["vllm-router"]["static_configs"][0]["targets"] == ["127.0.0.1:9402"]
     sd_file = Path(jobs["vllm"]["file_sd_configs"][0]["files"][0])
-    written = write_engine_targets(tmp_path, [("m", 0, "http://127.0.0.1:1234"), ("m", 1, "http://127.0.0.1:1235")])
+    written = write_engine_targets(tmp_path, [("m", 0, "http://127.0.0.1:1234", "h1"),
+                                              ("m", 1, "http://127.0.0.1:1235", "10.0.0.2")])
     assert written == sd_file
     entries = json.loads(sd_file.read_text())
     assert entries[1]["targets"] == ["127.0.0.1:1235"]
     assert entries[1]["labels"]["model"] == "m" and entries[1]["labels"]["replica"] == "1"
-    assert entries[1]["labels"]["node"]
+    assert entries[1]["labels"]["node"] == "10.0.0.2"

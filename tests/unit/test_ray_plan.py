@@ -10,7 +10,7 @@ import yaml
 from codefleet.errors import PlanError
 from codefleet.manifest import load
 from codefleet.planner import plan_fleet
-from codefleet.runners.ray_runner import bundle, check_feasible
+from codefleet.runtime.ray import bundle, check_feasible
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,6 +35,8 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     poll_s: float = 0.5
     """How often the gate reads the router's worker list."""
+    drain_s: float = 60.0
+    """On SIGTERM: how long requests in flight may finish before their streams are ended."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def to_json(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import resource
 import signal
@@ -71,6 +72,9 @@ class Gateway:
         self._counted: dict[tuple[str, str], Any] = {}
         self._models_body = orjson.dumps({"object": "list", "data": [self._model_object(m) for m in config.models]})
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Exchanges in flight (pruned as they finish); ``closing``: the process is stopping.
+        self.active: set[Exchange] = set()
+        self.closing = False
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
@@ -94,6 +98,19 @@ class Gateway:
 
     def release(self) -> None:
         self.connections -= 1
+
+    async def drain(self, budget: float) -> None:
+        """Stopping: new requests get 503; the ones in flight may finish for ``budget`` seconds; a
+        stream still open then ends with an OpenAI error event and ``[DONE]``, never a bare close."""
+        self.closing = True
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            self.active = {e for e in self.active if not e.finished}
+            if not self.active:
+                return
+            await asyncio.sleep(0.1)
+        for e in list(self.active):
+            e.cut("the endpoint is shutting down")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -187,7 +204,13 @@ class Gateway:
         if model not in self.models:
             self.answer(client, self._unknown_model(model))
             return
+        if self.closing:
+            self.count(model, "503")
+            client.respond(503, error_body("The endpoint is shutting down; retry shortly.", type_="server_error",
+                                           code="shutting_down"), headers=((b"Retry-After", b"5"),), keep_alive=False)
+            return
         exchange = Exchange(self, client, req, model, stream=payload.get("stream") is True)
+        self.active.add(exchange)
         if model in self.available:
             exchange.start()
         else:
@@ -210,6 +233,11 @@ class Gateway:
 async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
     gw = Gateway(config, upstream_key)
     await gw.open()
+    # Everything allocated so far (modules, the app) lives as long as the process: keep it out of
+    # the cyclic collector, so that a full collection scans only what requests leave behind
+    # (full collections over the whole heap showed up as a 5-10 ms TTFT tail at p99).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Client(gw), config.host, config.port, backlog=2048,
                                       reuse_address=True)
@@ -222,8 +250,10 @@ async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: gw.spawn(gw.refresh_workers()))  # a replica left the router
     await stop.wait()
-    server.close()
+    server.close()  # no new connections
+    await gw.drain(config.drain_s)
     await gw.close()
     await metrics_runner.cleanup()
 

@@ -348,6 +348,27 @@ class Exchange:
         if self.conn is not None and self.conn.transport is not None:
             self.conn.transport.resume_reading()
 
+    def cut(self, why: str) -> None:
+        """End this exchange now (the gateway is stopping): a stream gets an error event and
+        ``[DONE]``; an answer not yet started gets a 503."""
+        if self.finished:
+            return
+        if self.conn is not None:
+            self.conn.exchange = None
+            self.conn.abort()
+            self.conn = None
+        if self.mode in ("chunked", "raw"):
+            self._stream_error(why)
+            if self.mode == "chunked":
+                self.client.write(b"0\r\n\r\n")
+            self._finish(False)
+        else:
+            self.finished = True
+            self.gw.count(self.model, "503")
+            self.client.respond(503, error_body(f"Generation for model `{self.model}` was interrupted: {why}; "
+                                                f"retry the request.", type_="server_error", code="shutting_down"),
+                                headers=((b"Retry-After", b"5"),), keep_alive=False)
+
     # -- endings -------------------------------------------------------------------------------
 
     def _finish(self, keep_alive: bool) -> None:

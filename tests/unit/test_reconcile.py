@@ -1,0 +1,195 @@
+"""The reconcile loop's decisions with a fake backend and a fake router (no processes): scaling,
+rolling replace one at a time with a ready replica all along, crash restarts, drain phases."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from codefleet.manifest import parse
+from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.runtime import core
+from codefleet.runtime.core import Fleet, Seen
+from codefleet.runtime.replica import Replica, State
+
+
+class FakeBackend:
+    name = "fake"
+    relaunches = True
+    watch_health = False
+
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+        self.terminated: list[str] = []
+        self.killed: list[str] = []
+        self.exit: dict[str, int] = {}
+        self.healthy: set[str] = set()
+
+    def prepare(self, plan: FleetPlan) -> None: ...
+    def check(self, plan: FleetPlan, surge: int) -> None: ...
+
+    def launch(self, fleet: Fleet, r: Replica) -> None:
+        self.launched.append(r.name)
+        self.exit.pop(r.name, None)
+        r.url = f"http://fake/{r.name}/{len(self.launched)}"
+        r.incarnation = len(self.launched)
+
+    def observe(self, r: Replica) -> Seen:
+        code = self.exit.get(r.name)
+        return Seen(running=code is None, url=r.url, incarnation=r.incarnation, exit_status=code)
+
+    def terminate(self, r: Replica) -> None:
+        self.terminated.append(r.name)
+
+    def stopped(self, r: Replica) -> bool:
+        return r.name in self.terminated
+
+    def kill(self, r: Replica) -> None:
+        self.killed.append(r.name)
+
+    def close(self) -> None: ...
+
+
+class FakeAdmin:
+    def __init__(self) -> None:
+        self.workers: dict[str, str] = {}
+
+    def add(self, url: str, model: str) -> None:
+        self.workers[url] = model
+
+    def remove(self, url: str) -> None:
+        self.workers.pop(url, None)
+
+
+class FakeFrontend:
+    def __init__(self) -> None:
+        self.admin = FakeAdmin()
+        self.url = "http://fake-endpoint"
+        self.router_url = "http://fake-router"
+        self.gateway_metrics_port = self.router_metrics_port = 0
+
+    def check(self) -> list[str]:
+        return []
+
+    def refresh_gateway(self) -> None: ...
+
+    def pgids(self) -> list[int]:
+        return []
+
+
+def make(tmp_path: Path, replicas: int = 2, seqs: int = 16) -> FleetPlan:
+    text = (f"defaults: {{gpu: cpu, drain_seconds: 30}}\nmodels:\n  - name: m\n    source: demo://granite-code\n"
+            f"    max_model_len: 512\n    replicas: {replicas}\n    engine_args: {{max_num_seqs: {seqs}}}\n")
+    return plan_fleet(parse(text, tmp_path / "m.yaml"))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Fleet, FakeBackend]:
+    backend = FakeBackend()
+    monkeypatch.setattr(core, "_healthy", lambda _c, url: any(url.startswith(f"http://fake/{n}/")
+                                                               for n in backend.healthy))
+    f = Fleet(plan=make(tmp_path), backend=backend, run_dir=tmp_path / "run", say=lambda s: None)
+    f.frontend = FakeFrontend()  # type: ignore[assignment]
+    return f, backend
+
+
+def states(f: Fleet) -> list[tuple[str, str]]:
+    return [(r.name, r.state.value) for r in f.replicas]
+
+
+def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                 ) -> None:
+    f, b = fleet
+    f.reconcile()
+    assert b.launched == ["m-0", "m-1"]
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    assert states(f) == [("m-0", "ready"), ("m-1", "ready")] and f.converged()
+    assert len(f.frontend.admin.workers) == 2  # type: ignore[union-attr]
+    f.apply(make(tmp_path, replicas=3))
+    f.reconcile()
+    assert b.launched[-1] == "m-2" and not f.converged()
+    b.healthy.add("m-2")
+    f.reconcile()
+    assert f.converged()
+    f.apply(make(tmp_path, replicas=1))
+    f.reconcile()
+    # the newest leave, out of the router at once
+    assert states(f) == [("m-0", "ready"), ("m-1", "draining"), ("m-2", "draining")]
+    assert list(f.frontend.admin.workers.values()) == ["m"]  # type: ignore[union-attr]
+    monkeypatch.setattr(Fleet, "_idle", lambda self, r: True)
+    for r in f.replicas:
+        r.drain_started -= core.ROUTER_QUIET_S
+    f.reconcile()
+    assert b.terminated == ["m-1", "m-2"]
+    f.reconcile()
+    assert states(f) == [("m-0", "ready")] and b.killed == ["m-1", "m-2"] and f.converged()
+
+
+def test_rolling_replace_adds_before_it_removes(fleet: tuple[Fleet, FakeBackend], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    monkeypatch.setattr(Fleet, "_idle", lambda self, r: True)
+    assert "m: rolling replace" in f.apply(make(tmp_path, seqs=8))[0]
+    ready_counts = []
+    for step in range(40):
+        f.reconcile()
+        ready_counts.append(f.ready_count("m"))
+        starting = [r.name for r in f.replicas if r.state is State.STARTING]
+        assert len(starting) <= 1, "one new replica at a time"
+        b.healthy |= set(starting) if step % 2 else set()
+        for r in f.replicas:
+            r.drain_started -= core.ROUTER_QUIET_S
+        if f.converged():
+            break
+    assert f.converged()
+    assert min(ready_counts) >= 2, ready_counts  # never fewer ready replicas than before
+    assert [r.name for r in f.replicas] == ["m-2", "m-3"] and b.killed == ["m-0", "m-1"]
+
+
+def test_crash_restarts_and_reregisters(fleet: tuple[Fleet, FakeBackend]) -> None:
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    old_url = f.replicas[0].url
+    b.exit["m-0"] = -9
+    f.reconcile()
+    r0 = f.replicas[0]
+    assert r0.restarts == 1 and r0.state is State.STARTING and r0.url != old_url
+    assert old_url not in f.frontend.admin.workers  # type: ignore[union-attr]
+    f.reconcile()
+    assert r0.state is State.READY and r0.url in f.frontend.admin.workers  # type: ignore[union-attr]
+
+
+def test_drain_budget_spent_then_killed(fleet: tuple[Fleet, FakeBackend], monkeypatch: pytest.MonkeyPatch) -> None:
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    monkeypatch.setattr(Fleet, "_idle", lambda self, r: False)  # busy all along
+    monkeypatch.setattr(b, "stopped", lambda r: False)          # and ignoring SIGTERM
+    r = f.replicas[1]
+    f.drain(r, budget=0)
+    f._drain_step(r, r.drain_started + 0.5)
+    assert b.terminated == ["m-1"] and r.state is State.DRAINING
+    term = r.drain_started + 0.5
+    f._drain_step(r, term + core.KILL_GRACE_S - 1)
+    assert not b.killed
+    f._drain_step(r, term + core.KILL_GRACE_S + 0.1)
+    assert b.killed == ["m-1"] and r.state is State.STOPPED
+
+
+def test_apply_refuses_model_set_changes(fleet: tuple[Fleet, FakeBackend], tmp_path: Path) -> None:
+    f, _ = fleet
+    other = make(tmp_path)
+    renamed = replace(other, models=[replace(other.models[0], name="n")])
+    with pytest.raises(Exception, match="adding, removing or renaming a model"):
+        f.apply(renamed)
+
+
