@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="scenario folder with before.yaml and after.yaml")
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steady", type=float, default=15.0, help="seconds of load before and after the change")
-    p.add_argument("--think", type=float, default=0.2, help="seconds each client waits between its requests")
+    p.add_argument("--think", type=float, default=2.0, help="seconds each client waits between its requests")
     a = p.parse_args(argv)
     os.environ.setdefault("CODEFLEET_BENCH_KEYS", "sk-bench")
     before = plan_fleet(load(a.folder / "before.yaml"))

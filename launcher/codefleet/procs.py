@@ -126,3 +126,4 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None 
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} not healthy after {timeout:.0f} s" + (f":\n{tail(log)}" if log else ""))
         time.sleep(0.05)
+

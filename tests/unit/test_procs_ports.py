@@ -37,3 +37,4 @@ def test_free_port_is_bindable() -> None:
     port = procs.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
