@@ -46,7 +46,7 @@ class FakeBackend:
     def stopped(self, r: Replica) -> bool:
         return r.name in self.terminated
 
-    def kill(self, r: Replica) -> None:
+    def kill(self, r: Replica, grace: float) -> None:
         self.killed.append(r.name)
 
     def close(self) -> None: ...

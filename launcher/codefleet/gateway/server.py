@@ -105,7 +105,7 @@ class Gateway:
         self.closing = True
         deadline = time.monotonic() + budget
         while time.monotonic() < deadline:
-            self.active = {e for e in self.active if not e.finished}
+            self.active = {e for e in self.active if not e.finished and not e.client.closed}
             if not self.active:
                 return
             await asyncio.sleep(0.1)
@@ -227,6 +227,7 @@ class Gateway:
         if exchange.model in self.available:
             exchange.start()
         else:
+            exchange.finished = True
             self.no_replica(exchange.client, exchange.model)
 
 

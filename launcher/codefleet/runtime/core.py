@@ -58,7 +58,9 @@ class Backend(Protocol):
     def observe(self, r: Replica) -> Seen: ...
     def terminate(self, r: Replica) -> None: ...
     def stopped(self, r: Replica) -> bool: ...
-    def kill(self, r: Replica) -> None: ...
+    def kill(self, r: Replica, grace: float) -> None:
+        """SIGTERM what is left of the engine, SIGKILL after ``grace`` seconds, free its resources."""
+        ...
     def close(self) -> None: ...
 
 
@@ -210,7 +212,7 @@ class Fleet:
                 r.started_at = now
                 r.incarnation = seen.incarnation if replaced else None
                 if self.backend.relaunches and seen.exit_status is not None:
-                    self.backend.kill(r)
+                    self.backend.kill(r, grace=5)
                     self.backend.launch(self, r)
             if not seen.running:
                 return
@@ -292,31 +294,32 @@ class Fleet:
 
     def _drain_step(self, r: Replica, now: float) -> None:
         if r.terminated_at is None:
-            quiet = now - r.drain_started >= ROUTER_QUIET_S
             over = now >= r.drain_deadline or self.abort_drain.is_set()
-            if (quiet and self._idle(r)) or over:
+            idle = not over and now - r.drain_started >= ROUTER_QUIET_S and self._idle(r)
+            if idle or over:
                 self.backend.terminate(r)
                 r.terminated_at = now
-                self.say(f"  drain  {r.name}: " + ("budget spent" if over and not self._idle(r) else "idle")
-                         + f" after {now - r.drain_started:.1f} s; SIGTERM")
+                self.say(f"  drain  {r.name}: {'idle' if idle else 'budget spent'} after "
+                         f"{now - r.drain_started:.1f} s; SIGTERM")
             return
         late = now >= max(r.drain_deadline, r.terminated_at) + KILL_GRACE_S or self.abort_drain.is_set()
         if self.backend.stopped(r) or late:
-            self.backend.kill(r)
+            self.backend.kill(r, grace=0)  # it had SIGTERM and its grace already
             r.state = State.STOPPED
             self.replicas.remove(r)
             self.say(f"  stop   {r.name} ({'killed' if late else 'drained'} in {now - r.drain_started:.1f} s)")
 
     def _idle(self, r: Replica) -> bool:
-        """Nothing running or waiting in the engine (its own /metrics); unreachable counts as idle."""
+        """Nothing running or waiting in the engine (its own /metrics). An engine too busy to
+        answer is not idle: the budget bounds the wait; one that is gone is seen by the backend."""
         if r.url is None:
             return True
         try:
             resp = self._client.get(r.url + "/metrics")
         except httpx.HTTPError:
-            return True
+            return not self.backend.observe(r).running
         if resp.status_code != 200:
-            return True
+            return False
         f = engine_figures(resp.text)
         return f.get("running", 0.0) + f.get("waiting", 0.0) == 0
 
@@ -406,7 +409,7 @@ class Fleet:
             for r in self.replicas:  # not drained (stop now, or no frontend): SIGTERM all, then stop each
                 self.backend.terminate(r)
             for r in list(self.replicas):
-                self.backend.kill(r)
+                self.backend.kill(r, grace=5)
             self.replicas.clear()
             if self.frontend is not None:
                 self.frontend.stop()

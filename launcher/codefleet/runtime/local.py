@@ -65,9 +65,9 @@ class LocalBackend:
     def stopped(self, r: Replica) -> bool:
         return r.proc is None or (r.proc.poll() is not None and not group_alive(r.proc.pid))
 
-    def kill(self, r: Replica) -> None:
+    def kill(self, r: Replica, grace: float) -> None:
         if r.proc is not None:
-            stop_group(r.proc.pid, grace=5)
+            stop_group(r.proc.pid, grace=grace)
             try:
                 r.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:

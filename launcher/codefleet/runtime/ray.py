@@ -118,9 +118,9 @@ class EngineReplica:
         except ProcessLookupError:
             pass
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         self.draining = True
-        stop_group(self.proc.pid, grace=5)
+        stop_group(self.proc.pid, grace=grace)
         self.pidfile.unlink(missing_ok=True)
 
 
@@ -205,11 +205,11 @@ class RayBackend:
         info = self._info(r)
         return info is None or not info["engine_alive"]
 
-    def kill(self, r: Replica) -> None:
+    def kill(self, r: Replica, grace: float) -> None:
         actor, pg = r.handle.get("actor"), r.handle.get("pg")
         if actor is not None:
             try:
-                ray.get(actor.stop.remote(), timeout=30)
+                ray.get(actor.stop.remote(grace), timeout=30)
             except Exception:  # noqa: BLE001
                 pass
             ray.kill(actor, no_restart=True)
