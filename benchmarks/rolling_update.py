@@ -151,14 +151,14 @@ def plot(r: Rollout, path: Path) -> None:
     fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     a.step([t - t0 for t, _, _ in r.ready], [n for _, n, _ in r.ready], where="post", label="ready (registered)")
     a.step([t - t0 for t, _, _ in r.ready], [d for _, _, d in r.ready], where="post", label="draining")
-    a.axvspan(0, r.converged_at - t0, color="0.9", label="rolling replace")
+    a.axvspan(0, r.converged_at - t0, color="0.9", zorder=0, label="rolling replace")
     a.set_ylabel("replicas")
     a.legend(loc="lower left")
     for result, color in (("ok", "tab:green"), ("cut", "tab:red"), ("error", "tab:orange")):
         pts = [(o.end - t0, (o.end - o.start) * 1000) for o in r.outcomes if o.result == result]
         if pts:
-            b.scatter(*zip(*pts, strict=True), s=6, color=color, label=f"{result} ({len(pts)})")
-    b.axvspan(0, r.converged_at - t0, color="0.9")
+            b.scatter(*zip(*pts, strict=True), s=8, color=color, zorder=2, label=f"{result} ({len(pts)})")
+    b.axvspan(0, r.converged_at - t0, color="0.9", zorder=0)
     b.set_ylabel("request latency, ms (at its end)")
     b.set_xlabel("seconds since `apply`")
     b.legend(loc="upper left")
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / "outcomes.json").write_text(json.dumps([asdict(o) | {"start": o.start - r.applied_at,
                                                                      "end": o.end - r.applied_at}
                                                        for o in r.outcomes], indent=1))
+    (results / "ready.json").write_text(json.dumps([(t - r.applied_at, n, d) for t, n, d in r.ready]))
     plot(r, results / "rollout.png")
     print(json.dumps(summary, indent=2))
     return 0 if summary["cut"] == 0 and summary["error"] == 0 else 1
