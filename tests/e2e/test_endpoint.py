@@ -100,7 +100,7 @@ def test_every_configured_key_works(fleet: LocalFleet) -> None:
 def test_engines_refuse_requests_that_go_around_the_router(fleet: LocalFleet) -> None:
     """Engines listen on 127.0.0.1 and, with keys on, accept only the gateway's internal key."""
     r = fleet.replicas[0]
-    assert r.host == "127.0.0.1"
+    assert r.url is not None and r.url.startswith("http://127.0.0.1:")
     body = {"model": r.plan.name, "prompt": "x", "max_tokens": 2}
     assert httpx.post(r.url + "/v1/completions", json=body, timeout=30).status_code == 401
     resp = httpx.post(r.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
