@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,9 @@ KEY = "sk-drain-test"
 #: How a stream ends properly here: greedy decoding of this prompt never meets the family's stop
 #: strings, so every stream runs to max_tokens (sampled, the tiny model's random text often does).
 FINISHED = {"length"}
-#: Tokens of a long stream: several seconds on these engines, so that it is in flight when a drain begins.
-LONG = 1200
+#: Tokens of a long stream: seconds on these engines even when the machine is idle, so that it is
+#: in flight when a drain begins (half of it where the drain must also finish within its budget).
+LONG = 4000
 MODEL = "drain-tiny"
 MANIFEST = f"""
 version: 1
@@ -45,7 +47,7 @@ metrics: {{launcher_port: 0, gateway_port: 0, router_port: 0}}
 models:
   - name: {MODEL}
     source: demo://granite-code
-    max_model_len: 2048
+    max_model_len: 4096
     replicas: REPLICAS
     engine_args: {{enforce_eager: true, max_num_seqs: SEQS}}
 """
@@ -67,7 +69,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     f.stop(drain=False)
 
 
-def stream(url: str, max_tokens: int) -> dict[str, Any]:
+def stream(url: str, max_tokens: int, started: Any = None) -> dict[str, Any]:
     """One long streamed completion with the OpenAI SDK: its finish reason, or the error event that
     ended it. Run in worker processes (``streams``): parsing thousands of chunks a second in this
     process's threads would starve the fleet's own control loop of the GIL."""
@@ -77,6 +79,8 @@ def stream(url: str, max_tokens: int) -> dict[str, Any]:
         for chunk in c.completions.create(model=MODEL, prompt="def f(x):", max_tokens=max_tokens, stream=True,
                                           temperature=0, extra_body={"ignore_eos": True}):
             chunks += 1
+            if chunks == 1 and started is not None:
+                started.put(1)  # this stream is in an engine
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
     except openai.APIError as exc:
@@ -92,15 +96,17 @@ def _warm(seconds: float) -> None:
 @contextlib.contextmanager
 def streams(fleet: LocalFleet, n: int, max_tokens: int) -> Iterator[list[concurrent.futures.Future[dict[str, Any]]]]:
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
         # n workers up, this module imported in each, before any stream starts: spawning 16 of
         # them on 2 cores takes longer than a stream lasts
         list(pool.map(_warm, [1.0] * n))
-        futures = [pool.submit(stream, fleet.url, max_tokens) for _ in range(n)]
-        deadline = time.monotonic() + 120
-        while sum(in_flight(fleet).values()) < n:  # every stream is in an engine before the test acts
-            assert time.monotonic() < deadline, f"the streams did not start: {in_flight(fleet)}"
-            time.sleep(0.2)
+        started = manager.Queue()
+        futures = [pool.submit(stream, fleet.url, max_tokens, started) for _ in range(n)]
+        for _ in range(n):  # every stream has its first chunk before the test acts
+            try:
+                started.get(timeout=120)
+            except queue.Empty:
+                pytest.fail(f"the streams did not start: {[f.result() for f in futures if f.done()]}")
         yield futures
 
 
@@ -136,7 +142,7 @@ def test_scale_down_while_streaming_cuts_nothing(fleet: LocalFleet, tmp_path: Pa
     leaving = max(fleet.replicas, key=lambda r: r.index)
     assert leaving.proc is not None
     pgid = leaving.proc.pid
-    with streams(fleet, 8, LONG) as running:
+    with streams(fleet, 8, LONG // 2) as running:
         busy_replica(fleet, leaving.name)  # the leaving replica has streams in flight
         t0 = time.monotonic()
         assert fleet.apply(plan(tmp_path, 1)) == [f"{MODEL}: 2 -> 1 replicas"]
@@ -173,12 +179,13 @@ def test_rolling_replace_under_load(fleet: LocalFleet, tmp_path: Path) -> None:
 
 def test_drain_budget_exceeded_ends_streams_with_an_error_event(fleet: LocalFleet,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "KILL_GRACE_S", 1.0)  # SIGKILL 1 s after the budget, not 5: streams still running
-    with streams(fleet, 8, 1900) as running:
+    # A budget of 0 and no grace: SIGTERM and SIGKILL on the loop's next pass, while the streams run.
+    monkeypatch.setattr(core, "KILL_GRACE_S", 0.0)
+    with streams(fleet, 16, LONG) as running:
         victim = busy_replica(fleet)
-        fleet.drain(victim, budget=1.0)
+        fleet.drain(victim, budget=0.0)
         results = [f.result() for f in running]
-    print(f"\ndrain with a 1 s budget under 8 long streams: {results}")
+    print(f"\ndrain with no budget under 16 long streams: {results}")
     cut = [r for r in results if r["finish"] is None]
     assert cut, "no stream was on the drained replica"
     # Each ends with an error event (the SDK raises APIError), never a silent close: vLLM's own
@@ -190,7 +197,7 @@ def test_drain_budget_exceeded_ends_streams_with_an_error_event(fleet: LocalFlee
 
 
 def test_draining_stop_finishes_every_stream_and_refuses_new_requests(fleet: LocalFleet) -> None:
-    with streams(fleet, 16, LONG) as running, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with streams(fleet, 16, LONG // 2) as running, concurrent.futures.ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         stopping = pool.submit(fleet.stop)  # what `codefleet down` and Ctrl-C do
         time.sleep(1.5)
