@@ -55,6 +55,6 @@ def test_poisson_rate_chat_synthetic(fleet: LocalFleet, tmp_path: Path) -> None:
     s = json.loads((tmp_path / "rate-8.json").read_text())["summary"]
     assert s["ok"] == 12 and s["rate"] == 8.0
     assert s["good_requests"] == 0  # an SLO nobody meets: goodput 0
-    assert s["send_lag_p99_ms"] >= 0  # on-schedule arrivals are measured by benchmarks/loadgen_ceiling.py
+    # (whether arrivals kept to the schedule is measured by benchmarks/loadgen_ceiling.py, not here)
     assert s["output_tokens"] >= 12  # counted with the model's own tokenizer from the text
     assert s["input_tokens"] >= 12 * 16

@@ -89,6 +89,7 @@ class Fleet:
     _closing: bool = field(default=False, repr=False)
     _next_index: dict[str, int] = field(default_factory=dict, repr=False)
     _targets: list[tuple[str, int, str, str]] = field(default_factory=list, repr=False)
+    _state_text: str = field(default="", repr=False)
     _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=2.0), repr=False)
 
     def __post_init__(self) -> None:
@@ -468,8 +469,11 @@ class Fleet:
                 for r in self.replicas if r.url is not None
             ],
         }
-        tmp = self.state_file.with_suffix(".tmp")
         text = json.dumps(state, indent=2)
+        if text == self._state_text and self.state_file.exists():
+            return  # the loop runs every 0.5 s; the file changes far less often
+        self._state_text = text
+        tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.state_file)
 
