@@ -137,6 +137,47 @@ class Runtime(_Strict):
     """Ray: put the replicas of a model on distinct nodes or fail (STRICT_SPREAD)."""
 
 
+class Autoscaling(_Strict):
+    """Replicas follow an LLM signal of the model's own engines, between ``min_replicas`` and
+    ``max_replicas`` (``replicas`` is then the starting count; default ``min_replicas``). The rules
+    are the Kubernetes HPA's, so that the local, Ray and KEDA paths agree: desired = ceil(the signal
+    over the replicas / ``target``), 10% tolerance, a scale-up window and a scale-down delay."""
+
+    min_replicas: int = Field(1, ge=0)
+    """0: the model scales to zero when idle; the endpoint holds its requests while a replica starts."""
+    max_replicas: int = Field(ge=1)
+    signal: Literal["waiting", "kv_cache", "ttft"] = "waiting"
+    """waiting: requests queued in the engines (plus the ones the endpoint holds) per replica;
+    kv_cache: mean KV-cache usage (0-1); ttft: p95 time to first token over ``ttft_slo_seconds``."""
+    target: float | None = Field(None, gt=0)
+    """The signal's value per replica to aim at. Defaults: waiting 4, kv_cache 0.7, ttft 0.8 (of the SLO)."""
+    scale_up_window_seconds: float = Field(15, ge=0, le=3600)
+    """Scale up only when the signal asked for more during all of this window."""
+    scale_down_delay_seconds: float = Field(120, ge=0, le=86400)
+    """Scale down only when the signal asked for fewer during all of this window (HPA: 300 s)."""
+    idle_seconds_before_zero: float = Field(300, ge=0, le=86400)
+    """With ``min_replicas: 0``: no request running, waiting or held for this long -> zero replicas."""
+    hold_requests: int = Field(64, ge=0, le=100_000)
+    """Requests the endpoint holds while the model has no ready replica (then 503 with Retry-After)."""
+    hold_timeout_seconds: float = Field(180, gt=0, le=3600)
+    """A held request waits at most this long for a replica (then 503 with Retry-After)."""
+    cold_start_seconds: float = Field(60, gt=0, le=3600)
+    """First guess of a replica's time to ready, for the Retry-After of a full hold queue; the endpoint
+    replaces it with the cold starts it has seen."""
+
+    @model_validator(mode="after")
+    def _range(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if self.signal == "kv_cache" and self.target is not None and self.target > 1:
+            raise ValueError(f"target {self.target:g}: kv_cache usage is a fraction, 0 < target <= 1")
+        return self
+
+    @property
+    def effective_target(self) -> float:
+        return self.target if self.target is not None else {"waiting": 4.0, "kv_cache": 0.7, "ttft": 0.8}[self.signal]
+
+
 class Defaults(_Strict):
     """Settings every model inherits unless it sets its own."""
 
@@ -176,6 +217,8 @@ class ModelSpec(_Strict):
     cpu_kv_cache_gib: int | None = Field(None, ge=1)
     ttft_slo_seconds: float | None = Field(None, gt=0)
     drain_seconds: int | None = Field(None, ge=1, le=86400)
+    autoscaling: Autoscaling | None = None
+    """Replicas follow load between min_replicas and max_replicas (see Autoscaling)."""
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
@@ -183,9 +226,20 @@ class ModelSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for the engine processes."""
 
+    @model_validator(mode="after")
+    def _replicas_in_range(self) -> ModelSpec:
+        a = self.autoscaling
+        if a is not None and "replicas" in self.model_fields_set and not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(f"replicas {self.replicas} (the starting count) is outside autoscaling's "
+                             f"min_replicas {a.min_replicas} .. max_replicas {a.max_replicas}")
+        return self
+
 
 class Manifest(_Strict):
     version: Literal[1] = 1
+    capacity: dict[str, int] = Field(default_factory=dict)
+    """GPUs the fleet may use, by accelerator type (``{h100-80gb: 16}``): the planner refuses a
+    fleet whose replicas at ``max_replicas`` would not fit. Unset types are not checked."""
     defaults: Defaults = Field(default_factory=Defaults)
     router: Router = Field(default_factory=Router)
     metrics: Metrics = Field(default_factory=Metrics)

@@ -27,6 +27,11 @@ class FleetMetrics:
                                      ["model", "action"], registry=r)
         self.component_restarts = Counter("codefleet_component_restarts", "Router or gateway restarts",
                                           ["component"], registry=r)
+        self.autoscaler_desired = Gauge("codefleet_autoscaler_desired_replicas",
+                                        "Replicas the autoscaler asks for", ["model"], registry=r)
+        self.autoscaler_decisions = Counter("codefleet_autoscaler_decisions",
+                                            "Autoscaler decisions by reason (from_zero, scale_up, scale_down, to_zero)",
+                                            ["model", "reason"], registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -18,6 +18,7 @@ capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N t
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,6 +141,12 @@ class ReplicaPlan:
     demo: str | None = None
     #: Drain budget (seconds) of a replica leaving service; vLLM's --shutdown-timeout.
     drain_seconds: int = 120
+    #: None: ``replicas`` is fixed; else replicas follow load and ``replicas`` is the starting count.
+    autoscale: Autoscale | None = None
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscale.max_replicas if self.autoscale else self.replicas
 
     @property
     def gpus_per_replica(self) -> int:
@@ -150,6 +157,26 @@ class ReplicaPlan:
         out["chat_template"] = str(self.chat_template)
         out["gpus_per_replica"] = self.gpus_per_replica
         return out
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """A model's autoscaling, resolved (the manifest's ``Autoscaling`` with its defaults filled in)."""
+
+    min_replicas: int
+    max_replicas: int
+    signal: str
+    target: float
+    """Per replica: waiting requests, KV-cache fraction, or seconds of p95 TTFT (target x SLO)."""
+    scale_up_window_seconds: float
+    scale_down_delay_seconds: float
+    idle_seconds_before_zero: float
+    hold_requests: int
+    hold_timeout_seconds: float
+    cold_start_seconds: float
+
+    def clamp(self, n: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, n))
 
 
 @dataclass(frozen=True)
@@ -212,6 +239,15 @@ def plan_model(
     weights = params * b
     accel = gpu_override or m.gpu
     spec = m.spec
+    auto = None
+    replicas = spec.replicas
+    if spec.autoscaling is not None:
+        a = spec.autoscaling
+        target = a.effective_target * (m.ttft_slo_seconds if a.signal == "ttft" else 1.0)
+        auto = Autoscale(a.min_replicas, a.max_replicas, a.signal, target, a.scale_up_window_seconds,
+                         a.scale_down_delay_seconds, a.idle_seconds_before_zero, a.hold_requests,
+                         a.hold_timeout_seconds, a.cold_start_seconds)
+        replicas = spec.replicas if "replicas" in spec.model_fields_set else a.min_replicas
     common: dict[str, Any] = dict(
         name=spec.name,
         source=spec.source,
@@ -219,7 +255,7 @@ def plan_model(
         family=m.family.name,
         accelerator=accel,
         dtype=m.dtype,
-        replicas=spec.replicas,
+        replicas=replicas,
         max_model_len=m.max_model_len,
         gpu_memory_utilization=m.gpu_memory_utilization,
         chat_template=m.chat_template,
@@ -234,6 +270,7 @@ def plan_model(
         revision=spec.revision,
         demo=m.demo,
         drain_seconds=m.drain_seconds,
+        autoscale=auto,
     )
     if accel == "cpu":
         tp = spec.tensor_parallel_size or 1
@@ -250,7 +287,7 @@ def plan_model(
             kv_tokens=kv_tokens,
             full_length_sequences=kv_tokens / m.max_model_len,
             replicas_per_node=1,
-            nodes=spec.replicas,
+            nodes=replicas,
             estimate=None,
         )
     gpu = GPUS[accel]
@@ -288,7 +325,7 @@ def plan_model(
         kv_tokens=kv_tokens,
         full_length_sequences=kv_tokens / m.max_model_len,
         replicas_per_node=per_node,
-        nodes=math.ceil(spec.replicas / per_node) if spec.replicas else 0,
+        nodes=math.ceil(replicas / per_node) if replicas else 0,
         estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens),
     )
 
@@ -323,7 +360,29 @@ def plan_fleet(loaded: LoadedManifest, gpu: str | None = None, gpus_per_node: in
         except PlanError as exc:
             loc = loaded.location(("models", m.index))
             errors.append(f"{loc}: {exc}")
+    errors += _capacity_errors(loaded, plans)
     if errors:
         raise PlanError("\n".join(errors))
     return FleetPlan(models=plans, gpus_per_node=per_node, router=loaded.manifest.router,
                      metrics=loaded.manifest.metrics, manifest_dir=loaded.file.parent)
+
+
+def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[str]:
+    """Each accelerator type of ``capacity``: the models on it at ``max_replicas`` must fit."""
+    errors = []
+    for accel, have in loaded.manifest.capacity.items():
+        loc = loaded.location(("capacity", accel))
+        if accel not in GPUS:
+            near = difflib.get_close_matches(accel, list(GPUS), n=1)
+            errors.append(f"{loc}: unknown GPU type {accel!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                     f"; known: {', '.join(GPUS)}"))
+            continue
+        on = [p for p in plans if p.accelerator == accel]
+        need = sum(p.gpus_per_replica * p.max_replicas for p in on)
+        if need > have:
+            terms = " + ".join(f"{p.name} {p.max_replicas} x TP{p.tensor_parallel_size}" for p in on)
+            worst = max(on, key=lambda p: p.gpus_per_replica * p.max_replicas)
+            fit = max(0, (have - need + worst.gpus_per_replica * worst.max_replicas) // worst.gpus_per_replica)
+            errors.append(f"{loc}: at max_replicas the models on {accel} need {need} GPUs ({terms}) but capacity "
+                          f"is {have}; e.g. {worst.name} fits at most {fit} replica(s) beside the others")
+    return errors

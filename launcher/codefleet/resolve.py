@@ -38,6 +38,7 @@ class ResolvedModel:
     dtype: str
     max_model_len: int
     drain_seconds: int
+    ttft_slo_seconds: float = 2.0
 
 
 def _dtype(spec: ModelSpec, catalog: CatalogEntry | None, config: dict[str, Any] | None) -> str:
@@ -176,6 +177,7 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         dtype=_dtype(spec, catalog, config),
         max_model_len=spec.max_model_len or shape.max_position,
         drain_seconds=spec.drain_seconds or defaults.drain_seconds,
+        ttft_slo_seconds=spec.ttft_slo_seconds or defaults.ttft_slo_seconds,
     )
 
 

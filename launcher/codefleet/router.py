@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from codefleet.errors import RuntimeStartError, SecretError
-from codefleet.gateway.config import UPSTREAM_KEY_ENV, GatewayConfig, hash_keys
+from codefleet.gateway.config import UPSTREAM_KEY_ENV, GatewayConfig, Hold, hash_keys
 from codefleet.manifest import ApiKeys, Metrics, Router
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
@@ -122,6 +122,8 @@ class Frontend:
     upstream_key: str | None = None
     drain_s: float = 60.0
     """The gateway's drain on SIGTERM: how long open streams may finish."""
+    hold: dict[str, Hold] = field(default_factory=dict)
+    """Models whose requests the gateway holds while they have no ready replica (scale from zero)."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -132,9 +134,11 @@ class Frontend:
 
     @classmethod
     def for_plan(cls, plan: FleetPlan, run_dir: Path, python: str, say: Say = print) -> Frontend:
-        return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.replicas > 0), run_dir, python,
-                   manifest_dir=plan.manifest_dir, say=say,
-                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)))
+        hold = {p.name: Hold(p.autoscale.hold_requests, p.autoscale.hold_timeout_seconds, p.autoscale.cold_start_seconds)
+                for p in plan.models if p.autoscale is not None and p.autoscale.hold_requests > 0}
+        return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.max_replicas > 0), run_dir,
+                   python, manifest_dir=plan.manifest_dir, say=say,
+                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)), hold=hold)
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
@@ -175,7 +179,7 @@ class Frontend:
             router_url=self.router_url, models=self.models,
             host=r.host, port=self.gateway_port, metrics_host=m.host, metrics_port=self.gateway_metrics_port,
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
-            drain_s=self.drain_s,
+            drain_s=self.drain_s, hold=self.hold,
         )
 
     def _launch_router(self) -> None:
@@ -248,6 +252,15 @@ class Frontend:
         if self.gateway_proc is not None and self.gateway_proc.poll() is None:
             try:
                 os.kill(self.gateway_proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def gateway_closing(self) -> None:
+        """The fleet is stopping: the gateway answers held and new requests 503 instead of holding
+        them for replicas that will not come (streams in flight go on)."""
+        if self.gateway_proc is not None and self.gateway_proc.poll() is None:
+            try:
+                os.kill(self.gateway_proc.pid, signal.SIGUSR2)
             except ProcessLookupError:
                 pass
 

@@ -31,6 +31,9 @@ class ModelStatus:
     replicas: list[ReplicaStatus] = field(default_factory=list)
     desired: int | None = None
     drain_seconds: int | None = None
+    autoscale: dict[str, Any] | None = None
+    """min, max, signal, target when the model autoscales."""
+    last_decision: dict[str, Any] | None = None
 
     @property
     def ready(self) -> int:
@@ -56,7 +59,9 @@ def engine_figures(text: str) -> dict[str, float]:
 
 def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatus]:
     models: dict[str, ModelStatus] = {m["model"]: ModelStatus(m["model"], desired=m.get("desired"),
-                                                              drain_seconds=m.get("drain_seconds"))
+                                                              drain_seconds=m.get("drain_seconds"),
+                                                              autoscale=m.get("autoscale"),
+                                                              last_decision=m.get("last_decision"))
                                       for m in state.get("models", [])}
     with httpx.Client(timeout=timeout) as client:
         for r in state["replicas"]:
@@ -88,6 +93,10 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
         desired = m.desired if m.desired is not None else len(m.replicas)
         lines.append(f"{m.name:<34} {m.ready:>6}/{desired:<6} {num(m.total('running')):>8} "
                      f"{num(m.total('waiting')):>8} {pct(m.total('kv_usage')):>9} {num(m.drain_seconds):>8}")
+        if m.autoscale:
+            a = m.autoscale
+            lines.append(f"  autoscaling {a['min']}..{a['max']} on {a['signal']} (target {a['target']:g}); "
+                         + (describe_decision(m.last_decision) if m.last_decision else "no decision yet"))
         for r in m.replicas:
             f = r.figures
             shown = r.state if r.state and r.state != "ready" else ("ready" if r.ready else "NOT READY")
@@ -95,3 +104,10 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
                          f"running {num(f.get('running'))}  waiting {num(f.get('waiting'))}  "
                          f"kv {pct(f.get('kv_usage'))}" + (f"  node {r.node}" if r.node else ""))
     return "\n".join(lines)
+
+
+def describe_decision(d: dict[str, Any], now: float | None = None) -> str:
+    import time
+
+    ago = (now if now is not None else time.time()) - float(d["at"])
+    return f"last: {d['from']} -> {d['to']} ({d['reason']}, {ago:.0f} s ago: {d['detail']})"

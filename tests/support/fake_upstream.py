@@ -16,8 +16,10 @@ import time
 from aiohttp import web
 
 
-def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0) -> web.Application:
+def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
+             trace: str | None = None) -> web.Application:
     state = {"requests": 0, "running": 0}
+    trace_file = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the app
 
     async def health(_: web.Request) -> web.Response:
         return web.Response()
@@ -42,6 +44,8 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0)
             return web.json_response({"error": {"message": "bad json", "type": "BadRequestError", "code": 400}}, status=400)
         state["requests"] += 1
         state["running"] += 1
+        if trace_file is not None:  # arrival time of each prompt, to locate delays in front of the upstream
+            trace_file.write(f"{time.time():.3f} {body.get('prompt', '')}\n")
         try:
             chat = request.path.endswith("/chat/completions")
             n = int(body.get("max_tokens") or body.get("max_completion_tokens") or tokens)
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=16, help="tokens per answer when the request sets no max_tokens")
     p.add_argument("--token-delay-ms", type=float, default=0.0)
     p.add_argument("--ttft-ms", type=float, default=0.0)
+    p.add_argument("--trace", help="append 'arrival-time prompt' per request to this file")
     a = p.parse_args(argv)
     try:
         import uvloop
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     web.run_app(
-        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000),
+        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000, a.trace),
         host=a.host,
         port=a.port,
         access_log=None,

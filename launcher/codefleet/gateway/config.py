@@ -20,6 +20,18 @@ UPSTREAM_KEY_ENV = "CODEFLEET_UPSTREAM_KEY"
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Requests for a model with no ready replica wait here (scale from zero) instead of a 503."""
+
+    max_requests: int
+    """Held at once for the model; one more gets 503 with Retry-After."""
+    timeout_s: float
+    """A held request waits at most this long, then gets 503 with Retry-After."""
+    cold_start_s: float = 60.0
+    """First guess of the time to a ready replica (Retry-After); replaced by the cold starts seen."""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gate needs."""
 
@@ -38,11 +50,14 @@ class GatewayConfig:
     drain_s: float = 60.0
     """On SIGTERM: how long requests in flight may finish before their streams are ended."""
     created: int = field(default_factory=lambda: int(time.time()))
+    hold: dict[str, Hold] = field(default_factory=dict)
+    """Per model: hold its requests while it has no ready replica (models not here get 503 at once)."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}
         for k, v in self.__dict__.items():
-            data[k] = list(v) if isinstance(v, tuple) else v.model_dump() if isinstance(v, Limits) else v
+            data[k] = (list(v) if isinstance(v, tuple) else v.model_dump() if isinstance(v, Limits)
+                       else {m: h.__dict__ for m, h in v.items()} if k == "hold" else v)
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -51,6 +66,7 @@ class GatewayConfig:
         data["models"] = tuple(data["models"])
         data["key_sha256"] = tuple(data.get("key_sha256", ()))
         data["limits"] = Limits(**data.get("limits", {}))
+        data["hold"] = {m: Hold(**h) for m, h in data.get("hold", {}).items()}
         return cls(**data)
 
 

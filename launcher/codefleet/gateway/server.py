@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
+import math
 import os
 import resource
 import signal
@@ -16,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp.client_exceptions import ClientError
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from codefleet.gateway.config import FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
@@ -27,6 +29,8 @@ from codefleet.gateway.upstream import Exchange, Pool
 disable_created_metrics()
 
 _FORWARDED = frozenset(p.encode() for p in FORWARDED)
+HOLD_POLL_S = 0.2
+"""How often the router's worker list is read while requests are held."""
 
 
 def connection_cap(configured: int) -> int:
@@ -70,6 +74,24 @@ class Gateway:
             ["reason"], registry=self.registry,
         )
         self._counted: dict[tuple[str, str], Any] = {}
+        # -- holding (scale from zero) --
+        self.hold = config.hold
+        self.held: dict[str, collections.deque[Exchange]] = {m: collections.deque() for m in config.hold}
+        self.hold_began: dict[str, float] = {}
+        """Per model: when its current wait for a replica began (the oldest held request's arrival)."""
+        self.cold_start = {m: h.cold_start_s for m, h in config.hold.items()}
+        """Per model: the Retry-After estimate of a wait, the last cold start seen (configured at first)."""
+        self.held_gauge = Gauge("codefleet_gateway_held_requests",
+                                "Requests held for a model with no ready replica (scale-from-zero demand)",
+                                ["model"], registry=self.registry)
+        self.hold_outcomes = Counter("codefleet_gateway_hold", "Held requests by outcome "
+                                     "(released, timeout, overflow, gone, shutdown)", ["model", "outcome"],
+                                     registry=self.registry)
+        self.hold_seconds = Histogram("codefleet_gateway_hold_seconds", "How long released requests were held",
+                                      ["model"], registry=self.registry,
+                                      buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
+        for m in config.hold:
+            self.held_gauge.labels(m).set(0)
         self._models_body = orjson.dumps({"object": "list", "data": [self._model_object(m) for m in config.models]})
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Exchanges in flight (pruned as they finish); ``closing``: the process is stopping.
@@ -102,7 +124,7 @@ class Gateway:
     async def drain(self, budget: float) -> None:
         """Stopping: new requests get 503; the ones in flight may finish for ``budget`` seconds; a
         stream still open then ends with an OpenAI error event and ``[DONE]``, never a bare close."""
-        self.closing = True
+        self.stop_holding()
         deadline = time.monotonic() + budget
         while time.monotonic() < deadline:
             self.active = {e for e in self.active if not e.finished and not e.client.closed}
@@ -111,6 +133,109 @@ class Gateway:
             await asyncio.sleep(0.1)
         for e in list(self.active):
             e.cut("the endpoint is shutting down")
+
+    # -- holding -------------------------------------------------------------------------------
+
+    def _hold(self, exchange: Exchange) -> None:
+        """Keep ``exchange`` until its model has a ready replica, in arrival order, within the
+        model's queue size and hold timeout; beyond either, 503 with a Retry-After."""
+        model = exchange.model
+        h, q = self.hold[model], self.held[model]
+        while q and q[0].client.closed:  # left while waiting
+            self._unhold(q.popleft(), "gone")
+        if len(q) >= h.max_requests:
+            self.hold_outcomes.labels(model, "overflow").inc()
+            self._held_503(exchange, f"{len(q)} requests are already waiting for its first replica")
+            return
+        now = time.monotonic()
+        if not q:
+            self.hold_began.setdefault(model, now)
+        exchange.held_at = now
+        exchange.hold_timer = asyncio.get_running_loop().call_later(h.timeout_s, self._hold_expired, exchange)
+        q.append(exchange)
+        self.held_gauge.labels(model).set(len(q))
+        self._recheck_soon()
+
+    def _held_503(self, exchange: Exchange, why: str) -> None:
+        exchange.finished = True
+        self.count(exchange.model, "503")
+        retry = self.retry_after(exchange.model)
+        exchange.client.respond(503, error_body(f"Model `{exchange.model}` has no ready replica yet (one is "
+                                                f"starting); {why}. Retry in {retry} s.",
+                                                type_="server_error", code="model_starting"),
+                                headers=((b"Retry-After", str(retry).encode()),))
+
+    def retry_after(self, model: str) -> int:
+        """Seconds until a replica is likely ready: the last cold start seen, less the time this wait
+        has lasted; once past that estimate, a quarter of it. Within 1..60 (the OpenAI SDK honours
+        Retry-After up to 60 s)."""
+        est = self.cold_start.get(model, 60.0)
+        began = self.hold_began.get(model)
+        left = est - (time.monotonic() - began) if began is not None else est
+        if left < 1:
+            left = est / 4
+        return max(1, min(60, math.ceil(left)))
+
+    def _hold_expired(self, exchange: Exchange) -> None:
+        q = self.held.get(exchange.model)
+        if q is None or exchange not in q:
+            return
+        q.remove(exchange)
+        self.held_gauge.labels(exchange.model).set(len(q))
+        if exchange.client.closed:
+            self._unhold(exchange, "gone")
+            return
+        self.hold_outcomes.labels(exchange.model, "timeout").inc()
+        self._held_503(exchange, f"waited {self.hold[exchange.model].timeout_s:g} s (the hold timeout)")
+        if not q:
+            self.hold_began.pop(exchange.model, None)
+
+    def _unhold(self, exchange: Exchange, outcome: str) -> None:
+        if exchange.hold_timer is not None:
+            exchange.hold_timer.cancel()
+            exchange.hold_timer = None
+        exchange.finished = exchange.finished or outcome == "gone"
+        self.hold_outcomes.labels(exchange.model, outcome).inc()
+
+    def release_held(self) -> None:
+        """Start the held requests of every model that now has a replica, oldest first."""
+        now = time.monotonic()
+        for model, q in self.held.items():
+            if not q or model not in self.available:
+                continue
+            began = self.hold_began.pop(model, None)
+            if began is not None:
+                self.cold_start[model] = max(1.0, now - began)
+            while q:
+                e = q.popleft()
+                if e.client.closed:
+                    self._unhold(e, "gone")
+                    continue
+                self._unhold(e, "released")
+                self.hold_seconds.labels(model).observe(now - e.held_at)
+                e.start()
+            self.held_gauge.labels(model).set(0)
+
+    def stop_holding(self) -> None:
+        """The fleet is stopping (SIGUSR2, or this process): held requests and new ones get 503."""
+        self.closing = True
+        for model, q in self.held.items():
+            while q:
+                e = q.popleft()
+                self._unhold(e, "shutdown")
+                if not e.client.closed and not e.finished:
+                    e.finished = True
+                    self.count(model, "503")
+                    e.client.respond(503, error_body("The endpoint is shutting down; retry shortly.",
+                                                     type_="server_error", code="shutting_down"),
+                                     headers=((b"Retry-After", b"5"),), keep_alive=False)
+            self.held_gauge.labels(model).set(0)
+        self.hold_began.clear()
+
+    def _recheck_soon(self) -> None:
+        """Look at the router's workers again now (a replica may have just been registered)."""
+        if (self._refreshing is None or self._refreshing.done()) and time.monotonic() - self._refreshed_at > 0.1:
+            self._refreshing = asyncio.ensure_future(self.refresh_workers())
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -135,10 +260,13 @@ class Gateway:
         except (ClientError, TimeoutError, ValueError, KeyError, AttributeError):
             pass  # router restarting: keep the last known set
         self._refreshed_at = time.monotonic()
+        self.release_held()
 
     async def _poll_workers(self) -> None:
         while True:
-            await asyncio.sleep(self.config.poll_s)
+            # faster while requests wait for a replica (the launcher also signals a registration)
+            holding = any(self.held.values())
+            await asyncio.sleep(min(self.config.poll_s, HOLD_POLL_S) if holding else self.config.poll_s)
             await self.refresh_workers()
 
     def metrics_app(self) -> web.Application:
@@ -213,6 +341,8 @@ class Gateway:
         self.active.add(exchange)
         if model in self.available:
             exchange.start()
+        elif self.hold.get(model) is not None and self.hold[model].max_requests > 0:
+            self._hold(exchange)
         else:
             self.spawn(self._recheck(exchange))
 
@@ -251,7 +381,8 @@ async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gw.spawn(gw.refresh_workers()))  # a replica left the router
+    loop.add_signal_handler(signal.SIGUSR1, lambda: gw.spawn(gw.refresh_workers()))  # a replica joined or left
+    loop.add_signal_handler(signal.SIGUSR2, gw.stop_holding)  # the fleet is stopping: hold nothing more
     await stop.wait()
     server.close()  # no new connections
     await gw.drain(config.drain_s)

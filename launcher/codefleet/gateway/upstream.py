@@ -196,6 +196,9 @@ class Exchange:
         self.buffered = 0
         self.tail = b""
         self.finished = False
+        #: Held for a replica (scale from zero): since when, and the hold timeout's timer.
+        self.held_at = 0.0
+        self.hold_timer: asyncio.TimerHandle | None = None
 
     def _request_bytes(self) -> bytes:
         req, gw = self.req, self.gw

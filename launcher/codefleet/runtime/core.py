@@ -21,6 +21,16 @@ from codefleet.observability import write_engine_targets
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import tail
 from codefleet.router import Frontend
+from codefleet.runtime.autoscale import (
+    Autoscaler,
+    Decision,
+    EngineLook,
+    Sample,
+    bucket_delta,
+    engine_look,
+    held_requests,
+    histogram_quantile,
+)
 from codefleet.runtime.replica import Replica, State, generation
 from codefleet.status import engine_figures
 
@@ -31,6 +41,8 @@ Say = Callable[[str], None]
 ROUTER_QUIET_S = 1.0
 #: What vLLM gets after SIGTERM at the end of the drain budget before SIGKILL.
 KILL_GRACE_S = 5.0
+#: How often the autoscaler reads its models' engines and the gateway's held requests.
+AUTOSCALE_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -90,13 +102,28 @@ class Fleet:
     _next_index: dict[str, int] = field(default_factory=dict, repr=False)
     _targets: list[tuple[str, int, str, str]] = field(default_factory=list, repr=False)
     _state_text: str = field(default="", repr=False)
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each autoscaled model's last decision (for ``codefleet status``)."""
     _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=2.0), repr=False)
+    desired: dict[str, int] = field(default_factory=dict)
+    """Replicas each model should have now: the plan's count, or its autoscaler's."""
+    autoscalers: dict[str, Autoscaler] = field(default_factory=dict)
+    _ttft_seen: dict[str, dict[float, float]] = field(default_factory=dict, repr=False)
+    _next_look: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if not self.python:
             import sys
 
             self.python = sys.executable
+        now = time.monotonic()
+        for p in self.plan.models:
+            self.desired[p.name] = p.replicas
+            if p.autoscale is not None:
+                self.autoscalers[p.name] = Autoscaler(p.autoscale, p.replicas, now)
+
+    def want(self, p: ReplicaPlan) -> int:
+        return self.desired.get(p.name, p.replicas)
 
     def __enter__(self) -> Fleet:
         return self
@@ -167,7 +194,7 @@ class Fleet:
             for p in self.plan.models:
                 gen = generation(p)
                 mine = [r for r in self.replicas if r.plan.name == p.name]
-                if sum(r.state is State.READY and r.generation == gen for r in mine) != p.replicas:
+                if sum(r.state is State.READY and r.generation == gen for r in mine) != self.want(p):
                     return False
                 if any(r.generation != gen or r.state is not State.READY for r in mine):
                     return False
@@ -192,6 +219,7 @@ class Fleet:
                 elif r.state is State.DRAINING:
                     self._drain_step(r, now)
             if not self._closing:
+                self._autoscale(now)
                 self._converge()
             self._export()
 
@@ -240,12 +268,14 @@ class Fleet:
             self.frontend.admin.add(r.url, r.plan.name)
             r.registered = True
             self.metrics.registrations.labels(r.plan.name, "add").inc()
+            self.frontend.refresh_gateway()  # requests it holds for this model go now
 
     def _converge(self) -> None:
         """Desired replicas per model: scale, or replace an older generation one at a time (a new
         replica first, then an old one drained once the new one is ready)."""
         for p in self.plan.models:
             gen = generation(p)
+            want = self.want(p)
             live = [r for r in self.replicas if r.plan.name == p.name and r.live]
             new = [r for r in live if r.generation == gen]
             old = [r for r in live if r.generation != gen]
@@ -253,20 +283,88 @@ class Fleet:
                 self.drain(r)
                 old.remove(r)
             if old:
-                if len(new) < p.replicas and not any(r.state is State.STARTING for r in new):
+                if len(new) < want and not any(r.state is State.STARTING for r in new):
                     self._launch(p)
                 ready_new = sum(r.state is State.READY for r in new)
-                surplus = len(old) + ready_new - p.replicas
+                surplus = len(old) + ready_new - want
                 for r in sorted(old, key=lambda r: r.index)[:max(0, surplus)]:
                     self.drain(r)
                 continue
-            for _ in range(p.replicas - len(new)):
+            for _ in range(want - len(new)):
                 self._launch(p)
-            if len(new) > p.replicas:
+            if len(new) > want:
                 # the ones not serving yet first, then the newest
                 order = sorted(new, key=lambda r: (r.state is State.READY, -r.index))
-                for r in order[: len(new) - p.replicas]:
+                for r in order[: len(new) - want]:
                     self.drain(r)
+
+    # -- autoscaling ---------------------------------------------------------------------------
+
+    def _autoscale(self, now: float) -> None:
+        """Every AUTOSCALE_INTERVAL_S: one sample per autoscaled model from its ready engines'
+        /metrics and the gateway's held requests; the autoscaler's decision becomes ``desired``."""
+        if not self.autoscalers or now < self._next_look:
+            return
+        self._next_look = now + AUTOSCALE_INTERVAL_S
+        held = self._held()
+        live_names = {r.name for r in self.replicas if r.live}
+        for name in [n for n in self._ttft_seen if n not in live_names]:
+            del self._ttft_seen[name]
+        for p in self.plan.models:
+            a = self.autoscalers.get(p.name)
+            if a is None:
+                continue
+            mine = [r for r in self.replicas if r.plan.name == p.name and r.live]
+            ready = [r for r in mine if r.state is State.READY and r.registered]
+            running = waiting = 0.0
+            kvs: list[float] = []
+            ttft: dict[float, float] = {}
+            for r in ready:
+                look = self._look(r)
+                if look is None:
+                    continue
+                running += look.running
+                waiting += look.waiting
+                kvs.append(look.kv)
+                buckets = look.ttft_buckets or {}
+                for le, v in bucket_delta(buckets, self._ttft_seen.get(r.name)).items():
+                    ttft[le] = ttft.get(le, 0.0) + v
+                self._ttft_seen[r.name] = buckets
+            sample = Sample(now, len(ready), len(mine) - len(ready), running, waiting, held.get(p.name, 0),
+                            kv=sum(kvs) / len(kvs) if kvs else None, ttft_p95=histogram_quantile(0.95, ttft))
+            d = a.observe(sample)
+            if d is not None:
+                self._decided(p.name, d)
+            self.desired[p.name] = a.desired
+            self.metrics.autoscaler_desired.labels(p.name).set(a.desired)
+
+    def _decided(self, model: str, d: Decision) -> None:
+        self.metrics.autoscaler_decisions.labels(model, d.reason).inc()
+        self.decisions[model] = {"at": time.time(), "from": d.previous, "to": d.desired, "reason": d.reason,
+                                 "detail": d.detail}
+        self.say(f"  scale  {model}: {d.previous} -> {d.desired} replicas ({d.reason}: {d.detail})")
+
+    def _look(self, r: Replica) -> EngineLook | None:
+        if r.url is None:
+            return None
+        try:
+            resp = self._client.get(r.url + "/metrics", timeout=1.0)
+        except httpx.HTTPError:
+            return None
+        return engine_look(resp.text) if resp.status_code == 200 else None
+
+    def _held(self) -> dict[str, int]:
+        """Requests the gateway holds per model (its codefleet_gateway_held_requests gauge)."""
+        fe = self.frontend
+        if fe is None or not fe.hold:
+            return {}
+        host = self.plan.metrics.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        try:
+            resp = self._client.get(f"http://{host}:{fe.gateway_metrics_port}/metrics", timeout=1.0)
+        except httpx.HTTPError:
+            return {}
+        return held_requests(resp.text) if resp.status_code == 200 else {}
 
     def _launch(self, p: ReplicaPlan) -> Replica:
         index = self._next_index.get(p.name, 0)
@@ -349,17 +447,35 @@ class Fleet:
             raise PlanError("router or metrics settings changed; they need `codefleet down` and `up`")
         self.backend.check(new, surge=1)
         changes = []
+        now = time.monotonic()
+        desired = dict(self.desired)
+        autoscalers = dict(self.autoscalers)
         for old, m in zip(self.plan.models, new.models, strict=True):
-            if generation(old) != generation(m):
-                changes.append(f"{m.name}: rolling replace of {old.replicas} replica(s) "
-                               f"(then {m.replicas})")
+            before = self.want(old)
+            if m.autoscale is None:
+                autoscalers.pop(m.name, None)
+                desired[m.name] = m.replicas
+            elif m.autoscale != old.autoscale or m.name not in autoscalers:
+                start = m.replicas if old.replicas != m.replicas else before
+                autoscalers[m.name] = Autoscaler(m.autoscale, start, now)
+                desired[m.name] = autoscalers[m.name].desired
+                a = m.autoscale
+                changes.append(f"{m.name}: autoscaling {a.min_replicas}..{a.max_replicas} on {a.signal} "
+                               f"(target {a.target:g}); now {desired[m.name]}")
             elif old.replicas != m.replicas:
-                changes.append(f"{m.name}: {old.replicas} -> {m.replicas} replicas")
+                autoscalers[m.name].set(m.replicas, now)
+                desired[m.name] = autoscalers[m.name].desired
+            if generation(old) != generation(m):
+                changes.append(f"{m.name}: rolling replace of {before} replica(s) (then {desired[m.name]})")
+            elif before != desired[m.name]:
+                changes.append(f"{m.name}: {before} -> {desired[m.name]} replicas")
         for m in new.models:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
         with self._lock:
             self.plan = new
+            self.desired = desired
+            self.autoscalers = autoscalers
             self._export()
         return changes
 
@@ -391,6 +507,8 @@ class Fleet:
             self._watcher.join(timeout=30)
         with self._lock:
             self._closing = True
+            if self.frontend is not None:
+                self.frontend.gateway_closing()  # no replica will come: held requests get 503 now
             if drain and self.frontend is not None:
                 for r in list(self.replicas):
                     self.drain(r, budget=budget)
@@ -434,7 +552,7 @@ class Fleet:
 
     def _export(self) -> None:
         for p in self.plan.models:
-            self.metrics.replicas_desired.labels(p.name).set(p.replicas)
+            self.metrics.replicas_desired.labels(p.name).set(self.want(p))
             self.metrics.replicas_ready.labels(p.name).set(self.ready_count(p.name))
         targets = [(r.plan.name, r.index, r.url, r.node or socket.gethostname())
                    for r in self.replicas if r.url is not None]
@@ -459,8 +577,12 @@ class Fleet:
             "router_url": fe.router_url if fe else None,
             "frontend_pgids": fe.pgids() if fe else [],
             "converged": self.converged(),
-            "models": [{"model": p.name, "desired": p.replicas, "drain_seconds": p.drain_seconds,
-                        "generation": generation(p)} for p in self.plan.models],
+            "models": [{"model": p.name, "desired": self.want(p), "drain_seconds": p.drain_seconds,
+                        "generation": generation(p),
+                        "autoscale": ({"min": p.autoscale.min_replicas, "max": p.autoscale.max_replicas,
+                                       "signal": p.autoscale.signal, "target": p.autoscale.target}
+                                      if p.autoscale else None),
+                        "last_decision": self.decisions.get(p.name)} for p in self.plan.models],
             "replicas": [
                 {"model": r.plan.name, "index": r.index, "url": r.url, "state": r.state.value,
                  "generation": r.generation, "node_ip": r.node if self.backend.name == "ray" else None,

@@ -146,7 +146,7 @@ class RayBackend:
         """Every model checked before anything is placed (a rolling replace adds ``surge`` first)."""
         nodes = ray.nodes()
         for p in plan.models:
-            check_feasible(p, p.replicas, self.strict_spread, nodes)
+            check_feasible(p, p.max_replicas, self.strict_spread, nodes)
 
     def _nodes_of(self, fleet: Fleet, r: Replica) -> list[str]:
         return sorted({n for x in fleet.replicas if x.plan.name == r.plan.name and x is not r and x.live
