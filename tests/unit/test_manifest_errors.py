@@ -73,12 +73,31 @@ CORPUS: list[tuple[str, str, str, int | None, list[str]]] = [
      "models[0].name", 2, ["should match pattern"]),
     ("unknown-demo", "models:\n  - name: a\n    source: demo://gpt2\n", "models[0].source", 3, ["unknown demo model", "demo://codefuse"]),
     # An unknown key whose value is a mapping still lists the keys valid where it stands.
-    ("unknown-mapping-in-model", "models:\n" + OK_MODEL + "    autoscaling: {min_replicas: 0}\n",
-     "models[0].autoscaling", 4, ["unknown key 'autoscaling'", "valid keys here: name, source,"]),
+    ("unknown-mapping-in-model", "models:\n" + OK_MODEL + "    scaling: {min_replicas: 0}\n",
+     "models[0].scaling", 4, ["unknown key 'scaling'", "valid keys here: name, source,"]),
     ("unknown-mapping-in-defaults", "defaults:\n  autoscaling:\n    min_replicas: 0\nmodels:\n" + OK_MODEL,
      "defaults.autoscaling", 2, ["unknown key 'autoscaling'", "valid keys here: gpu, gpus_per_node,"]),
     ("unknown-mapping-at-top", "scaling: {a: 1}\nmodels:\n" + OK_MODEL,
-     "scaling", 1, ["unknown key 'scaling'", "valid keys here: version, defaults,"]),
+     "scaling", 1, ["unknown key 'scaling'", "valid keys here: version, capacity, defaults,"]),
+    ("autoscaling-min-above-max",
+     "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    autoscaling:\n"
+     "      min_replicas: 3\n      max_replicas: 2\n",
+     "models[0].autoscaling", 4, ["min_replicas 3 is above max_replicas 2"]),
+    ("autoscaling-replicas-out-of-range",
+     "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    replicas: 5\n"
+     "    autoscaling: {min_replicas: 0, max_replicas: 2}\n",
+     "models[0]", 2, ["replicas 5 (the starting count)", "min_replicas 0 .. max_replicas 2"]),
+    ("autoscaling-bad-signal",
+     "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    autoscaling:\n"
+     "      max_replicas: 2\n      signal: queue\n",
+     "models[0].autoscaling.signal", 6, ["'waiting', 'kv_cache' or 'ttft'", "'queue'"]),
+    ("autoscaling-kv-target-above-one",
+     "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    autoscaling:\n"
+     "      max_replicas: 2\n      signal: kv_cache\n      target: 70\n",
+     "models[0].autoscaling", 4, ["kv_cache usage is a fraction"]),
+    ("autoscaling-no-max",
+     "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    autoscaling: {min_replicas: 0}\n",
+     "models[0].autoscaling.max_replicas", 4, ["required field is missing"]),
 ]
 
 

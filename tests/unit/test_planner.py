@@ -144,3 +144,32 @@ def test_cpu_plan_kv_tokens(tmp_path: Path) -> None:
     assert m.kv_bytes_per_token_per_gpu == 1024
     assert m.kv_tokens == GiB // 1024
     assert m.gpus_per_replica == 0
+
+
+def test_autoscaled_model_starts_at_min_replicas_unless_replicas_is_set(tmp_path: Path) -> None:
+    auto = "    autoscaling: {min_replicas: 0, max_replicas: 3, signal: ttft, target: 0.5}\n    ttft_slo_seconds: 4\n"
+    p = _plan(tmp_path, _one(STABLE, auto)).models[0]
+    assert (p.replicas, p.max_replicas, p.nodes) == (0, 3, 0)
+    assert p.autoscale is not None and p.autoscale.target == 2.0  # 0.5 of the 4 s SLO
+    p = _plan(tmp_path, _one(STABLE, "    replicas: 2\n" + auto)).models[0]
+    assert p.replicas == 2
+
+
+def test_capacity_refuses_max_replicas_that_cannot_fit(tmp_path: Path) -> None:
+    text = ("capacity: {a100-40gb: 8}\ndefaults: {gpu: a100-40gb}\nmodels:\n"
+            f"  - name: code\n    source: {GRANITE_CODE}\n    autoscaling: {{max_replicas: 3}}\n"
+            f"  - name: cf\n    source: {CODEFUSE}\n    autoscaling: {{min_replicas: 0, max_replicas: 2}}\n")
+    with pytest.raises(PlanError) as e:
+        _plan(tmp_path, text)
+    msg = str(e.value)
+    # granite-code is TP2 and CodeFuse TP2 on an A100-40GB: 3 x 2 + 2 x 2 = 10 > 8
+    assert "m.yaml:1" in msg and "capacity.a100-40gb" in msg, msg
+    assert "need 10 GPUs (code 3 x TP2 + cf 2 x TP2) but capacity is 8" in msg, msg
+    assert "code fits at most 2 replica(s)" in msg, msg
+    ok = text.replace("max_replicas: 3", "max_replicas: 2")
+    assert _plan(tmp_path, ok).models[0].max_replicas == 2
+
+
+def test_capacity_names_an_unknown_gpu_type(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="unknown GPU type 'h100-80'; did you mean 'h100-80gb'"):
+        _plan(tmp_path, "capacity: {h100-80: 8}\n" + _one(STABLE))

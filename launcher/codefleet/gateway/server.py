@@ -317,6 +317,17 @@ class Gateway:
         return reject(404, f"The model `{name}` does not exist. Served models: {', '.join(sorted(self.models))}.",
                       "model_not_found", "unknown_model", param="model")
 
+    def router_has_none(self, exchange: Exchange) -> None:
+        """The router had no worker for the exchange's model (it left since the last look): held
+        like any request for a model without a replica, or 503."""
+        self.available = self.available - {exchange.model}
+        h = self.hold.get(exchange.model)
+        if h is not None and h.max_requests > 0 and not self.closing and not exchange.client.closed:
+            exchange.finished = False
+            self._hold(exchange)
+        else:
+            self.no_replica(exchange.client, exchange.model)
+
     def no_replica(self, client: Client, model: str) -> None:
         self.count(model, "503")
         client.respond(503, error_body(f"Model `{model}` has no ready replica right now; retry shortly.",

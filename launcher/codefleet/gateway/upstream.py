@@ -374,6 +374,12 @@ class Exchange:
 
     # -- endings -------------------------------------------------------------------------------
 
+    def _reset(self) -> None:
+        """Back to not started (the router refused it before any byte reached the client)."""
+        self.status, self.mode, self.out, self.content_type = 0, "", [], b""
+        self.buffer, self.buffered, self.tail, self.retried = [], 0, b"", False
+        self.client.exchange = None
+
     def _finish(self, keep_alive: bool) -> None:
         if not self.finished:
             self.finished = True
@@ -397,7 +403,8 @@ class Exchange:
         """The router's plain-text errors in OpenAI's shape, keeping the status."""
         self.finished = True
         if self.status == 503 and "No available workers" in text:
-            self.gw.no_replica(self.client, self.model)
+            self._reset()
+            self.gw.router_has_none(self)
             return
         self.gw.count(self.model, str(self.status))
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
