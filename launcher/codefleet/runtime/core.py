@@ -306,7 +306,7 @@ class Fleet:
         if not self.autoscalers or now < self._next_look:
             return
         self._next_look = now + AUTOSCALE_INTERVAL_S
-        held = self._held()
+        held = self.held()
         live_names = {r.name for r in self.replicas if r.live}
         for name in [n for n in self._ttft_seen if n not in live_names]:
             del self._ttft_seen[name]
@@ -353,7 +353,7 @@ class Fleet:
             return None
         return engine_look(resp.text) if resp.status_code == 200 else None
 
-    def _held(self) -> dict[str, int]:
+    def held(self) -> dict[str, int]:
         """Requests the gateway holds per model (its codefleet_gateway_held_requests gauge)."""
         fe = self.frontend
         if fe is None or not fe.hold:
