@@ -22,12 +22,18 @@ import httpx
 from pydantic import Field
 
 from codefleet.errors import CodefleetError, RuntimeStartError
-from codefleet.gateway.config import UPSTREAM_KEY_ENV
+from codefleet.gateway.config import UPSTREAM_KEY_ENV, Hold
 from codefleet.manifest import Metrics, Router, _Strict
 from codefleet.metrics import FleetMetrics
 from codefleet.router import Frontend
 
 Resolver = Callable[[str, int], set[str]]
+
+
+class HoldSpec(_Strict):
+    max_requests: int = Field(ge=0)
+    timeout_s: float = Field(gt=0)
+    cold_start_s: float = Field(60.0, gt=0)
 
 
 class Target(_Strict):
@@ -37,7 +43,9 @@ class Target(_Strict):
     """DNS name of the model's headless Service."""
     port: int = Field(8000, ge=1, le=65535)
     replicas: int | None = Field(None, ge=0)
-    """Replicas the chart asks for (the codefleet_replicas_desired gauge)."""
+    """Replicas the chart asks for (the codefleet_replicas_desired gauge); none when KEDA scales it."""
+    hold: HoldSpec | None = None
+    """Hold requests while the model has no ready replica (it scales from zero)."""
 
 
 class FrontendConfig(_Strict):
@@ -119,7 +127,9 @@ def run(config_path: str, run_dir: Path) -> int:
     models = tuple(dict.fromkeys(t.model for t in cfg.targets))
     fe = Frontend(cfg.router, cfg.metrics, models, run_dir, sys.executable,
                   manifest_dir=Path(config_path).parent, upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
-                  drain_s=cfg.drain_seconds)
+                  drain_s=cfg.drain_seconds,
+                  hold={t.model: Hold(t.hold.max_requests, t.hold.timeout_s, t.hold.cold_start_s)
+                        for t in cfg.targets if t.hold is not None and t.hold.max_requests > 0})
     metrics = FleetMetrics()
     for t in cfg.targets:
         if t.replicas is not None:

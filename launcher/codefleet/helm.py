@@ -18,6 +18,7 @@ import yaml
 from codefleet.engine import engine_spec, flags_argv
 from codefleet.errors import PlanError
 from codefleet.manifest import LoadedManifest
+from codefleet.observability import autoscale_query, held_query
 from codefleet.planner import FleetPlan, GiB, ReplicaPlan
 
 ENGINE_PORT = 8000
@@ -77,6 +78,7 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.accelerator]},
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         "spread": "strict" if strict_spread else "preferred",
+        **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
         "plan": {
             "gpu": p.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),
@@ -85,6 +87,20 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         },
     }
     return values
+
+
+def _autoscaling_values(p: ReplicaPlan) -> dict[str, Any]:
+    """The KEDA ScaledObject of an autoscaled model, on the queries ``observability`` tests."""
+    a = p.autoscale
+    assert a is not None
+    metric_type, query = autoscale_query(p.name, a.signal)
+    return {"enabled": True, "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "signal": a.signal,
+            "metricType": metric_type, "query": query, "threshold": f"{a.target:g}", "heldQuery": held_query(p.name),
+            "scaleUpWindowSeconds": round(a.scale_up_window_seconds),
+            "scaleDownDelaySeconds": min(3600, round(a.scale_down_delay_seconds)),
+            "idleSecondsBeforeZero": round(a.idle_seconds_before_zero),
+            "hold": {"requests": a.hold_requests, "timeoutSeconds": a.hold_timeout_seconds,
+                     "coldStartSeconds": a.cold_start_seconds}}
 
 
 def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = API_KEYS_SECRET) -> dict[str, Any]:

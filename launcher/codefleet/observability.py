@@ -117,6 +117,32 @@ RECORDING: tuple[tuple[str, str], ...] = (
 )
 
 
+def _promql_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def held_query(model: str) -> str:
+    """Requests the frontend pods hold for ``model`` (scale-from-zero demand), 0 when none."""
+    return f"sum(codefleet_gateway_held_requests{{model={_promql_string(model)}}}) or vector(0)"
+
+
+def autoscale_query(model: str, signal: str) -> tuple[str, str]:
+    """KEDA's Prometheus trigger for a model's autoscaling signal: (metricType, query). The same
+    rules as the local autoscaler (``runtime.autoscale``): a queue is an AverageValue over the
+    replicas (the HPA divides the sum by the target), a utilization is a Value (the HPA scales the
+    current count by value / target)."""
+    m = _promql_string(model)
+    if signal == "waiting":
+        return "AverageValue", (f"(sum(vllm:num_requests_waiting{{model_name={m}}}) or vector(0)) + "
+                                f"({held_query(model)})")
+    if signal == "kv_cache":
+        return "Value", f"avg(vllm:kv_cache_usage_perc{{model_name={m}}})"
+    if signal == "ttft":
+        return "Value", ("histogram_quantile(0.95, sum by (le) "
+                         f"(rate(vllm:time_to_first_token_seconds_bucket{{model_name={m}}}[1m])))")
+    raise ValueError(f"unknown autoscaling signal {signal!r}")
+
+
 def alert_rules(loaded: LoadedManifest) -> dict[str, Any]:
     """Recording and alert rules for the fleet of a manifest (thresholds from ``alerts:`` and each model's SLO)."""
     man = loaded.manifest

@@ -26,7 +26,7 @@ CHART = ROOT / "helm" / "codefleet"
 FLEET = ROOT / "deploy" / "manifests" / "fleet.yaml"
 K8S_VERSION = "1.31.0"
 #: Prometheus Operator kinds: no schema in kubernetes-validate; checked field by field below.
-CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "ScaledObject"}
 SECRET_VALUES = {"apiKeys": {"existingSecret": "codefleet-api-keys"}}
 
 
@@ -291,18 +291,99 @@ def test_monitors_carry_model_replica_node(chart: helm_python.Chart) -> None:
     assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics", "gateway-metrics", "router-metrics"}
 
 
-def test_autoscaling_on_waiting_requests(chart: helm_python.Chart) -> None:
-    values = fleet_values()
-    values["models"][1]["autoscaling"] = {"enabled": True, "maxReplicas": 6, "waitingRequestsPerReplica": 8}
+#: The parts of KEDA's ScaledObject (keda.sh/v1alpha1, KEDA 2.x CRD, config/crd/bases in kedacore/keda)
+#: the chart writes, as a JSON schema written here from the CRD: the CRD itself is not packaged for
+#: offline use. Catches what KEDA refuses at apply time: unknown fields, non-integer counts,
+#: trigger metadata that is not a string map, a metricType KEDA does not know.
+KEDA_SCALEDOBJECT = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"},
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {"type": "object", "additionalProperties": False, "required": ["name"],
+                                   "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                                  "name": {"type": "string"},
+                                                  "envSourceContainerName": {"type": "string"}}},
+                **{k: {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+                   for k in ("minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod",
+                             "idleReplicaCount")},
+                "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False, "properties": {
+                        "name": {"type": "string"},
+                        "behavior": {"type": "object", "additionalProperties": False, "properties": {
+                            d: {"type": "object", "additionalProperties": False, "properties": {
+                                "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+                                "selectPolicy": {"type": "string"},
+                                "policies": {"type": "array", "items": {
+                                    "type": "object", "additionalProperties": False,
+                                    "required": ["type", "value", "periodSeconds"],
+                                    "properties": {"type": {"enum": ["Pods", "Percent"]},
+                                                   "value": {"type": "integer", "minimum": 1},
+                                                   "periodSeconds": {"type": "integer", "minimum": 1,
+                                                                     "maximum": 1800}}}}}}
+                            for d in ("scaleUp", "scaleDown")}}}}}},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["type", "metadata"],
+                    "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                   "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                   "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "authenticationRef": {"type": "object"}}}},
+            }}}}
+
+
+def autoscaled_values(tmp_path: Path, auto: str) -> dict[str, Any]:
+    text = FLEET.read_text().replace("    source: ibm-granite/granite-3.0-1b-a400m-instruct\n",
+                                     "    source: ibm-granite/granite-3.0-1b-a400m-instruct\n" + auto, 1)
+    assert text != FLEET.read_text()
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    return helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb"))
+
+
+def test_autoscaling_is_a_keda_scaledobject_that_scales_from_zero(tmp_path: Path,
+                                                                  chart: helm_python.Chart) -> None:
+    import jsonschema
+
+    values = autoscaled_values(tmp_path, "    autoscaling: {min_replicas: 0, max_replicas: 4, target: 2, "
+                                         "scale_down_delay_seconds: 600, hold_requests: 32}\n")
     objs = render(chart, values)
-    (hpa,) = by_kind(objs, "HorizontalPodAutoscaler").values()
-    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
-    target = engines(objs)[values["models"][1]["name"]]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == target["metadata"]["name"]
-    assert "replicas" not in target["spec"], "the HPA owns the replica count"
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert not by_kind(objs, "HorizontalPodAutoscaler"), "KEDA makes the HPA; the chart ships none"
+    (so,) = by_kind(objs, "ScaledObject").values()
+    jsonschema.validate(so, KEDA_SCALEDOBJECT)
+    m = next(x for x in values["models"] if "autoscaling" in x)
+    target = engines(objs)[m["name"]]
+    assert so["spec"]["scaleTargetRef"]["name"] == target["metadata"]["name"]
+    assert "replicas" not in target["spec"], "KEDA owns the replica count"
+    spec = so["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["cooldownPeriod"]) == (0, 4, 300)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] \
+        == 600
+    load_trigger, held = spec["triggers"]
+    assert load_trigger["metricType"] == "AverageValue" and load_trigger["metadata"]["threshold"] == "2"
+    assert 'vllm:num_requests_waiting{model_name="granite-3.0-1b-a400m-instruct"}' in load_trigger["metadata"]["query"]
+    assert held["metadata"]["query"].startswith('sum(codefleet_gateway_held_requests{model="granite-3.0-1b')
+    assert held["metadata"]["activationThreshold"] == "0"
+    # the frontend holds the model's requests while it is at zero
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    t = next(t for t in json.loads(cm["data"]["frontend.json"])["targets"] if t["model"] == m["name"])
+    assert t["hold"] == {"max_requests": 32, "timeout_s": 180, "cold_start_s": 60} and "replicas" not in t
+    from codefleet.discovery import FrontendConfig
+    FrontendConfig.model_validate_json(cm["data"]["frontend.json"])  # what `codefleet frontend` reads
+
+
+def test_autoscaling_on_kv_cache_is_a_value_target_without_the_held_trigger(tmp_path: Path,
+                                                                            chart: helm_python.Chart) -> None:
+    import jsonschema
+
+    values = autoscaled_values(tmp_path, "    autoscaling: {min_replicas: 1, max_replicas: 3, signal: kv_cache}\n")
+    (so,) = by_kind(render(chart, values), "ScaledObject").values()
+    jsonschema.validate(so, KEDA_SCALEDOBJECT)
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["metricType"] == "Value" and trigger["metadata"]["threshold"] == "0.7"
+    assert trigger["metadata"]["query"].startswith("avg(vllm:kv_cache_usage_perc{")
 
 
 @pytest.mark.parametrize(("patch", "message"), [
