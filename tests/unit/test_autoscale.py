@@ -148,3 +148,18 @@ def test_held_requests_from_the_gateway() -> None:
     text = ('# TYPE codefleet_gateway_held_requests gauge\n'
             'codefleet_gateway_held_requests{model="a"} 3.0\ncodefleet_gateway_held_requests{model="b"} 0.0\n')
     assert held_requests(text) == {"a": 3, "b": 0}
+
+
+def test_status_shows_desired_ready_and_the_last_decision() -> None:
+    from codefleet.status import ModelStatus, ReplicaStatus, format_status
+
+    state = {"endpoint": "http://127.0.0.1:8000", "converged": False}
+    m = ModelStatus("m", [ReplicaStatus(0, "http://127.0.0.1:1", ready=True, state="ready"),
+                          ReplicaStatus(1, "http://127.0.0.1:2", ready=False, state="starting")],
+                    desired=2, drain_seconds=60,
+                    autoscale={"min": 0, "max": 3, "signal": "waiting", "target": 4.0},
+                    last_decision={"at": 0.0, "from": 1, "to": 2, "reason": "scale_up", "detail": "9 waiting"})
+    text = format_status(state, [m])
+    assert "     1/2     " in text  # ready / desired
+    assert "autoscaling 0..3 on waiting (target 4); last: 1 -> 2 (scale_up, " in text and "9 waiting" in text
+    assert "starting" in text

@@ -193,3 +193,52 @@ def test_apply_refuses_model_set_changes(fleet: tuple[Fleet, FakeBackend], tmp_p
         f.apply(renamed)
 
 
+
+
+def test_autoscaler_decisions_drive_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from codefleet.runtime.autoscale import EngineLook
+
+    text = ("defaults: {gpu: cpu, drain_seconds: 30}\nmodels:\n  - name: m\n    source: demo://granite-code\n"
+            "    max_model_len: 512\n    autoscaling: {min_replicas: 0, max_replicas: 2, target: 2, "
+            "scale_up_window_seconds: 0, scale_down_delay_seconds: 0, idle_seconds_before_zero: 3600}\n")
+    backend = FakeBackend()
+    monkeypatch.setattr(core, "_healthy", lambda _c, url: any(url.startswith(f"http://fake/{n}/")
+                                                               for n in backend.healthy))
+    monkeypatch.setattr(core, "AUTOSCALE_INTERVAL_S", 0.0)
+    held = {"m": 0}
+    look = EngineLook()
+    monkeypatch.setattr(Fleet, "held", lambda self: dict(held))
+    monkeypatch.setattr(Fleet, "_look", lambda self, r: look)
+    f = Fleet(plan=plan_fleet(parse(text, tmp_path / "m.yaml")), backend=backend, run_dir=tmp_path / "run",
+              say=lambda s: None)
+    fe = FakeFrontend()
+    refreshed: list[int] = []
+    fe.refresh_gateway = lambda: refreshed.append(1)  # type: ignore[method-assign]
+    f.frontend = fe  # type: ignore[assignment]
+    f.reconcile()
+    assert b_launched(backend) == [] and f.converged()  # starts at zero
+    held["m"] = 3  # the endpoint holds three requests: one replica at once
+    f.reconcile()
+    assert b_launched(backend) == ["m-0"] and f.desired["m"] == 1
+    assert f.decisions["m"]["reason"] == "from_zero"
+    backend.healthy.add("m-0")
+    held["m"] = 0
+    f.reconcile()
+    assert states(f) == [("m-0", "ready")] and refreshed, "the gateway is told when a replica registers"
+    look.waiting = 5  # ceil(5 / 2) = 3 -> max 2
+    f.reconcile()
+    assert b_launched(backend) == ["m-0", "m-1"] and f.decisions["m"]["reason"] == "scale_up"
+    backend.healthy.add("m-1")
+    look.waiting = 0
+    f.reconcile()  # m-1 ready; a sample with m-1 starting restarted the windows, this one decides
+    f.reconcile()
+    assert f.desired["m"] == 1 and f.decisions["m"]["reason"] == "scale_down"
+    assert states(f) == [("m-0", "ready"), ("m-1", "draining")]  # the newest leaves by draining
+    text_metrics = f.metrics.registry.get_sample_value("codefleet_autoscaler_decisions_total",
+                                                       {"model": "m", "reason": "scale_up"})
+    assert text_metrics == 1.0
+    assert f.metrics.registry.get_sample_value("codefleet_autoscaler_desired_replicas", {"model": "m"}) == 1.0
+
+
+def b_launched(b: FakeBackend) -> list[str]:
+    return b.launched

@@ -14,8 +14,10 @@ and Ray runtimes and the chart's KEDA path behave alike:
 * from zero to one replica at once when a request is held or queued (KEDA's activation; the rules
   above take it from there); to zero only after ``idle_seconds_before_zero`` with nothing running,
   waiting or held (KEDA's cooldownPeriod);
-* one difference, written down: no further scale-up while a replica of the model is still starting
-  (its queue's growth during a cold start says nothing about need beyond the replica coming).
+* one difference, written down: no decision but to zero while a replica of the model is starting,
+  and the windows start over once it serves (the queue's growth during a cold start says nothing
+  about need beyond the replica coming; the HPA, counting unready pods at their target, has the
+  same intent).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ class Autoscaler:
         if s.busy:
             self.last_busy = s.t
         n, why = self.raw(s)
+        if s.starting:
+            # A replica on its way: what the queue does meanwhile says nothing about need beyond it;
+            # the windows start again once it serves.
+            self.history.clear()
+            self.started = s.t
         self.history.append((s.t, n))
         horizon = max(p.scale_up_window_seconds, p.scale_down_delay_seconds)
         while self.history and self.history[0][0] < s.t - horizon:
