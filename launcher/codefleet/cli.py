@@ -17,7 +17,7 @@ from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
 from codefleet.manifest import load
 from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_yaml
-from codefleet.planner import FleetPlan, GiB, plan_fleet
+from codefleet.planner import FleetPlan, GiB, ReplicaPlan, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.local import LocalFleet, read_state, state_dir
@@ -38,8 +38,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def replicas(m: ReplicaPlan) -> str:
+    return f"{m.autoscale.min_replicas}-{m.autoscale.max_replicas}" if m.autoscale else str(m.replicas)
+
+
 def format_plan(plan: FleetPlan) -> str:
-    head = (f"{'model':<34} {'gpu':<10} {'TP':>2} {'repl':>4} {'max_len':>7} {'wGiB/gpu':>8} "
+    head = (f"{'model':<34} {'gpu':<10} {'TP':>2} {'repl':>5} {'max_len':>7} {'wGiB/gpu':>8} "
             f"{'kvGiB/gpu':>9} {'KV tokens':>10} {'full seqs':>9} {'drain s':>7} {'decode tok/s b1|bmax (est.)':>28}")
     rows = [head, "-" * len(head)]
     for m in plan.models:
@@ -47,12 +51,16 @@ def format_plan(plan: FleetPlan) -> str:
         tps = (f"{est.decode_tokens_per_s_batch1:,.0f} | {est.decode_tokens_per_s_max_batch:,.0f} (b={est.max_batch})"
                if est else "n/a on cpu")
         rows.append(
-            f"{m.name:<34} {m.accelerator:<10} {m.tensor_parallel_size:>2} {m.replicas:>4} {m.max_model_len:>7} "
+            f"{m.name:<34} {m.accelerator:<10} {m.tensor_parallel_size:>2} {replicas(m):>5} {m.max_model_len:>7} "
             f"{m.weight_bytes_per_gpu / GiB:>8.2f} {m.kv_bytes_per_gpu / GiB:>9.2f} {m.kv_tokens:>10,} "
             f"{m.full_length_sequences:>9.1f} {m.drain_seconds:>7} {tps:>28}"
         )
-    rows.append(f"GPUs: {plan.total_gpus} ({plan.gpus_per_node} per node). Decode figures are roofline "
-                "upper bounds from memory bandwidth, full-length sequences.")
+    at_max = sum(m.gpus_per_replica * m.max_replicas for m in plan.models)
+    rows.append(f"GPUs: {plan.total_gpus} ({plan.gpus_per_node} per node)"
+                + (f", {at_max} at max_replicas" if at_max != plan.total_gpus else "")
+                + ". Decode figures are roofline upper bounds from memory bandwidth, full-length sequences.")
+    if any(m.autoscale for m in plan.models):
+        rows.append("repl: autoscaled models show min-max (start at the first number unless `replicas` is set).")
     return "\n".join(rows)
 
 

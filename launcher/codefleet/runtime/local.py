@@ -46,6 +46,17 @@ class LocalBackend:
         assert r.log is not None
         r.log.unlink(missing_ok=True)
         r.proc = spawn(cmd.argv, env, r.log)
+        bind = cmd.env.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        if slot is not None and bind.isdigit() and hasattr(os, "sched_setaffinity"):
+            # The whole engine on its core, not only its OpenMP rank: vLLM's engine core busy-waits
+            # (sched_yield) between steps, and unbound it took the other core from an engine
+            # starting there (one start took 414 s beside a loaded engine; bound: 24 s, in
+            # tests/runtime/test_autoscale.py). Set before the API server has started its children,
+            # which inherit it.
+            try:
+                os.sched_setaffinity(r.proc.pid, {int(bind)})
+            except OSError:
+                pass  # exited already: observe() sees it
         r.url = f"http://{self.host}:{port}"
         r.incarnation = r.proc.pid
 
