@@ -296,7 +296,9 @@ def plot(points: list[Point], requests: list[tuple[float, float | None, str]], t
         if pts:
             c.scatter(*zip(*pts, strict=True), s=8, color=color, label=f"{result} ({len(pts)})")
     c.set_ylabel("TTFT, s (at its send time)")
-    c.set_yscale("log")
+    firsts = [f - s for s, f, _ in requests if f is not None]
+    if firsts and max(firsts) > 20 * max(min(firsts), 1e-3):
+        c.set_yscale("log")
     c.set_xlabel("seconds")
     c.legend(loc="upper right")
     fig.tight_layout()
