@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
@@ -21,7 +23,7 @@ from codefleet.planner import FleetPlan, GiB, ReplicaPlan, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.local import LocalFleet, read_state, state_dir
-from codefleet.status import fleet_status, format_status
+from codefleet.status import fleet_status, format_status, format_usage, tenant_usage
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
 
@@ -278,6 +280,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    state = read_state(run_dir)
+    if not state:
+        print("no fleet is running")
+        return 1
+    addr = (state.get("metrics") or {}).get("gateway")
+    host, _, port = str(addr).rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        text = httpx.get(f"http://{host}:{port}/metrics", timeout=5).text
+    except httpx.HTTPError as exc:
+        print(f"cannot read the gateway's metrics at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    rows = tenant_usage(text)
+    if args.json:
+        print(json.dumps([{"tenant": t, "model": m, **r} for (t, m), r in sorted(rows.items())], indent=2))
+    else:
+        print(format_usage(rows))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     state = read_state()
     if not state:
@@ -364,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="per model: ready replicas, running/waiting requests, KV-cache usage")
     sp.add_argument("--run-dir", help="the fleet's run directory (default: $CODEFLEET_HOME/run)")
     sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("usage", help="per tenant and model: requests, rejections, prompt and completion tokens "
+                                      "(since the endpoint started)")
+    sp.add_argument("--run-dir", help="the fleet's run directory (default: $CODEFLEET_HOME/run)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_usage)
     sp = sub.add_parser("down", help="drain and stop the running fleet")
     sp.add_argument("--now", action="store_true", help="stop at once, without draining")
     sp.set_defaults(func=cmd_down)

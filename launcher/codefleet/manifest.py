@@ -64,6 +64,21 @@ class ApiKeys(_Strict):
         return self
 
 
+class Tenant(_Strict):
+    """What one tenant (a team, a tool) may use. Its keys are named ``TENANT:KEY`` in the key file
+    or variable; a key without a name belongs to the tenant ``default``."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    """Requests admitted per minute (a bucket of this size, refilled evenly)."""
+    tokens_per_minute: int | None = Field(None, ge=1)
+    """Prompt + completion tokens per minute, counted from each answer's usage (a request is
+    admitted while the bucket is not empty; its tokens are charged when it ends)."""
+    max_concurrent: int | None = Field(None, ge=1)
+    """Requests in flight at once."""
+    models: list[str] | None = None
+    """Models the tenant may use (others: 403); every model when unset."""
+
+
 class Limits(_Strict):
     """The endpoint's limits on what a client may send and how slowly (nginx's defaults beside each)."""
 
@@ -245,6 +260,8 @@ class Manifest(_Strict):
     metrics: Metrics = Field(default_factory=Metrics)
     runtime: Runtime = Field(default_factory=Runtime)
     alerts: Alerts = Field(default_factory=Alerts)
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    """Per-tenant limits at the endpoint (needs router.api_keys); no section: keys are not limited."""
     models: list[ModelSpec] = Field(min_length=1)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.gpus import GPUS
-from codefleet.manifest import LoadedManifest, Metrics, Router
+from codefleet.manifest import LoadedManifest, Metrics, Router, Tenant
 from codefleet.resolve import ResolvedModel, resolve
 from codefleet.shapes import ModelShape
 
@@ -187,6 +187,7 @@ class FleetPlan:
     metrics: Metrics = field(default_factory=Metrics)
     manifest_dir: Path = field(default_factory=Path.cwd)
     """Relative paths in the manifest (an API-key file) are relative to this."""
+    tenants: dict[str, Tenant] = field(default_factory=dict)
 
     @property
     def total_gpus(self) -> int:
@@ -364,7 +365,8 @@ def plan_fleet(loaded: LoadedManifest, gpu: str | None = None, gpus_per_node: in
     if errors:
         raise PlanError("\n".join(errors))
     return FleetPlan(models=plans, gpus_per_node=per_node, router=loaded.manifest.router,
-                     metrics=loaded.manifest.metrics, manifest_dir=loaded.file.parent)
+                     metrics=loaded.manifest.metrics, manifest_dir=loaded.file.parent,
+                     tenants=dict(loaded.manifest.tenants))
 
 
 def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[str]:

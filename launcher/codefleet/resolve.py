@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,18 @@ def resolve(loaded: LoadedManifest) -> list[ResolvedModel]:
             out.append(_resolve_one(loaded, i, spec))
         except ManifestError as exc:
             problems.extend(exc.problems)
+    for name, tenant in manifest.tenants.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+            problems.append((loaded.location(("tenants", name)),
+                             f"tenant name {name!r}: letters, digits, '.', '_', '-', at most 63 characters"))
+        for j, model in enumerate(tenant.models or []):
+            if model not in seen:
+                near = difflib.get_close_matches(model, list(seen), n=1)
+                problems.append((loaded.location(("tenants", name, "models", j)),
+                                 f"unknown model {model!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                               f"; served models: {', '.join(seen)}")))
+    if manifest.tenants and manifest.router.api_keys is None:
+        problems.append((loaded.location(("tenants",)), "tenants need router.api_keys: a tenant is known by its key"))
     if problems:
         raise ManifestError(problems)
     return out

@@ -8,14 +8,16 @@ listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import resource
 import secrets
 import signal
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from typing import Any
 import httpx
 
 from codefleet.errors import RuntimeStartError, SecretError
-from codefleet.gateway.config import UPSTREAM_KEY_ENV, GatewayConfig, Hold, hash_keys
-from codefleet.manifest import ApiKeys, Metrics, Router
+from codefleet.gateway.config import DEFAULT_TENANT, UPSTREAM_KEY_ENV, GatewayConfig, Hold
+from codefleet.manifest import ApiKeys, Metrics, Router, Tenant
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
 
@@ -47,27 +49,61 @@ def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_
             *ROUTER_FLAGS]
 
 
-def load_api_keys(spec: ApiKeys | None, base: Path) -> list[str]:
-    """The client keys named by the manifest: an environment variable (comma-separated) or a file."""
+@dataclass(frozen=True)
+class ClientKey:
+    """One client key as the gateway knows it: the tenant it belongs to and its SHA-256."""
+
+    tenant: str
+    sha256: str
+
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _client_key(entry: str, where: str, tenants: Collection[str]) -> ClientKey:
+    """``[TENANT:]KEY`` or ``[TENANT:]sha256:HEX`` (the key's SHA-256 instead of the key)."""
+    tenant, value = DEFAULT_TENANT, entry
+    head, sep, rest = entry.partition(":")
+    if sep and head != "sha256" and _TENANT_RE.fullmatch(head) and rest:
+        tenant, value = head, rest.strip()
+    if value.startswith("sha256:"):
+        digest = value[len("sha256:"):].strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise SecretError(f"{where}: sha256: must be followed by 64 hex digits (the key's SHA-256)")
+    else:
+        digest = hashlib.sha256(value.encode()).hexdigest()
+    if tenants and tenant not in tenants:
+        raise SecretError(f"{where}: tenant {tenant!r} is not in the manifest's tenants "
+                          f"({', '.join(sorted(tenants))})" + ("; a key without 'TENANT:' belongs to 'default'"
+                                                               if tenant == DEFAULT_TENANT else ""))
+    return ClientKey(tenant, digest)
+
+
+def load_api_keys(spec: ApiKeys | None, base: Path, tenants: Collection[str] = ()) -> list[ClientKey]:
+    """The client keys named by the manifest: an environment variable (comma-separated) or a file
+    (one per line, # for comments); each ``[TENANT:]KEY`` or ``[TENANT:]sha256:HEX``. With
+    ``tenants``, every key's tenant must be one of them. Errors name the variable or file and line,
+    never a key."""
     if spec is None:
         return []
     if spec.env is not None:
         raw = os.environ.get(spec.env, "")
-        keys = [k.strip() for k in raw.split(",") if k.strip()]
-        if not keys:
+        entries = [(f"${spec.env} entry {i + 1}", k.strip()) for i, k in enumerate(raw.split(",")) if k.strip()]
+        if not entries:
             raise SecretError(f"router.api_keys.env: environment variable {spec.env} is unset or empty; "
                               f"export it with one or more comma-separated keys")
-        return keys
-    assert spec.file is not None
-    path = Path(spec.file) if os.path.isabs(spec.file) else base / spec.file
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise SecretError(f"router.api_keys.file: cannot read {path}: {exc.strerror}") from None
-    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not keys:
-        raise SecretError(f"router.api_keys.file: {path} holds no key (one per line, # for comments)")
-    return keys
+    else:
+        assert spec.file is not None
+        path = Path(spec.file) if os.path.isabs(spec.file) else base / spec.file
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise SecretError(f"router.api_keys.file: cannot read {path}: {exc.strerror}") from None
+        entries = [(f"{path}:{n}", ln.strip()) for n, ln in enumerate(lines, 1)
+                   if ln.strip() and not ln.lstrip().startswith("#")]
+        if not entries:
+            raise SecretError(f"router.api_keys.file: {path} holds no key (one per line, # for comments)")
+    return [_client_key(entry, where, tenants) for where, entry in entries]
 
 
 def raise_fd_limit() -> None:
@@ -124,6 +160,10 @@ class Frontend:
     """The gateway's drain on SIGTERM: how long open streams may finish."""
     hold: dict[str, Hold] = field(default_factory=dict)
     """Models whose requests the gateway holds while they have no ready replica (scale from zero)."""
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    """Per-tenant limits the gateway enforces (the manifest's ``tenants``)."""
+    frontend_pods: int = 1
+    """Frontend processes sharing the tenants' limits (each enforces its share)."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -138,12 +178,14 @@ class Frontend:
                 for p in plan.models if p.autoscale is not None and p.autoscale.hold_requests > 0}
         return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.max_replicas > 0), run_dir,
                    python, manifest_dir=plan.manifest_dir, say=say,
-                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)), hold=hold)
+                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)), hold=hold,
+                   tenants=dict(plan.tenants))
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
-        keys = load_api_keys(r.api_keys, self.manifest_dir)
-        self.key_sha256 = hash_keys(keys)
+        keys = load_api_keys(r.api_keys, self.manifest_dir, tuple(self.tenants))
+        self.key_sha256 = tuple(k.sha256 for k in keys)
+        self.key_tenants = {k.sha256: k.tenant for k in keys}
         if keys and self.upstream_key is None:
             # Engines then refuse anything that does not come through the gateway.
             self.upstream_key = secrets.token_urlsafe(32)
@@ -179,7 +221,9 @@ class Frontend:
             router_url=self.router_url, models=self.models,
             host=r.host, port=self.gateway_port, metrics_host=m.host, metrics_port=self.gateway_metrics_port,
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
-            drain_s=self.drain_s, hold=self.hold,
+            drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
+            tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
+            frontend_pods=self.frontend_pods,
         )
 
     def _launch_router(self) -> None:
@@ -254,6 +298,23 @@ class Frontend:
                 os.kill(self.gateway_proc.pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
+
+    def reload_gateway(self, tenants: dict[str, Tenant]) -> None:
+        """Keys (read again from their file or variable) and tenants' limits to the running gateway:
+        its config file rewritten, then SIGHUP. A key naming an unknown tenant raises SecretError
+        first, and the running gateway keeps what it has."""
+        keys = load_api_keys(self.router.api_keys, self.manifest_dir, tuple(tenants))
+        self.tenants = dict(tenants)
+        self.key_sha256 = tuple(k.sha256 for k in keys)
+        self.key_tenants = {k.sha256: k.tenant for k in keys}
+        cfg = self.run_dir / "gateway.json"
+        tmp = cfg.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # key digests: the owner's only
+        with os.fdopen(fd, "w") as f:
+            f.write(self.gateway_config().to_json())
+        tmp.replace(cfg)
+        if self.gateway_proc is not None and self.gateway_proc.poll() is None:
+            os.kill(self.gateway_proc.pid, signal.SIGHUP)
 
     def gateway_closing(self) -> None:
         """The fleet is stopping: the gateway answers held and new requests 503 instead of holding

@@ -111,3 +111,38 @@ def describe_decision(d: dict[str, Any], now: float | None = None) -> str:
 
     ago = (now if now is not None else time.time()) - float(d["at"])
     return f"last: {d['from']} -> {d['to']} ({d['reason']}, {ago:.0f} s ago: {d['detail']})"
+
+
+# -- usage per tenant ----------------------------------------------------------------------------
+
+USAGE_COUNTERS = {"codefleet_tenant_requests_total": "requests", "codefleet_tenant_prompt_tokens_total": "prompt",
+                  "codefleet_tenant_completion_tokens_total": "completion",
+                  "codefleet_tenant_rejections_total": "rejected"}
+
+
+def tenant_usage(text: str) -> dict[tuple[str, str], dict[str, float]]:
+    """(tenant, model) -> requests (answered, any status), ok (2xx), prompt and completion tokens,
+    rejected (by admission), from the gateway's /metrics."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = USAGE_COUNTERS.get(s.name)
+            if key is None:
+                continue
+            row = out.setdefault((s.labels["tenant"], s.labels["model"]),
+                                 dict.fromkeys(("requests", "ok", "prompt", "completion", "rejected"), 0.0))
+            row[key] += s.value
+            if key == "requests" and s.labels.get("status", "").startswith("2"):
+                row["ok"] += s.value
+    return out
+
+
+def format_usage(rows: dict[tuple[str, str], dict[str, float]]) -> str:
+    if not rows:
+        return "no tenant usage yet (tenants are counted when the manifest has a tenants: section)"
+    lines = [f"{'tenant':<20} {'model':<34} {'requests':>9} {'ok':>9} {'rejected':>9} {'prompt tok':>11} "
+             f"{'completion tok':>14}"]
+    for (tenant, model), r in sorted(rows.items()):
+        lines.append(f"{tenant:<20} {model:<34} {r['requests']:>9.0f} {r['ok']:>9.0f} {r['rejected']:>9.0f} "
+                     f"{r['prompt']:>11,.0f} {r['completion']:>14,.0f}")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import pytest
 from codefleet.errors import SecretError
 from codefleet.gateway.config import GatewayConfig, hash_keys
 from codefleet.manifest import ApiKeys, Limits
-from codefleet.router import load_api_keys
+from codefleet.router import ClientKey, load_api_keys
 from tests.router.conftest import KEY, Fakes
 
 
@@ -119,10 +120,24 @@ def test_config_round_trip(tmp_path: Path) -> None:
 
 
 def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def sha(k: str) -> str:
+        return hashlib.sha256(k.encode()).hexdigest()
+
     monkeypatch.setenv("CF_KEYS", " a, b ,,")
-    assert load_api_keys(ApiKeys(env="CF_KEYS"), tmp_path) == ["a", "b"]
-    (tmp_path / "k.txt").write_text("# comment\nk1\n\n  k2  \n")
-    assert load_api_keys(ApiKeys(file="k.txt"), tmp_path) == ["k1", "k2"]
+    assert load_api_keys(ApiKeys(env="CF_KEYS"), tmp_path) == [ClientKey("default", sha("a")),
+                                                                ClientKey("default", sha("b"))]
+    digest = sha("held-elsewhere")
+    (tmp_path / "k.txt").write_text(f"# comment\nk1\n\n  team-a:k2  \nteam-b:sha256:{digest.upper()}\n")
+    assert load_api_keys(ApiKeys(file="k.txt"), tmp_path) == [
+        ClientKey("default", sha("k1")), ClientKey("team-a", sha("k2")), ClientKey("team-b", digest)]
+    # with tenants in the manifest every key must name one of them: the error names file and line, not the key
+    with pytest.raises(SecretError) as e:
+        load_api_keys(ApiKeys(file="k.txt"), tmp_path, ("team-a", "team-b"))
+    assert "k.txt:2: tenant 'default' is not in the manifest's tenants (team-a, team-b)" in str(e.value)
+    assert "k1" not in str(e.value).replace("k.txt", "")
+    (tmp_path / "bad.txt").write_text("team-a:sha256:abc\n")
+    with pytest.raises(SecretError, match=r"bad.txt:1: sha256: must be followed by 64 hex digits"):
+        load_api_keys(ApiKeys(file="bad.txt"), tmp_path)
     monkeypatch.delenv("CF_KEYS")
     with pytest.raises(SecretError, match="CF_KEYS is unset or empty"):
         load_api_keys(ApiKeys(env="CF_KEYS"), tmp_path)

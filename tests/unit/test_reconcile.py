@@ -75,6 +75,8 @@ class FakeFrontend:
 
     def refresh_gateway(self) -> None: ...
 
+    def reload_gateway(self, tenants: object) -> None: ...
+
     def pgids(self) -> list[int]:
         return []
 

@@ -15,6 +15,9 @@ from codefleet.manifest import Limits
 #: Paths the gate forwards to the router (POST, JSON body with a ``model``).
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
 
+#: The tenant of a key that names none.
+DEFAULT_TENANT = "default"
+
 #: Environment variable carrying the key the gate presents to the engines (never on argv).
 UPSTREAM_KEY_ENV = "CODEFLEET_UPSTREAM_KEY"
 
@@ -52,6 +55,12 @@ class GatewayConfig:
     created: int = field(default_factory=lambda: int(time.time()))
     hold: dict[str, Hold] = field(default_factory=dict)
     """Per model: hold its requests while it has no ready replica (models not here get 503 at once)."""
+    key_tenants: dict[str, str] = field(default_factory=dict)
+    """Hex SHA-256 of a key -> its tenant (a key not here belongs to ``default``)."""
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Tenant name -> its limits (the manifest's ``Tenant`` fields that are set)."""
+    frontend_pods: int = 1
+    """How many gateways share the tenants' limits: each enforces 1/frontend_pods of every rate."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

@@ -40,7 +40,7 @@ LINGER_BYTES = 1024 * 1024
 
 
 class Request:
-    __slots__ = ("method", "path", "headers", "body", "keep_alive", "http10", "rejection")
+    __slots__ = ("method", "path", "headers", "body", "keep_alive", "http10", "rejection", "tenant")
 
     def __init__(self) -> None:
         self.method = b""
@@ -50,6 +50,7 @@ class Request:
         self.keep_alive = True
         self.http10 = False
         self.rejection: Rejection | None = None
+        self.tenant = ""
 
     def header(self, name: bytes) -> bytes | None:
         for n, v in self.headers:
@@ -285,6 +286,8 @@ class Client(asyncio.Protocol):
         if rej is not None:
             self.refuse(rej)
             return
+        if self.gw.admission.enabled:
+            req.tenant = self.gw.tenant_of(req.header(b"authorization"))
         if length or req.header(b"transfer-encoding") is not None:
             self._arm("body", self.gw.config.limits.body_timeout_s)
             if (req.header(b"expect") or b"").lower() == b"100-continue":

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import collections
 import gc
+import hashlib
 import math
 import os
 import resource
@@ -21,7 +22,8 @@ from aiohttp.client_exceptions import ClientError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from codefleet.gateway.config import FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
+from codefleet.gateway.admission import Admission
+from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.policy import Rejection, check_body, error_body, reject
 from codefleet.gateway.upstream import Exchange, Pool
@@ -49,6 +51,8 @@ class Gateway:
         self.config = config
         self.models = frozenset(config.models)
         self.digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
+        self.key_tenants = {bytes.fromhex(h): t for h, t in config.key_tenants.items()}
+        self.admission = Admission(config.tenants, config.frontend_pods)
         self.upstream_auth = f"Bearer {upstream_key}".encode() if upstream_key else None
         url = urllib.parse.urlsplit(config.router_url)
         self.upstream_addr = (url.hostname or "127.0.0.1", url.port or 80)
@@ -92,6 +96,16 @@ class Gateway:
                                       buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
         for m in config.hold:
             self.held_gauge.labels(m).set(0)
+        # -- tenants (labels: tenant names and models from the configuration only) --
+        self.tenant_requests = Counter("codefleet_tenant_requests", "Requests answered, by tenant, model and status",
+                                       ["tenant", "model", "status"], registry=self.registry)
+        self.tenant_prompt_tokens = Counter("codefleet_tenant_prompt_tokens", "Prompt tokens (each answer's usage)",
+                                            ["tenant", "model"], registry=self.registry)
+        self.tenant_completion_tokens = Counter("codefleet_tenant_completion_tokens",
+                                                "Completion tokens (each answer's usage)", ["tenant", "model"],
+                                                registry=self.registry)
+        self.tenant_rejections = Counter("codefleet_tenant_rejections", "Requests refused by admission, by reason",
+                                         ["tenant", "model", "reason"], registry=self.registry)
         self._models_body = orjson.dumps({"object": "list", "data": [self._model_object(m) for m in config.models]})
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Exchanges in flight (pruned as they finish); ``closing``: the process is stopping.
@@ -101,11 +115,43 @@ class Gateway:
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
 
-    def count(self, model: str, status: str) -> None:
+    def count(self, model: str, status: str, tenant: str = "") -> None:
         child = self._counted.get((model, status))
         if child is None:
             child = self._counted[(model, status)] = self.requests.labels(model, status)
         child.inc()
+        if tenant:
+            self.tenant_requests.labels(tenant, model, status).inc()
+
+    def tenant_of(self, authorization: bytes | None) -> str:
+        """The tenant of an accepted key (check_head has accepted it)."""
+        _, _, token = (authorization or b"").partition(b" ")
+        return self.key_tenants.get(hashlib.sha256(token.strip()).digest(), DEFAULT_TENANT)
+
+    def settled(self, exchange: Exchange) -> None:
+        """An admitted exchange has ended: free its slot, charge and count its tokens."""
+        usage = exchange.usage or {}
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        self.admission.finish(exchange.tenant, prompt + completion)
+        if prompt:
+            self.tenant_prompt_tokens.labels(exchange.tenant, exchange.model).inc(prompt)
+        if completion:
+            self.tenant_completion_tokens.labels(exchange.tenant, exchange.model).inc(completion)
+
+    def reload(self, path: str) -> None:
+        """SIGHUP: keys and tenants' limits from the config file again; a bad file changes nothing."""
+        try:
+            config = GatewayConfig.from_file(path)
+            digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
+            key_tenants = {bytes.fromhex(h): t for h, t in config.key_tenants.items()}
+            Admission(config.tenants, config.frontend_pods)  # validates before anything changes
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            print(f"codefleet gateway: reload of {path} refused, the running configuration stays: {exc}",
+                  flush=True)
+            return
+        self.digests, self.key_tenants = digests, key_tenants
+        self.admission.configure(config.tenants)
+        print(f"codefleet gateway: reloaded {len(digests)} keys, {len(config.tenants)} tenants", flush=True)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -158,7 +204,7 @@ class Gateway:
 
     def _held_503(self, exchange: Exchange, why: str) -> None:
         exchange.finished = True
-        self.count(exchange.model, "503")
+        self.count(exchange.model, "503", exchange.tenant)
         retry = self.retry_after(exchange.model)
         exchange.client.respond(503, error_body(f"Model `{exchange.model}` has no ready replica yet (one is "
                                                 f"starting); {why}. Retry in {retry} s.",
@@ -225,7 +271,7 @@ class Gateway:
                 self._unhold(e, "shutdown")
                 if not e.client.closed and not e.finished:
                     e.finished = True
-                    self.count(model, "503")
+                    self.count(model, "503", e.tenant)
                     e.client.respond(503, error_body("The endpoint is shutting down; retry shortly.",
                                                      type_="server_error", code="shutting_down"),
                                      headers=((b"Retry-After", b"5"),), keep_alive=False)
@@ -323,9 +369,9 @@ class Gateway:
         self.available = self.available - {exchange.model}
         h = self.hold.get(exchange.model)
         if h is not None and h.max_requests > 0 and not self.closing and not exchange.client.closed:
-            exchange.finished = False
             self._hold(exchange)
         else:
+            exchange.finished = True
             self.no_replica(exchange.client, exchange.model)
 
     def no_replica(self, client: Client, model: str) -> None:
@@ -348,7 +394,25 @@ class Gateway:
             client.respond(503, error_body("The endpoint is shutting down; retry shortly.", type_="server_error",
                                            code="shutting_down"), headers=((b"Retry-After", b"5"),), keep_alive=False)
             return
-        exchange = Exchange(self, client, req, model, stream=payload.get("stream") is True)
+        stream = payload.get("stream") is True
+        tenant = req.tenant
+        body = None
+        if tenant and self.admission.enabled:
+            rej = self.admission.admit(tenant, model)
+            if rej is not None:
+                self.tenant_rejections.labels(tenant, model, rej.reason).inc()
+                self.count(model, str(rej.status), tenant)
+                self.answer(client, rej)
+                return
+            if stream:
+                # the engine reports a stream's usage in a last chunk only when asked
+                opts = payload.get("stream_options")
+                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                    payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+                    body = orjson.dumps(payload)
+        exchange = Exchange(self, client, req, model, stream=stream)
+        if tenant and self.admission.enabled:
+            exchange.admit(tenant, body)
         self.active.add(exchange)
         if model in self.available:
             exchange.start()
@@ -372,7 +436,7 @@ class Gateway:
             self.no_replica(exchange.client, exchange.model)
 
 
-async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
+async def serve(config: GatewayConfig, upstream_key: str | None = None, config_path: str | None = None) -> None:
     gw = Gateway(config, upstream_key)
     await gw.open()
     # Everything allocated so far (modules, the app) lives as long as the process: keep it out of
@@ -394,6 +458,8 @@ async def serve(config: GatewayConfig, upstream_key: str | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: gw.spawn(gw.refresh_workers()))  # a replica joined or left
     loop.add_signal_handler(signal.SIGUSR2, gw.stop_holding)  # the fleet is stopping: hold nothing more
+    if config_path:
+        loop.add_signal_handler(signal.SIGHUP, gw.reload, config_path)  # new keys or tenants' limits
     await stop.wait()
     server.close()  # no new connections
     await gw.drain(config.drain_s)
@@ -408,5 +474,5 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.from_file(args.config)
     import uvloop
 
-    uvloop.run(serve(config, os.environ.get(UPSTREAM_KEY_ENV) or None))
+    uvloop.run(serve(config, os.environ.get(UPSTREAM_KEY_ENV) or None, args.config))
     return 0

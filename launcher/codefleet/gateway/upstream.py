@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
+import orjson
 
 from codefleet.gateway.policy import error_body
 
@@ -195,21 +196,54 @@ class Exchange:
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.tail = b""
-        self.finished = False
+        self._finished = False
+        #: Admitted for a tenant (its slot is freed and its tokens charged when this ends).
+        self.tenant = ""
+        self.admitted = False
+        self.body: bytes | None = None
+        """The body sent instead of the client's (a stream asked for its usage)."""
+        self.usage: dict[str, Any] | None = None
+        self.scan = False
+        """Read the stream's events for the usage chunk (and drop it when ``strip_usage``)."""
+        self.strip_usage = False
+        self.sse = b""
         #: Held for a replica (scale from zero): since when, and the hold timeout's timer.
         self.held_at = 0.0
         self.hold_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        if value and not self._finished and self.admitted:
+            self.admitted = False
+            self.gw.settled(self)
+        self._finished = value
+
+    def admit(self, tenant: str, body: bytes | None) -> None:
+        """Admitted for ``tenant``; ``body``: the client's with ``stream_options.include_usage`` added
+        (the usage chunk is then taken out of what the client gets)."""
+        self.tenant, self.admitted = tenant, True
+        self.scan = self.stream
+        if body is not None:
+            self.body, self.strip_usage = body, True
+
+    def _count(self, status: str) -> None:
+        self.gw.count(self.model, status, self.tenant)
+
     def _request_bytes(self) -> bytes:
         req, gw = self.req, self.gw
+        body = self.body if self.body is not None else req.body
         parts = [b"POST ", req.path, b" HTTP/1.1\r\nHost: ", gw.upstream_host,
-                 b"\r\nContent-Type: application/json\r\nContent-Length: ", str(len(req.body)).encode(), b"\r\n"]
+                 b"\r\nContent-Type: application/json\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         if gw.upstream_auth:
             parts += (b"Authorization: ", gw.upstream_auth, b"\r\n")
         for name, value in req.headers:
             if name not in HOP_BY_HOP:
                 parts += (name, b": ", value, b"\r\n")
-        parts += (b"\r\n", req.body)
+        parts += (b"\r\n", body)
         return b"".join(parts)
 
     def start(self) -> None:
@@ -263,10 +297,39 @@ class Exchange:
             out.append((b"Transfer-Encoding", b"chunked"))
             if not self.req.keep_alive:
                 out.append((b"Connection", b"close"))
-        self.gw.count(self.model, str(status))
+        self._count(str(status))
         self.client.write(head(status, out))
 
+    def _scan_events(self, body: bytes, final: bool = False) -> bytes:
+        """Whole SSE events of ``body`` (a partial one waits for the rest): the usage chunk is
+        recorded, and dropped when the client did not ask for it."""
+        data = self.sse + body
+        cut = len(data) if final else data.rfind(b"\n\n") + 2
+        if cut < 2:
+            self.sse = data
+            return b""
+        self.sse, data = data[cut:], data[:cut]
+        if b'"usage"' not in data:
+            return data
+        out = []
+        for event in data.split(b"\n\n"):
+            if event.startswith(b"data: {") and b'"usage"' in event:
+                try:
+                    chunk = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    chunk = None
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+                    self.usage = chunk["usage"]
+                    if self.strip_usage:
+                        continue
+            out.append(event)
+        return b"\n\n".join(out)
+
     def upstream_body(self, body: bytes) -> None:
+        if self.scan and self.mode in ("chunked", "raw"):
+            body = self._scan_events(body)
+            if not body:
+                return
         if self.mode == "chunked":
             self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
             self.tail = (self.tail + body)[-16:]
@@ -288,6 +351,10 @@ class Exchange:
         self.conn = None
         if self.finished:
             return
+        if self.scan and self.sse and self.mode in ("chunked", "raw"):
+            self.scan, rest = False, self._scan_events(b"", final=True)
+            if rest:
+                self.upstream_body(rest)
         if self.mode == "buffer":
             self._send_buffered()
             return
@@ -305,8 +372,14 @@ class Exchange:
         if self.status >= 400 and b"json" not in self.content_type:
             self._wrap_error(body.decode(errors="replace").strip())
             return
+        if self.admitted and self.status < 400:
+            try:
+                answer = orjson.loads(body)
+                self.usage = answer.get("usage") if isinstance(answer, dict) else None
+            except orjson.JSONDecodeError:
+                pass
         self.finished = True
-        self.gw.count(self.model, str(self.status))
+        self._count(str(self.status))
         self.client.respond(self.status, body, content_type=None, headers=self.out)
 
     def upstream_lost(self, exc: Exception | None) -> None:
@@ -367,7 +440,7 @@ class Exchange:
             self._finish(False)
         else:
             self.finished = True
-            self.gw.count(self.model, "503")
+            self._count("503")
             self.client.respond(503, error_body(f"Generation for model `{self.model}` was interrupted: {why}; "
                                                 f"retry the request.", type_="server_error", code="shutting_down"),
                                 headers=((b"Retry-After", b"5"),), keep_alive=False)
@@ -389,11 +462,11 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.gw.count(self.model, "502")
+        self._count("502")
         self.client.respond(502, error_body(message, type_="server_error", code="upstream_unavailable"))
 
     def _stream_error(self, why: str) -> None:
-        self.gw.count(self.model, "stream_aborted")
+        self._count("stream_aborted")
         err = error_body(f"Generation for model `{self.model}` was interrupted: {why}; retry the request.",
                          type_="server_error", code="stream_interrupted")
         event = b"data: " + err + b"\n\n" + _SSE_DONE
@@ -401,11 +474,11 @@ class Exchange:
 
     def _wrap_error(self, text: str) -> None:
         """The router's plain-text errors in OpenAI's shape, keeping the status."""
-        self.finished = True
         if self.status == 503 and "No available workers" in text:
             self._reset()
             self.gw.router_has_none(self)
             return
-        self.gw.count(self.model, str(self.status))
+        self.finished = True
+        self._count(str(self.status))
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
         self.client.respond(self.status, error_body(text or f"upstream status {self.status}", type_=type_))

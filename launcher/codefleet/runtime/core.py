@@ -472,6 +472,11 @@ class Fleet:
         for m in new.models:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
+        if self.frontend is not None:
+            # keys may have changed in their file or variable, and the tenants' limits in the manifest
+            self.frontend.reload_gateway(new.tenants)
+            if new.tenants != self.plan.tenants:
+                changes.append(f"tenants: {', '.join(sorted(new.tenants)) or 'none'} (limits reloaded)")
         with self._lock:
             self.plan = new
             self.desired = desired
