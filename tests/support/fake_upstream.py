@@ -95,6 +95,11 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
                     "choices": [delta],
                 }
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if (body.get("stream_options") or {}).get("include_usage"):  # as vLLM: a last chunk, no choices
+                usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+                await resp.write(b"data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
+                                                         "model": body.get("model", model), "choices": [],
+                                                         "usage": usage}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
