@@ -23,7 +23,7 @@ from pydantic import Field
 
 from codefleet.errors import CodefleetError, RuntimeStartError
 from codefleet.gateway.config import UPSTREAM_KEY_ENV, Hold
-from codefleet.manifest import Metrics, Router, _Strict
+from codefleet.manifest import Metrics, Router, Tenant, _Strict
 from codefleet.metrics import FleetMetrics
 from codefleet.router import Frontend
 
@@ -56,6 +56,10 @@ class FrontendConfig(_Strict):
     """Seconds between DNS look-ups."""
     drain_seconds: float = Field(120, gt=0)
     """On SIGTERM: how long open streams may finish before each ends with an error event."""
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    """Per-tenant limits (the manifest's tenants)."""
+    frontend_pods: int = Field(1, ge=1)
+    """Frontend pods sharing the tenants' limits: each enforces 1/frontend_pods."""
 
 
 def resolve_dns(host: str, port: int) -> set[str]:
@@ -129,7 +133,8 @@ def run(config_path: str, run_dir: Path) -> int:
                   manifest_dir=Path(config_path).parent, upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
                   drain_s=cfg.drain_seconds,
                   hold={t.model: Hold(t.hold.max_requests, t.hold.timeout_s, t.hold.cold_start_s)
-                        for t in cfg.targets if t.hold is not None and t.hold.max_requests > 0})
+                        for t in cfg.targets if t.hold is not None and t.hold.max_requests > 0},
+                  tenants=dict(cfg.tenants), frontend_pods=cfg.frontend_pods)
     metrics = FleetMetrics()
     for t in cfg.targets:
         if t.replicas is not None:

@@ -113,6 +113,8 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
         "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib,
                      **({"limits": limits} if (limits := r.limits.model_dump(exclude_defaults=True)) else {})},
         "apiKeys": api_keys,
+        **({"tenants": {n: t.model_dump(exclude_none=True) for n, t in plan.tenants.items()}}
+           if plan.tenants else {}),
         "models": [_model_values(p, loaded.manifest.runtime.strict_spread) for p in plan.models],
     }
     keys = [m["key"] for m in values["models"]]

@@ -439,3 +439,15 @@ def test_helm_values_refuses_cpu_and_demo_plans() -> None:
         helm_values(loaded, plan_fleet(loaded))
     with pytest.raises(PlanError, match="demo checkpoint"):
         helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb"))
+
+
+def test_tenants_reach_every_frontend_pod_with_its_share(chart: helm_python.Chart) -> None:
+    from codefleet.discovery import FrontendConfig
+
+    values = fleet_values(tenants={"ide": {"requests_per_minute": 600, "models": ["stable-code-instruct-3b"]}},
+                          apiKeys={"enabled": True, "existingSecret": "codefleet-api-keys"})
+    objs = render(chart, values)
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    cfg = FrontendConfig.model_validate_json(cm["data"]["frontend.json"])
+    assert cfg.frontend_pods == 2  # the chart's two frontend pods: each enforces half of every rate
+    assert cfg.tenants["ide"].requests_per_minute == 600
