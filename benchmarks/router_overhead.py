@@ -122,6 +122,28 @@ def _granian_gateway(fe: Frontend) -> Iterator[tuple[str, int]]:
             stop_group(proc.pid, grace=2)
 
 
+@contextlib.contextmanager
+def _admission_gateway(fe: Frontend) -> Iterator[tuple[str, int]]:
+    """A second codefleet gateway in front of ``fe``'s router, the same but with admission on: the
+    key belongs to a tenant with limits never reached (every request is checked, counted and, for
+    streams, has its usage asked for and taken out). (its URL, its pid)."""
+    import hashlib
+
+    with tempfile.TemporaryDirectory() as d:
+        port = free_port()
+        cfg = Path(d) / "gateway.json"
+        limits = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "max_concurrent": 10**6}
+        cfg.write_text(replace(fe.gateway_config(), port=port, metrics_port=free_port(), tenants={"bench": limits},
+                               key_tenants={hashlib.sha256(KEY.encode()).hexdigest(): "bench"}).to_json())
+        env = {UPSTREAM_KEY_ENV: fe.upstream_key} if fe.upstream_key else {}
+        proc = spawn([sys.executable, "-m", "codefleet.gateway", "--config", str(cfg)], env, Path(d) / "gateway.log")
+        try:
+            _wait(f"http://127.0.0.1:{port}")
+            yield f"http://127.0.0.1:{port}", proc.pid
+        finally:
+            stop_group(proc.pid, grace=2)
+
+
 def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str = "cache_aware",
               alternative: str | None = None) -> dict[str, Any]:
     """Latency added at a constant rate. The gateway's own share is endpoint minus router; CPU per
@@ -135,6 +157,10 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
             url, pid = stack.enter_context(_granian_gateway(fe))
             targets["granian"] = (url, KEY)
             cpu_pid["granian"] = pid
+        elif alternative == "admission":
+            url, pid = stack.enter_context(_admission_gateway(fe))
+            targets["admission"] = (url, KEY)
+            cpu_pid["admission"] = pid
         body = {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": stream}
         lat: dict[str, list[Result]] = {k: [] for k in targets}
         achieved: dict[str, list[float]] = {k: [] for k in targets}
@@ -165,6 +191,11 @@ def part_fake(rate: float, requests: int, stream: bool, rounds: int, policy: str
     for n, a in gateway.items():
         print(f"  gateway share ({n} - router): p50 {a['p50']:+.3f} ms  p99 {a['p99']:+.3f} ms;"
               f"  gateway CPU {cpu_ms[n]:.3f} ms per request")
+    if "admission" in sums:
+        e, a = sums["endpoint"], sums["admission"]
+        print("  admission's cost (admission - endpoint): " + "  ".join(
+            f"{q} {a[f'{field}_{q}_ms'] - e[f'{field}_{q}_ms']:+.3f} ms" for q in ("p50", "p99"))
+              + f";  CPU {cpu_ms['admission'] - cpu_ms['endpoint']:+.3f} ms per request")
     return {"rate": rate, "stream": stream, "summaries": sums, "added_ms": added, "gateway_ms": gateway,
             "gateway_cpu_ms_per_request": cpu_ms}
 
@@ -308,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="cache_aware", help="vllm-router policy (the manifest default: cache_aware)")
     p.add_argument("--control", action="store_true",
                    help="engine part: measure the engine directly twice (an A/A test of the run's noise)")
-    p.add_argument("--alternative", choices=["granian"],
-                   help="fake part: also measure the gateway's request path on this server (benchmarks/gateway_granian.py)")
+    p.add_argument("--alternative", choices=["granian", "admission"],
+                   help="fake part: also measure the gateway on granian (benchmarks/gateway_granian.py), or with "
+                        "admission on (a tenant whose limits are never reached)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     a = p.parse_args(argv)
     out: dict[str, Any] = {
