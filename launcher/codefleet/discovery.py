@@ -46,6 +46,8 @@ class Target(_Strict):
     """Replicas the chart asks for (the codefleet_replicas_desired gauge); none when KEDA scales it."""
     hold: HoldSpec | None = None
     """Hold requests while the model has no ready replica (it scales from zero)."""
+    max_waiting: int | None = Field(None, ge=0)
+    """Shed new requests while the model's engines hold more than this many waiting."""
 
 
 class FrontendConfig(_Strict):
@@ -134,7 +136,8 @@ def run(config_path: str, run_dir: Path) -> int:
                   drain_s=cfg.drain_seconds,
                   hold={t.model: Hold(t.hold.max_requests, t.hold.timeout_s, t.hold.cold_start_s)
                         for t in cfg.targets if t.hold is not None and t.hold.max_requests > 0},
-                  tenants=dict(cfg.tenants), frontend_pods=cfg.frontend_pods)
+                  tenants=dict(cfg.tenants), frontend_pods=cfg.frontend_pods,
+                  shed={t.model: t.max_waiting for t in cfg.targets if t.max_waiting is not None})
     metrics = FleetMetrics()
     for t in cfg.targets:
         if t.replicas is not None:

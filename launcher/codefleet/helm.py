@@ -79,6 +79,7 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         "spread": "strict" if strict_spread else "preferred",
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
+        **({"maxWaiting": p.max_waiting} if p.max_waiting is not None else {}),
         "plan": {
             "gpu": p.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),

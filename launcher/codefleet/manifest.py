@@ -234,6 +234,10 @@ class ModelSpec(_Strict):
     drain_seconds: int | None = Field(None, ge=1, le=86400)
     autoscaling: Autoscaling | None = None
     """Replicas follow load between min_replicas and max_replicas (see Autoscaling)."""
+    max_waiting: int | None = Field(None, ge=0)
+    """Overload shedding: while the model's engines hold more than this many waiting requests, new
+    requests get 429 with a Retry-After from how fast the queue drains (tenants below their fair
+    share of the requests in flight still get in). Unset: no shedding."""
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
     engine_args: dict[str, Any] = Field(default_factory=dict)

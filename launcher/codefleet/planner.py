@@ -143,6 +143,8 @@ class ReplicaPlan:
     drain_seconds: int = 120
     #: None: ``replicas`` is fixed; else replicas follow load and ``replicas`` is the starting count.
     autoscale: Autoscale | None = None
+    #: Overload shedding threshold (the engines' waiting requests); None: no shedding.
+    max_waiting: int | None = None
 
     @property
     def max_replicas(self) -> int:
@@ -272,6 +274,7 @@ def plan_model(
         demo=m.demo,
         drain_seconds=m.drain_seconds,
         autoscale=auto,
+        max_waiting=spec.max_waiting,
     )
     if accel == "cpu":
         tp = spec.tensor_parallel_size or 1

@@ -164,6 +164,8 @@ class Frontend:
     """Per-tenant limits the gateway enforces (the manifest's ``tenants``)."""
     frontend_pods: int = 1
     """Frontend processes sharing the tenants' limits (each enforces its share)."""
+    shed: dict[str, int] = field(default_factory=dict)
+    """Per model: the engines' waiting requests above which new requests are shed (429)."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -179,7 +181,8 @@ class Frontend:
         return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.max_replicas > 0), run_dir,
                    python, manifest_dir=plan.manifest_dir, say=say,
                    drain_s=float(max((p.drain_seconds for p in plan.models), default=60)), hold=hold,
-                   tenants=dict(plan.tenants))
+                   tenants=dict(plan.tenants),
+                   shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None})
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
@@ -223,7 +226,7 @@ class Frontend:
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
             drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
             tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
-            frontend_pods=self.frontend_pods,
+            frontend_pods=self.frontend_pods, shed=self.shed,
         )
 
     def _launch_router(self) -> None:

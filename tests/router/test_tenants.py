@@ -112,3 +112,37 @@ def test_a_bad_reload_keeps_the_running_configuration(fakes: Fakes) -> None:
         assert "reload of" in (fakes.run_dir / "logs" / "gateway.log").read_text()
     finally:
         cfg.write_text(good)
+
+
+def test_overload_sheds_the_tenant_over_its_fair_share(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A model whose engines hold more waiting requests than its max_waiting: the flooding tenant's
+    next request gets 429 with a Retry-After; another tenant, below its fair share, gets in."""
+    import concurrent.futures
+    import time
+
+    from codefleet.manifest import Metrics, Router
+    from codefleet.router import Frontend
+
+    run = tmp_path_factory.mktemp("shed")
+    (run / "keys.txt").write_text(f"team-a:{A}\nteam-b:{B}\n")
+    from codefleet.manifest import ApiKeys
+    fe = Frontend(Router(port=0, api_keys=ApiKeys(file=str(run / "keys.txt"))),
+                  Metrics(launcher_port=0, gateway_port=0, router_port=0), ("slow",), run, __import__("sys").executable,
+                  tenants={"team-a": Tenant(), "team-b": Tenant()}, shed={"slow": 1})
+    fe.start()
+    f = Fakes(fe, run)
+    try:
+        f.add_upstream("slow", "--token-delay-ms", "500", "--capacity", "2")
+        body = {"model": "slow", "prompt": "x", "max_tokens": 10}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            flood = [pool.submit(post, f, A, body) for _ in range(5)]  # 5 s each; 3 beyond capacity 2
+            time.sleep(2.5)  # the gateway reads the queue every second
+            r = post(f, A, body | {"max_tokens": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "model_overloaded", r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 60 and "waiting in its engines" in r.json()["error"]["message"]
+            other = post(f, B, body | {"max_tokens": 1})
+            assert other.status_code == 200, "a tenant with nothing in flight is under its fair share"
+            assert [x.result().status_code for x in flood] == [200] * 5
+        assert usage(f)[("team-a", "slow")]["rejected"] == 1
+    finally:
+        f.stop()

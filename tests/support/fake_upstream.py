@@ -17,8 +17,8 @@ from aiohttp import web
 
 
 def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
-             trace: str | None = None) -> web.Application:
-    state = {"requests": 0, "running": 0}
+             trace: str | None = None, capacity: int | None = None) -> web.Application:
+    state = {"requests": 0, "running": 0, "done": 0}
     trace_file = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the app
 
     async def health(_: web.Request) -> web.Response:
@@ -30,9 +30,12 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
         )
 
     async def metrics(_: web.Request) -> web.Response:
+        # with --capacity, requests beyond it count as waiting (they are served all the same)
+        waiting = max(0, state["running"] - capacity) if capacity is not None else 0
         text = (
-            f'vllm:num_requests_running{{model_name="{model}"}} {state["running"]}\n'
-            f'vllm:num_requests_waiting{{model_name="{model}"}} 0\n'
+            f'vllm:num_requests_running{{model_name="{model}"}} {state["running"] - waiting}\n'
+            f'vllm:num_requests_waiting{{model_name="{model}"}} {waiting}\n'
+            f'vllm:request_success_total{{finished_reason="length",model_name="{model}"}} {state["done"]}\n'
             f'fake_requests_total {state["requests"]}\n'
         )
         return web.Response(text=text, content_type="text/plain")
@@ -105,6 +108,7 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
             return resp
         finally:
             state["running"] -= 1
+            state["done"] += 1
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", health)
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token-delay-ms", type=float, default=0.0)
     p.add_argument("--ttft-ms", type=float, default=0.0)
     p.add_argument("--trace", help="append 'arrival-time prompt' per request to this file")
+    p.add_argument("--capacity", type=int, help="report requests beyond this many as waiting")
     a = p.parse_args(argv)
     try:
         import uvloop
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     web.run_app(
-        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000, a.trace),
+        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000, a.trace, a.capacity),
         host=a.host,
         port=a.port,
         access_log=None,

@@ -61,6 +61,8 @@ class GatewayConfig:
     """Tenant name -> its limits (the manifest's ``Tenant`` fields that are set)."""
     frontend_pods: int = 1
     """How many gateways share the tenants' limits: each enforces 1/frontend_pods of every rate."""
+    shed: dict[str, int] = field(default_factory=dict)
+    """Per model: shed new requests (429) while its engines hold more than this many waiting."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

@@ -33,6 +33,19 @@ disable_created_metrics()
 _FORWARDED = frozenset(p.encode() for p in FORWARDED)
 HOLD_POLL_S = 0.2
 """How often the router's worker list is read while requests are held."""
+QUEUE_POLL_S = 1.0
+"""How often the engines of a model with a queue limit (overload shedding) are read."""
+
+
+def queue_figures(text: str) -> tuple[float, float]:
+    """(waiting requests, requests finished so far) from one engine's Prometheus text."""
+    waiting = done = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_waiting{"):
+            waiting += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:request_success_total{"):
+            done += float(line.rsplit(" ", 1)[1])
+    return waiting, done
 
 
 def connection_cap(configured: int) -> int:
@@ -62,6 +75,11 @@ class Gateway:
         self.connections = 0
         self._session: ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._queue_watcher: asyncio.Task[None] | None = None
+        self.worker_urls: list[tuple[str, str]] = []
+        #: Shed models: their engines' waiting requests, and requests finished per second (EWMA).
+        self.queue_depth: dict[str, float] = {}
+        self.drain_rate: dict[str, float] = {}
         #: Models with at least one healthy worker in the router, refreshed every ``poll_s``.
         #: vllm-router sends a request for a model without workers to *another* model's worker,
         #: so the gate answers 503 itself for those.
@@ -289,10 +307,65 @@ class Gateway:
         self._session = ClientSession(connector=TCPConnector(limit=4), timeout=ClientTimeout(total=5))
         await self.refresh_workers()
         self._poller = asyncio.create_task(self._poll_workers())
+        if self.config.shed:
+            self._queue_watcher = asyncio.create_task(self._watch_queues())
+
+    async def _watch_queues(self) -> None:
+        """Every QUEUE_POLL_S: each shed model's engines' waiting requests (their own /metrics) and
+        how fast they finish requests (the rate at which the queue drains)."""
+        assert self._session is not None
+        last: dict[str, tuple[float, float]] = {}  # model -> (time, finished requests)
+        while True:
+            await asyncio.sleep(QUEUE_POLL_S)
+            waiting: dict[str, float] = {}
+            done: dict[str, float] = {}
+            for url, model in list(self.worker_urls):
+                if model not in self.config.shed:
+                    continue
+                try:
+                    async with self._session.get(url + "/metrics") as r:
+                        text = await r.text()
+                except (ClientError, TimeoutError):
+                    continue
+                w, d = queue_figures(text)
+                waiting[model] = waiting.get(model, 0.0) + w
+                done[model] = done.get(model, 0.0) + d
+            now = time.monotonic()
+            for model in self.config.shed:
+                self.queue_depth[model] = waiting.get(model, 0.0)
+                if model in done:
+                    prev = last.get(model)
+                    if prev is not None and now > prev[0] and done[model] >= prev[1]:
+                        rate = (done[model] - prev[1]) / (now - prev[0])
+                        old = self.drain_rate.get(model)
+                        self.drain_rate[model] = rate if old is None else 0.7 * old + 0.3 * rate
+                    last[model] = (now, done[model])
+
+    def shed(self, model: str, tenant: str) -> Rejection | None:
+        """429 when ``model``'s engines' queue is deeper than its limit, for a tenant holding at
+        least its fair share of the requests in flight (those below it still get in: no tenant
+        takes more than its share while others wait). Retry-After: the excess over the drain rate."""
+        limit = self.config.shed.get(model)
+        depth = self.queue_depth.get(model, 0.0)
+        if limit is None or depth <= limit:
+            return None
+        if tenant and self.admission.enabled:
+            active = {n: t.active for n, t in self.admission.tenants.items() if t.active}
+            mine = active.get(tenant, 0)
+            if active and mine < sum(active.values()) / len(active):
+                return None
+        rate = max(self.drain_rate.get(model, 0.0), 0.1)
+        wait = min(60.0, max(1.0, (depth - limit + 1) / rate))
+        return reject(429, f"Model `{model}` is overloaded: {depth:.0f} requests waiting in its engines (limit "
+                           f"{limit}), draining at {rate:.1f}/s. Retry in {wait:.1f} s.", "model_overloaded",
+                      "overloaded", headers=((b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
+                                             (b"retry-after", str(math.ceil(wait)).encode())))
 
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self._queue_watcher is not None:
+            self._queue_watcher.cancel()
         if self._session is not None:
             await self._session.close()
         self.pool.close()
@@ -302,7 +375,9 @@ class Gateway:
         try:
             async with self._session.get(self.config.router_url + "/workers") as r:
                 data = await r.json(content_type=None)
-            self.available = frozenset(w["model_id"] for w in data.get("workers", []) if w.get("is_healthy", True))
+            workers = [w for w in data.get("workers", []) if w.get("is_healthy", True)]
+            self.available = frozenset(w["model_id"] for w in workers)
+            self.worker_urls = [(str(w["url"]), str(w["model_id"])) for w in workers if "url" in w]
         except (ClientError, TimeoutError, ValueError, KeyError, AttributeError):
             pass  # router restarting: keep the last known set
         self._refreshed_at = time.monotonic()
@@ -397,6 +472,14 @@ class Gateway:
         stream = payload.get("stream") is True
         tenant = req.tenant
         body = None
+        if self.config.shed:
+            rej = self.shed(model, tenant)
+            if rej is not None:
+                if tenant:
+                    self.tenant_rejections.labels(tenant, model, rej.reason).inc()
+                self.count(model, "429", tenant)
+                self.answer(client, rej)
+                return
         if tenant and self.admission.enabled:
             rej = self.admission.admit(tenant, model)
             if rej is not None:
