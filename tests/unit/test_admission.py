@@ -63,6 +63,11 @@ def test_concurrency_models_and_unknown_tenants() -> None:
     assert a.admit("t", "m") is None and a.admit("t", "m") is None
     rej = a.admit("t", "m")
     assert rej is not None and rej.status == 429 and rej.reason == "rate_limit_concurrent"
+    assert headers(rej)["retry-after-ms"] == "500"  # a 1 s mean duration (the first guess), 2 in flight
+    a.finish("t", 0, seconds=6.0)  # mean 0.8 x 1 + 0.2 x 6 = 2 s
+    assert a.admit("t", "m") is None
+    rej = a.admit("t", "m")
+    assert rej is not None and headers(rej)["retry-after-ms"] == "1000"  # 2 s / 2 in flight
     a.finish("t", 0)
     assert a.admit("t", "m") is None
     rej = a.admit("t", "other")

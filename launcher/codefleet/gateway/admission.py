@@ -65,6 +65,8 @@ class TenantState:
     max_active: int | None = None
     models: frozenset[str] | None = None
     counters: dict[str, float] = field(default_factory=dict)
+    mean_s: float = 1.0
+    """Smoothed duration of the tenant's requests (for the Retry-After of its concurrency limit)."""
 
 
 def _duration(seconds: float) -> str:
@@ -105,7 +107,7 @@ class Admission:
             if lim.get("models") is not None:
                 t.models = frozenset(lim["models"])
             if prev is not None:
-                t.active, t.counters = prev.active, prev.counters
+                t.active, t.counters, t.mean_s = prev.active, prev.counters, prev.mean_s
             self.tenants[name] = t
 
     @property
@@ -126,9 +128,10 @@ class Admission:
             if b is not None:
                 b.refill(now)
         if t.max_active is not None and t.active >= t.max_active:
+            # one of them is likely to end after mean duration / how many there are
             return self._too_many(t, now, "concurrent", f"{t.active} requests in flight (limit {t.max_active}"
                                   + (f" on this endpoint pod, 1/{self.pods} of {t.limits['max_concurrent']}"
-                                     if self.pods > 1 else "") + ")", 1.0)
+                                     if self.pods > 1 else "") + ")", t.mean_s / t.active)
         if t.tokens is not None and t.tokens.level <= 0:
             wait = t.tokens.seconds_until(min(1.0, t.tokens.capacity), now)
             return self._too_many(t, now, "tokens", f"the tokens-per-minute limit "
@@ -145,11 +148,13 @@ class Admission:
         t.active += 1
         return None
 
-    def finish(self, tenant: str, tokens: int) -> None:
+    def finish(self, tenant: str, tokens: int, seconds: float | None = None) -> None:
         t = self.tenants.get(tenant)
         if t is None:
             return
         t.active = max(0, t.active - 1)
+        if seconds is not None:
+            t.mean_s = 0.8 * t.mean_s + 0.2 * seconds
         if t.tokens is not None and tokens:
             t.tokens.refill(self.clock())
             t.tokens.level -= tokens

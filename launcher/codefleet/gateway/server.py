@@ -150,7 +150,7 @@ class Gateway:
         """An admitted exchange has ended: free its slot, charge and count its tokens."""
         usage = exchange.usage or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        self.admission.finish(exchange.tenant, prompt + completion)
+        self.admission.finish(exchange.tenant, prompt + completion, time.monotonic() - exchange.admitted_at)
         if prompt:
             self.tenant_prompt_tokens.labels(exchange.tenant, exchange.model).inc(prompt)
         if completion:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -200,6 +201,7 @@ class Exchange:
         #: Admitted for a tenant (its slot is freed and its tokens charged when this ends).
         self.tenant = ""
         self.admitted = False
+        self.admitted_at = 0.0
         self.body: bytes | None = None
         """The body sent instead of the client's (a stream asked for its usage)."""
         self.usage: dict[str, Any] | None = None
@@ -226,6 +228,7 @@ class Exchange:
         """Admitted for ``tenant``; ``body``: the client's with ``stream_options.include_usage`` added
         (the usage chunk is then taken out of what the client gets)."""
         self.tenant, self.admitted = tenant, True
+        self.admitted_at = time.monotonic()
         self.scan = self.stream
         if body is not None:
             self.body, self.strip_usage = body, True
