@@ -96,6 +96,7 @@ class Gateway:
             ["reason"], registry=self.registry,
         )
         self._counted: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         # -- holding (scale from zero) --
         self.hold = config.hold
         self.held: dict[str, collections.deque[Exchange]] = {m: collections.deque() for m in config.hold}
@@ -139,7 +140,15 @@ class Gateway:
             child = self._counted[(model, status)] = self.requests.labels(model, status)
         child.inc()
         if tenant:
-            self.tenant_requests.labels(tenant, model, status).inc()
+            self._child(self.tenant_requests, tenant, model, status).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, looked up once (``labels()`` costs microseconds on every request)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def tenant_of(self, authorization: bytes | None) -> str:
         """The tenant of an accepted key (check_head has accepted it)."""
@@ -152,9 +161,9 @@ class Gateway:
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self.admission.finish(exchange.tenant, prompt + completion, time.monotonic() - exchange.admitted_at)
         if prompt:
-            self.tenant_prompt_tokens.labels(exchange.tenant, exchange.model).inc(prompt)
+            self._child(self.tenant_prompt_tokens, exchange.tenant, exchange.model).inc(prompt)
         if completion:
-            self.tenant_completion_tokens.labels(exchange.tenant, exchange.model).inc(completion)
+            self._child(self.tenant_completion_tokens, exchange.tenant, exchange.model).inc(completion)
 
     def reload(self, path: str) -> None:
         """SIGHUP: keys and tenants' limits from the config file again; a bad file changes nothing."""
