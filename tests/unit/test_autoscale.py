@@ -163,3 +163,22 @@ def test_status_shows_desired_ready_and_the_last_decision() -> None:
     assert "     1/2     " in text  # ready / desired
     assert "autoscaling 0..3 on waiting (target 4); last: 1 -> 2 (scale_up, " in text and "9 waiting" in text
     assert "starting" in text
+
+
+def test_usage_table_from_the_gateway_metrics() -> None:
+    from codefleet.status import format_usage, tenant_usage
+
+    text = ('# TYPE codefleet_tenant_requests_total counter\n'
+            'codefleet_tenant_requests_total{tenant="ide",model="m",status="200"} 5.0\n'
+            'codefleet_tenant_requests_total{tenant="ide",model="m",status="429"} 2.0\n'
+            '# TYPE codefleet_tenant_prompt_tokens_total counter\n'
+            'codefleet_tenant_prompt_tokens_total{tenant="ide",model="m"} 1200.0\n'
+            '# TYPE codefleet_tenant_completion_tokens_total counter\n'
+            'codefleet_tenant_completion_tokens_total{tenant="ide",model="m"} 340.0\n'
+            '# TYPE codefleet_tenant_rejections_total counter\n'
+            'codefleet_tenant_rejections_total{tenant="ide",model="m",reason="rate_limit_requests"} 2.0\n')
+    rows = tenant_usage(text)
+    assert rows == {("ide", "m"): {"requests": 7.0, "ok": 5.0, "prompt": 1200.0, "completion": 340.0,
+                                   "rejected": 2.0}}
+    table = format_usage(rows)
+    assert "ide" in table and "1,200" in table and "340" in table
