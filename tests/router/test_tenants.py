@@ -130,11 +130,11 @@ def test_overload_sheds_the_tenant_over_its_fair_share(tmp_path_factory: pytest.
     f = Fakes(fe, run)
     try:
         f.add_upstream("slow", "--token-delay-ms", "500", "--capacity", "2")
-        body = {"model": "slow", "prompt": "x", "max_tokens": 10}
+        body = {"model": "slow", "prompt": "x", "max_tokens": 40}
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            flood = [pool.submit(post, f, A, body) for _ in range(5)]  # 5 s each; 3 beyond capacity 2
+            flood = [pool.submit(post, f, A, body) for _ in range(5)]  # 20 s each; 3 beyond capacity 2
             for _ in range(20):  # the gateway reads the queue every second
-                time.sleep(0.5)
+                time.sleep(0.25)
                 r = post(f, A, body | {"max_tokens": 1})
                 if r.status_code == 429:
                     break

@@ -334,9 +334,9 @@ class Gateway:
                 try:
                     async with self._session.get(url + "/metrics") as r:
                         text = await r.text()
-                except (ClientError, TimeoutError):
-                    continue
-                w, d = queue_figures(text)
+                    w, d = queue_figures(text)
+                except (ClientError, TimeoutError, ValueError, IndexError):
+                    continue  # an engine restarting or not answering: the others still count
                 waiting[model] = waiting.get(model, 0.0) + w
                 done[model] = done.get(model, 0.0) + d
             now = time.monotonic()
