@@ -6,6 +6,7 @@ The fakes stand in for engines only here, where the layers in front of an engine
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ class Fakes:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 20, proc, log)
         self.frontend.admin.add(url, model)
+        # as the launcher does on a registration: the gateway reads the router's workers now (else a
+        # request in the next poll interval finds the model without a worker and gets 503)
+        self.frontend.refresh_gateway()
+        time.sleep(0.3)
         self.upstreams.setdefault(model, []).append((url, proc.pid))
         return url
 

@@ -138,11 +138,13 @@ def test_overload_sheds_the_tenant_over_its_fair_share(tmp_path_factory: pytest.
                 r = post(f, A, body | {"max_tokens": 1})
                 if r.status_code == 429:
                     break
-            assert r.status_code == 429 and r.json()["error"]["code"] == "model_overloaded", r.text
+            assert r.status_code == 429 and r.json()["error"]["code"] == "model_overloaded", \
+                (r.text, httpx.get(fe.router_url + "/workers").text, [x.result().text for x in flood if x.done()])
             assert 1 <= int(r.headers["retry-after"]) <= 60 and "waiting in its engines" in r.json()["error"]["message"]
             other = post(f, B, body | {"max_tokens": 1})
             assert other.status_code == 200, "a tenant with nothing in flight is under its fair share"
-            assert [x.result().status_code for x in flood] == [200] * 5
+            answers = [x.result() for x in flood]
+            assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
         assert usage(f)[("team-a", "slow")]["rejected"] == 1  # only the one over the limit
     finally:
         f.stop()
