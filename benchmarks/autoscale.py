@@ -79,7 +79,7 @@ class Timeline:
             for r in mine:
                 if r.state is State.READY and r.url:
                     try:
-                        waiting += engine_look(self._client.get(r.url + "/metrics").text).waiting
+                        waiting += engine_look(self._client.get(r.url + "/metrics").text).waiting or 0.0
                     except httpx.HTTPError:
                         pass
             try:

@@ -64,6 +64,10 @@ class ApiKeys(_Strict):
         return self
 
 
+TENANT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+"""A tenant's name: in the manifest's ``tenants`` and before the ``:`` of a key line."""
+
+
 class Tenant(_Strict):
     """What one tenant (a team, a tool) may use. Its keys are named ``TENANT:KEY`` in the key file
     or variable; a key without a name belongs to the tenant ``default``."""

@@ -14,7 +14,7 @@ from codefleet.catalog import CATALOG, CatalogEntry, lookup
 from codefleet.errors import Location, ManifestError
 from codefleet.families import FAMILIES, Family, get_family
 from codefleet.gpus import GPUS
-from codefleet.manifest import DECIDED_FLAGS, LoadedManifest, ModelSpec
+from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
 from codefleet.shapes import ModelShape
 
 
@@ -68,7 +68,7 @@ def resolve(loaded: LoadedManifest) -> list[ResolvedModel]:
         except ManifestError as exc:
             problems.extend(exc.problems)
     for name, tenant in manifest.tenants.items():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        if not re.fullmatch(TENANT_NAME, name):
             problems.append((loaded.location(("tenants", name)),
                              f"tenant name {name!r}: letters, digits, '.', '_', '-', at most 63 characters"))
         for j, model in enumerate(tenant.models or []):

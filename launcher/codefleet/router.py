@@ -26,7 +26,7 @@ import httpx
 
 from codefleet.errors import RuntimeStartError, SecretError
 from codefleet.gateway.config import DEFAULT_TENANT, UPSTREAM_KEY_ENV, GatewayConfig, Hold
-from codefleet.manifest import ApiKeys, Metrics, Router, Tenant
+from codefleet.manifest import TENANT_NAME, ApiKeys, Metrics, Router, Tenant
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
 
@@ -57,7 +57,7 @@ class ClientKey:
     sha256: str
 
 
-_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_TENANT_RE = re.compile(TENANT_NAME)
 
 
 def _client_key(entry: str, where: str, tenants: Collection[str]) -> ClientKey:

@@ -8,10 +8,6 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-#: vLLM gauge -> column. Summed over a model's replicas, except KV usage (the fullest replica).
-GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-          "vllm:kv_cache_usage_perc": "kv_usage"}
-
 
 @dataclass
 class ReplicaStatus:
@@ -46,15 +42,53 @@ class ModelStatus:
         return max(vals) if key == "kv_usage" else sum(vals)
 
 
-def engine_figures(text: str) -> dict[str, float]:
-    """The GAUGES from one engine's Prometheus text (summed over label sets, e.g. engine ranks)."""
-    out: dict[str, float] = {}
+TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
+
+
+@dataclass
+class EngineLook:
+    """One engine's /metrics as codefleet reads it (status, drain, autoscaler, overload shedding).
+    A figure the engine does not export is None."""
+
+    running: float | None = None
+    waiting: float | None = None
+    kv: float | None = None
+    """The fullest rank's KV-cache usage (0-1)."""
+    finished: float | None = None
+    """Requests finished so far (vllm:request_success_total, every reason)."""
+    ttft_buckets: dict[float, float] = field(default_factory=dict)
+    """Cumulative counts of the TTFT histogram by upper bound."""
+
+
+def _add(a: float | None, b: float) -> float:
+    return b if a is None else a + b
+
+
+def engine_look(text: str) -> EngineLook:
+    """One engine's Prometheus text, summed over label sets (engine ranks, finish reasons)."""
+    look = EngineLook()
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = GAUGES.get(sample.name)
-            if key is not None:
-                out[key] = max(out.get(key, 0.0), sample.value) if key == "kv_usage" else out.get(key, 0.0) + sample.value
-    return out
+        for s in family.samples:
+            if s.name == "vllm:num_requests_running":
+                look.running = _add(look.running, s.value)
+            elif s.name == "vllm:num_requests_waiting":
+                look.waiting = _add(look.waiting, s.value)
+            elif s.name == "vllm:kv_cache_usage_perc":
+                look.kv = s.value if look.kv is None else max(look.kv, s.value)
+            elif s.name == "vllm:request_success_total":
+                look.finished = _add(look.finished, s.value)
+            elif s.name == TTFT_BUCKET:
+                le = float(s.labels["le"])
+                look.ttft_buckets[le] = look.ttft_buckets.get(le, 0.0) + s.value
+    return look
+
+
+def engine_figures(text: str) -> dict[str, float]:
+    """The columns of `status` for one engine (only those it exports): running, waiting, kv_usage;
+    summed over a model's replicas, except KV usage (the fullest replica)."""
+    look = engine_look(text)
+    out = {"running": look.running, "waiting": look.waiting, "kv_usage": look.kv}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatus]:

@@ -135,6 +135,10 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="1.0",model_name="m"} 9.0
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 10.0
 vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 10.0
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 3.2
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 4.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 6.0
 """
 
 
@@ -142,6 +146,11 @@ def test_engine_look_reads_vllm_metrics() -> None:
     look = engine_look(VLLM_METRICS)
     assert (look.running, look.waiting, look.kv) == (3.0, 7.0, 0.25)
     assert look.ttft_buckets == {0.1: 4.0, 1.0: 9.0, math.inf: 10.0}
+    assert look.finished == 10.0  # every finish reason: the rate the queue drains at (shedding)
+    from codefleet.status import engine_figures
+
+    assert engine_figures(VLLM_METRICS) == {"running": 3.0, "waiting": 7.0, "kv_usage": 0.25}
+    assert engine_figures("") == {}  # an engine exporting nothing shows "-", not 0
 
 
 def test_held_requests_from_the_gateway() -> None:

@@ -27,6 +27,7 @@ from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.policy import Rejection, check_body, error_body, reject
 from codefleet.gateway.upstream import Exchange, Pool
+from codefleet.status import engine_look
 
 disable_created_metrics()
 
@@ -35,17 +36,6 @@ HOLD_POLL_S = 0.2
 """How often the router's worker list is read while requests are held."""
 QUEUE_POLL_S = 1.0
 """How often the engines of a model with a queue limit (overload shedding) are read."""
-
-
-def queue_figures(text: str) -> tuple[float, float]:
-    """(waiting requests, requests finished so far) from one engine's Prometheus text."""
-    waiting = done = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:num_requests_waiting{"):
-            waiting += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:request_success_total{"):
-            done += float(line.rsplit(" ", 1)[1])
-    return waiting, done
 
 
 def connection_cap(configured: int) -> int:
@@ -334,11 +324,11 @@ class Gateway:
                 try:
                     async with self._session.get(url + "/metrics") as r:
                         text = await r.text()
-                    w, d = queue_figures(text)
-                except (ClientError, TimeoutError, ValueError, IndexError):
+                    look = engine_look(text)
+                except (ClientError, TimeoutError, ValueError, KeyError):
                     continue  # an engine restarting or not answering: the others still count
-                waiting[model] = waiting.get(model, 0.0) + w
-                done[model] = done.get(model, 0.0) + d
+                waiting[model] = waiting.get(model, 0.0) + (look.waiting or 0.0)
+                done[model] = done.get(model, 0.0) + (look.finished or 0.0)
             now = time.monotonic()
             for model in self.config.shed:
                 self.queue_depth[model] = waiting.get(model, 0.0)

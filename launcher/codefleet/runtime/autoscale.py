@@ -27,6 +27,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from codefleet.planner import Autoscale
+from codefleet.status import EngineLook, engine_look
+
+__all__ = ["Autoscaler", "Decision", "EngineLook", "Sample", "engine_look"]
 
 TOLERANCE = 0.1
 """HPA's --horizontal-pod-autoscaler-tolerance."""
@@ -148,38 +151,7 @@ class Autoscaler:
 
 # -- reading the signals -------------------------------------------------------------------------
 
-TTFT = "vllm:time_to_first_token_seconds"
 HELD = "codefleet_gateway_held_requests"
-
-
-@dataclass
-class EngineLook:
-    """One engine's /metrics, as the autoscaler needs it."""
-
-    running: float = 0.0
-    waiting: float = 0.0
-    kv: float = 0.0
-    ttft_buckets: dict[float, float] | None = None
-    """Cumulative counts of the TTFT histogram by upper bound (summed over label sets)."""
-
-
-def engine_look(text: str) -> EngineLook:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    look = EngineLook(ttft_buckets={})
-    assert look.ttft_buckets is not None
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "vllm:num_requests_running":
-                look.running += s.value
-            elif s.name == "vllm:num_requests_waiting":
-                look.waiting += s.value
-            elif s.name == "vllm:kv_cache_usage_perc":
-                look.kv = max(look.kv, s.value)
-            elif s.name == TTFT + "_bucket":
-                le = float(s.labels["le"])
-                look.ttft_buckets[le] = look.ttft_buckets.get(le, 0.0) + s.value
-    return look
 
 
 def held_requests(text: str) -> dict[str, int]:

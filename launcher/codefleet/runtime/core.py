@@ -323,10 +323,11 @@ class Fleet:
                 look = self._look(r)
                 if look is None:
                     continue
-                running += look.running
-                waiting += look.waiting
-                kvs.append(look.kv)
-                buckets = look.ttft_buckets or {}
+                running += look.running or 0.0
+                waiting += look.waiting or 0.0
+                if look.kv is not None:
+                    kvs.append(look.kv)
+                buckets = look.ttft_buckets
                 for le, v in bucket_delta(buckets, self._ttft_seen.get(r.name)).items():
                     ttft[le] = ttft.get(le, 0.0) + v
                 self._ttft_seen[r.name] = buckets
