@@ -302,6 +302,28 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from codefleet import smoke
+
+    base_url = args.base_url
+    if base_url is None:
+        state = read_state()
+        if not state:
+            raise CodefleetError("no BASE_URL given and no local fleet is running")
+        base_url = str(state["endpoint"])
+    expects = smoke.expects_from_manifest(args.manifest) if args.manifest else {}
+    expects.update(smoke.parse_expect(e) for e in args.expect)
+    key = smoke.first_key(args.api_key_file) if args.api_key_file else (
+        os.environ.get("CODEFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    quiet = args.json
+    checker = smoke.Smoke(base_url, key, timeout=args.timeout,
+                          progress=lambda line: None if quiet else print(line, file=sys.stderr, flush=True))
+    reports, unknown = smoke.run(checker, expects)
+    print(smoke.report_json(reports, unknown) if args.json else smoke.format_report(base_url, reports, unknown))
+    failed = any(r.failed for r in reports) or unknown.ok is False
+    return 1 if failed else 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     state = read_state()
     if not state:
@@ -393,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", help="the fleet's run directory (default: $CODEFLEET_HOME/run)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_usage)
+    sp = sub.add_parser("smoke", help="post-deploy check of every model behind an endpoint (exit 1 on a failure)")
+    sp.add_argument("base_url", nargs="?", metavar="BASE_URL",
+                    help="the endpoint, e.g. http://127.0.0.1:8000 (default: the running local fleet's)")
+    sp.add_argument("--manifest", help="expect the chat template each model of this manifest should apply")
+    sp.add_argument("--expect", action="append", default=[], metavar="MODEL=FAMILY[:TEMPLATE]",
+                    help="expect this family's template (or this template file) for MODEL; repeatable")
+    sp.add_argument("--api-key-file", help="send the first key of this file (else $CODEFLEET_API_KEY or "
+                                           "$OPENAI_API_KEY)")
+    sp.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    sp.add_argument("--json", action="store_true", help="the report as JSON")
+    sp.set_defaults(func=cmd_smoke)
     sp = sub.add_parser("down", help="drain and stop the running fleet")
     sp.add_argument("--now", action="store_true", help="stop at once, without draining")
     sp.set_defaults(func=cmd_down)

@@ -60,12 +60,17 @@ class ClientKey:
 _TENANT_RE = re.compile(TENANT_NAME)
 
 
-def _client_key(entry: str, where: str, tenants: Collection[str]) -> ClientKey:
-    """``[TENANT:]KEY`` or ``[TENANT:]sha256:HEX`` (the key's SHA-256 instead of the key)."""
-    tenant, value = DEFAULT_TENANT, entry
+def split_key_entry(entry: str) -> tuple[str, str]:
+    """``[TENANT:]KEY`` or ``[TENANT:]sha256:HEX`` -> (tenant, the rest)."""
     head, sep, rest = entry.partition(":")
     if sep and head != "sha256" and _TENANT_RE.fullmatch(head) and rest:
-        tenant, value = head, rest.strip()
+        return head, rest.strip()
+    return DEFAULT_TENANT, entry
+
+
+def _client_key(entry: str, where: str, tenants: Collection[str]) -> ClientKey:
+    """``[TENANT:]KEY`` or ``[TENANT:]sha256:HEX`` (the key's SHA-256 instead of the key)."""
+    tenant, value = split_key_entry(entry)
     if value.startswith("sha256:"):
         digest = value[len("sha256:"):].strip().lower()
         if not re.fullmatch(r"[0-9a-f]{64}", digest):

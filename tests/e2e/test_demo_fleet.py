@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -137,3 +142,23 @@ def test_kv_capacity_matches_the_plan(fleet: LocalFleet, model: str) -> None:
     assert match, "vLLM did not log its KV cache size"
     reported = int(match.group(1).replace(",", ""))
     assert reported == pytest.approx(r.plan.kv_tokens, rel=0.01)
+
+
+def test_smoke_passes_on_the_demo_fleet(fleet: LocalFleet) -> None:
+    """`codefleet smoke` as an operator runs it after a deploy: every check of every model passes,
+    each template recognised as the one the manifest gives the model."""
+    manifest = Path(__file__).with_name("fleet.yaml")
+    r = subprocess.run([sys.executable, "-m", "codefleet.cli", "smoke", fleet.url, "--manifest", str(manifest),
+                        "--json"], env={**os.environ, "CODEFLEET_API_KEY": API_KEY}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["failed"] == 0 and report["unknown_model"]["ok"] is True
+    seen = {m["model"]: {c["name"]: c for c in m["checks"]} for m in report["models"]}
+    assert sorted(seen) == sorted(MODELS)
+    for model, checks in seen.items():
+        assert all(c["ok"] is True for c in checks.values()), (model, checks)
+        assert {"chat", "chat stream", "completion", "completion stream", "template"} <= set(checks)
+        assert checks["template"]["detail"] == f"the {FAMILY[model]} family's template"
+        assert any(name.startswith("stop ") for name in checks), checks
+    assert seen["granite-code-tiny"]["listed"]["detail"] == "2 ready replica(s)"

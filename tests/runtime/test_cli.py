@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from codefleet.families import FAMILIES
 from codefleet.procs import group_alive, stop_group
 from codefleet.runtime.local import read_state
 
@@ -29,6 +30,8 @@ models:
     max_model_len: 1024
     replicas: REPLICAS
     engine_args: {enforce_eager: true}
+    # chatml's format for a granite-code model: a broken install `codefleet smoke` must catch
+    chat_template: broken.jinja
 """
 
 
@@ -41,6 +44,7 @@ def test_up_apply_down(tmp_path: Path) -> None:
     env = {**os.environ, "CODEFLEET_HOME": str(tmp_path / "home")}
     one = tmp_path / "one.yaml"
     one.write_text(MANIFEST.replace("REPLICAS", "1"))
+    (tmp_path / "broken.jinja").write_text(FAMILIES["chatml"].template_path().read_text())
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - closed below
     up = subprocess.Popen([sys.executable, "-m", "codefleet.cli", "up", str(one), "--enforce-eager"], env=env,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,6 +61,15 @@ def test_up_apply_down(tmp_path: Path) -> None:
         url = state["endpoint"]
         assert httpx.post(url + "/v1/completions", json={"model": "cli-tiny", "prompt": "x", "max_tokens": 2},
                           timeout=60).status_code == 200
+
+        # `codefleet smoke` (the running fleet's endpoint) fails on the broken template and says why.
+        r = cli(env, "smoke", "--manifest", str(one))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "FAIL template: broken.jinja is applied, but its prompt does not end with the granite-code family's " \
+               "generation prompt 'Answer:\\n'" in r.stdout, r.stdout
+        assert "ok   chat stream" in r.stdout and "ok   unknown model answered 404" in r.stdout, r.stdout
+        r = cli(env, "smoke", url, "--expect", "cli-tiny=granite-code")
+        assert r.returncode == 1 and "the engine did not apply the granite-code family's template" in r.stdout, r.stdout
 
         # A manifest that does not validate is refused with its location; the fleet is untouched.
         bad = tmp_path / "bad.yaml"
@@ -77,6 +90,9 @@ def test_up_apply_down(tmp_path: Path) -> None:
         assert r.returncode == 0 and "cli-tiny: 1 -> 0 replicas" in r.stdout and "converged" in r.stdout, \
             r.stdout + r.stderr
         assert not group_alive(engine_pgid)
+        # A model at zero replicas is skipped by smoke, not woken.
+        r = cli(env, "smoke", url)
+        assert r.returncode == 0 and "skip cli-tiny" in r.stdout and "0 ready replicas" in r.stdout, r.stdout
 
         r = cli(env, "down", timeout=120)
         assert r.returncode == 0 and "fleet stopped" in r.stdout, r.stdout + r.stderr

@@ -115,14 +115,23 @@ class Gateway:
                                                 registry=self.registry)
         self.tenant_rejections = Counter("codefleet_tenant_rejections", "Requests refused by admission, by reason",
                                          ["tenant", "model", "reason"], registry=self.registry)
-        self._models_body = orjson.dumps({"object": "list", "data": [self._model_object(m) for m in config.models]})
+        #: Healthy workers per model in the router (None until the first look): ``ready_replicas`` in
+        #: /v1/models, so a client (``codefleet smoke``) can tell a model scaled to zero.
+        self.ready_replicas: dict[str, int] | None = None
+        self._models_body = self._list_models()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Exchanges in flight (pruned as they finish); ``closing``: the process is stopping.
         self.active: set[Exchange] = set()
         self.closing = False
 
     def _model_object(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
+        obj = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
+        if self.ready_replicas is not None:
+            obj["ready_replicas"] = self.ready_replicas.get(name, 0)
+        return obj
+
+    def _list_models(self) -> bytes:
+        return orjson.dumps({"object": "list", "data": [self._model_object(m) for m in self.config.models]})
 
     def count(self, model: str, status: str, tenant: str = "") -> None:
         child = self._counted.get((model, status))
@@ -377,6 +386,10 @@ class Gateway:
             workers = [w for w in data.get("workers", []) if w.get("is_healthy", True)]
             self.available = frozenset(w["model_id"] for w in workers)
             self.worker_urls = [(str(w["url"]), str(w["model_id"])) for w in workers if "url" in w]
+            ready = collections.Counter(str(w["model_id"]) for w in workers)
+            if ready != self.ready_replicas:
+                self.ready_replicas = dict(ready)
+                self._models_body = self._list_models()
         except (ClientError, TimeoutError, ValueError, KeyError, AttributeError):
             pass  # router restarting: keep the last known set
         self._refreshed_at = time.monotonic()
