@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
 	@touch $(STAMP)
 
-# Refresh both locks from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
+# Refresh the three locks (CPU, GPU, the frontend image's) from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
 # CPU build from TORCH_INDEX or from pip's find-links folder (PIP_FIND_LINKS).
 UV_LOCK := $(PY) -m uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
@@ -52,6 +52,7 @@ lock: install
 	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
 	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o deploy/lock/cpu.txt
 	$(UV_LOCK) --extra gpu --extra router --extra ray -o deploy/lock/gpu.txt
+	$(UV_LOCK) --extra router -o deploy/lock/frontend.txt
 
 # Prometheus and promtool for the monitoring tests (tests/prometheus, tests/e2e/test_prometheus.py).
 tools:

@@ -50,7 +50,7 @@ def startup_failure_threshold(p: ReplicaPlan) -> int:
     return math.ceil(seconds / STARTUP_PERIOD_S)
 
 
-def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
+def _model_values(p: ReplicaPlan) -> dict[str, Any]:
     if p.accelerator == "cpu":
         raise PlanError(f"{p.name}: the chart serves GPU plans; plan with --gpu TYPE (one of {', '.join(GPU_PRODUCT)})")
     if p.demo is not None:
@@ -66,6 +66,11 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         "tensorParallelSize": spec.tensor_parallel_size,
         "drainSeconds": p.drain_seconds,
         "chatTemplate": spec.chat_template.name,
+        # `codefleet smoke` in `helm test` checks the template against the family's format
+        "family": p.family,
+        **({"revision": p.revision} if p.revision else {}),
+        # a per-pod weight cache (modelCache.type perPod) is sized for the weights, with room to spare
+        "cacheGiB": math.ceil(p.weight_bytes / GiB * 1.2 + 10),
         "args": flags_argv(spec.flags),
         "env": dict(sorted(spec.env.items())),
         # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
@@ -77,7 +82,6 @@ def _model_values(p: ReplicaPlan, strict_spread: bool) -> dict[str, Any]:
         "shmSize": f"{max(2, 2 * p.tensor_parallel_size)}Gi" if p.tensor_parallel_size > 1 else "1Gi",
         "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.accelerator]},
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
-        "spread": "strict" if strict_spread else "preferred",
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
         **({"maxWaiting": p.max_waiting} if p.max_waiting is not None else {}),
         "plan": {
@@ -116,7 +120,7 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
         "apiKeys": api_keys,
         **({"tenants": {n: t.model_dump(exclude_none=True) for n, t in plan.tenants.items()}}
            if plan.tenants else {}),
-        "models": [_model_values(p, loaded.manifest.runtime.strict_spread) for p in plan.models],
+        "models": [_model_values(p) for p in plan.models],
     }
     keys = [m["key"] for m in values["models"]]
     dup = sorted({k for k in keys if keys.count(k) > 1})

@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.ext
 import openai
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from openai.types.chat import ChatCompletionMessageParam
 
 from codefleet.errors import CodefleetError
 from codefleet.families import FAMILIES, Family, get_family
@@ -102,6 +103,10 @@ def generation_prompt(family: Family) -> str:
     without = render_chat(template, _messages(), family, False)
     assert with_head.startswith(without)
     return with_head[len(without):]
+
+
+def _chat_messages() -> list[ChatCompletionMessageParam]:
+    return cast("list[ChatCompletionMessageParam]", _messages())
 
 
 def _first_difference(a: str, b: str) -> str:
@@ -192,7 +197,7 @@ class Smoke:
         return report
 
     def _chat(self, model: str, expect: Expect | None) -> tuple[Check, Check, Family | None]:
-        r = self.client.chat.completions.create(model=model, messages=_messages(),  # type: ignore[arg-type]
+        r = self.client.chat.completions.create(model=model, messages=_chat_messages(),
                                                 max_tokens=MAX_TOKENS, temperature=0,
                                                 extra_body={"return_prompt_text": True})
         ok = bool(r.choices) and r.usage is not None and r.usage.completion_tokens > 0
@@ -202,7 +207,7 @@ class Smoke:
         return chat, template, family
 
     def _chat_stream(self, model: str) -> Check:
-        stream = self.client.chat.completions.create(model=model, messages=_messages(),  # type: ignore[arg-type]
+        stream = self.client.chat.completions.create(model=model, messages=_chat_messages(),
                                                      max_tokens=MAX_TOKENS, temperature=0, stream=True,
                                                      stream_options={"include_usage": True})
         return _stream_check("chat stream", stream, lambda c: c.choices[0].delta.content if c.choices else None)
@@ -225,7 +230,7 @@ class Smoke:
         if not ids or len(ids) != 1:
             return Check(name, False, f"the engine's tokenizer does not make {token!r} one token: {ids}")
         forced = self.client.chat.completions.create(
-            model=model, messages=_messages(), max_tokens=4, temperature=0,  # type: ignore[arg-type]
+            model=model, messages=_chat_messages(), max_tokens=4, temperature=0,
             logit_bias={str(ids[0]): 100})
         choice = forced.choices[0]
         if choice.finish_reason == "stop" and not choice.message.content:

@@ -17,7 +17,7 @@ import yaml
 
 from codefleet.engine import VLLM_MODULE, engine_command
 from codefleet.errors import PlanError
-from codefleet.helm import ENGINE_PORT, helm_values, model_key
+from codefleet.helm import ENGINE_PORT, helm_values
 from codefleet.manifest import load
 from codefleet.planner import FleetPlan, plan_fleet
 
@@ -28,6 +28,9 @@ K8S_VERSION = "1.31.0"
 #: Prometheus Operator kinds: no schema in kubernetes-validate; checked field by field below.
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "ScaledObject"}
 SECRET_VALUES = {"apiKeys": {"existingSecret": "codefleet-api-keys"}}
+#: These renders have no cluster (as under `helm template` or Argo CD): the internal key is given.
+INTERNAL_KEY = "k" * 16 + "0123456789abcdef"
+OFFLINE = {"internalKey": {"value": INTERNAL_KEY}}
 
 
 def fleet_plan(gpu: str) -> tuple[Any, FleetPlan]:
@@ -37,7 +40,7 @@ def fleet_plan(gpu: str) -> tuple[Any, FleetPlan]:
 
 def fleet_values(gpu: str = "h100-80gb", **extra: Any) -> dict[str, Any]:
     loaded, plan = fleet_plan(gpu)
-    return helm_values(loaded, plan) | extra
+    return helm_values(loaded, plan) | OFFLINE | extra
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +72,49 @@ def engines(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module", params=["h100-80gb", "a100-40gb"])
 def fleet(request: pytest.FixtureRequest, chart: helm_python.Chart) -> tuple[FleetPlan, list[dict[str, Any]]]:
     loaded, plan = fleet_plan(request.param)
-    return plan, render(chart, helm_values(loaded, plan))
+    return plan, render(chart, helm_values(loaded, plan) | OFFLINE)
 
 
 def test_lint_clean_with_default_and_fleet_values() -> None:
-    for values in (None, fleet_values()):
+    for values in (OFFLINE, fleet_values()):
         report = helm_python.lint(str(CHART), values, strict=True, kube_version="v1.31.0")
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert report["errors"] == [] and problems == [], report
 
 
+def autoscaled(values: dict[str, Any], model: int = 1, **extra: Any) -> dict[str, Any]:
+    """The values with one model autoscaled 0..3 (as `codefleet helm-values` writes it)."""
+    m = values["models"][model]
+    m["autoscaling"] = {"enabled": True, "minReplicas": 0, "maxReplicas": 3, "signal": "waiting",
+                        "metricType": "AverageValue", "query": "sum(x)", "threshold": "4", "heldQuery": "sum(y)"}
+    return values | extra
+
+
+DIGEST = "sha256:" + "ab" * 32
+MONITORS = {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}
+
+
 @pytest.mark.parametrize("values", [
-    {},
+    OFFLINE,
     fleet_values(),
     fleet_values(apiKeys={"enabled": True, "keys": ["sk-one-key-0001", "sk-two-key-0002"]}),
-    fleet_values(networkPolicy={"enabled": False}, modelCache={"enabled": False}, huggingface={"tokenSecret": "hf"}),
-    fleet_values(metrics={"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}),
-], ids=["defaults", "fleet", "chart-made-key-secret", "no-netpol-no-cache-hf-token", "monitors"])
+    fleet_values(networkPolicy={"enabled": False}, modelCache={"type": "none"}, huggingface={"tokenSecret": "hf"}),
+    fleet_values(metrics=MONITORS),
+    fleet_values(modelCache={"type": "shared", "storageClassName": "efs", "preload": {"enabled": True}}),
+    fleet_values(modelCache={"type": "existingClaim", "existingClaim": "weights", "preload": {"enabled": True}},
+                 huggingface={"tokenSecret": "hf"}),
+    fleet_values(modelCache={"type": "node", "hostPath": "/mnt/nvme/models"}),
+    fleet_values(modelCache={"type": "perPod", "storageClassName": "gp3", "perPodSize": "200Gi"}),
+    fleet_values(image={"repository": "r.example/codefleet", "digest": DIGEST},
+                 frontendImage={"repository": "r.example/codefleet-frontend", "digest": DIGEST}),
+    fleet_values(frontend={"replicas": 1}),
+    fleet_values(frontend={"replicas": 3}, networkPolicy={"monitoringNamespace": "observability",
+                                                          "monitoringPodLabels": {"app": "prometheus"}}),
+    autoscaled(fleet_values(metrics=MONITORS)),
+    fleet_values(internalKey={"existingSecret": "my-internal-key"}, engine={"spread": "preferred"}),
+], ids=["defaults", "fleet", "chart-made-key-secret", "no-netpol-no-cache-hf-token", "monitors",
+        "shared-cache-preload", "existing-claim-preload", "node-cache", "per-pod-cache", "digests",
+        "one-frontend", "three-frontends-monitoring-namespace", "autoscaled", "own-internal-key-preferred-spread"])
 def test_every_object_validates_strictly(chart: helm_python.Chart, values: dict[str, Any]) -> None:
     objs = render(chart, values)
     assert objs
@@ -112,7 +141,7 @@ def test_fleet_is_complete(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> Non
         assert d["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
     assert "codefleet-frontend" in by_kind(objs, "Deployment")
     assert services["codefleet"]["spec"]["selector"]["app.kubernetes.io/component"] == "frontend"
-    assert "codefleet-model-cache" in by_kind(objs, "PersistentVolumeClaim")
+    assert not by_kind(objs, "PersistentVolumeClaim"), "the default cache is per pod: no shared claim to stay Pending"
     assert "codefleet-internal-key" in by_kind(objs, "Secret")
 
 
@@ -168,7 +197,7 @@ def test_chat_template_mounted_and_passed(fleet: tuple[FleetPlan, list[dict[str,
         assert cm["data"][Path(path).name] == p.chat_template.read_text().rstrip("\n")
 
 
-def test_probes_shm_and_spread(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
+def test_probes_and_shm(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
     plan, objs = fleet
     for p in plan.models:
         spec = engines(objs)[p.name]["spec"]["template"]["spec"]
@@ -181,9 +210,6 @@ def test_probes_shm_and_spread(fleet: tuple[FleetPlan, list[dict[str, Any]]]) ->
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"]["medium"] == "Memory"
         assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
-        (tsc,) = spec["topologySpreadConstraints"]
-        assert tsc["topologyKey"] == "kubernetes.io/hostname"
-        assert tsc["labelSelector"]["matchLabels"]["codefleet.dev/model"] == model_key(p.name)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
     budgets = {c["startupProbe"]["failureThreshold"]
@@ -263,21 +289,229 @@ def test_network_policy_admits_only_the_frontend(fleet: tuple[FleetPlan, list[di
     assert np["spec"]["podSelector"]["matchLabels"].items() <= engine_labels.items()
     assert not np["spec"]["podSelector"]["matchLabels"].items() <= fe_labels.items()
     assert np["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = np["spec"]["ingress"]
+    rule, monitoring = np["spec"]["ingress"]
     (peer,) = rule["from"]
     assert set(peer) == {"podSelector"}
     assert peer["podSelector"]["matchLabels"].items() <= fe_labels.items()
     assert not peer["podSelector"]["matchLabels"].items() <= engine_labels.items()
     assert rule["ports"] == [{"port": ENGINE_PORT, "protocol": "TCP"}]
+    # Prometheus in the monitoring namespace scrapes the engines (default namespace: monitoring).
+    assert monitoring == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                          "ports": [{"port": ENGINE_PORT, "protocol": "TCP"}]}
+
+
+def test_monitoring_namespace_is_configurable(chart: helm_python.Chart) -> None:
+    objs = render(chart, fleet_values(networkPolicy={"monitoringNamespace": "observability",
+                                                     "monitoringPodLabels": {"app": "prometheus"}}))
+    (np,) = by_kind(objs, "NetworkPolicy").values()
+    (peer,) = np["spec"]["ingress"][1]["from"]
+    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                    "podSelector": {"matchLabels": {"app": "prometheus"}}}
+    (np,) = by_kind(render(chart, fleet_values(networkPolicy={"monitoringNamespace": ""})), "NetworkPolicy").values()
+    assert len(np["spec"]["ingress"]) == 1
 
 
 def test_disruption_budgets(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:
     plan, objs = fleet
     pdbs = by_kind(objs, "PodDisruptionBudget")
-    assert pdbs["codefleet-frontend"]["spec"]["minAvailable"] == 1
+    assert pdbs["codefleet-frontend"]["spec"] == {
+        "maxUnavailable": 1, "selector": by_kind(objs, "Deployment")["codefleet-frontend"]["spec"]["selector"]}
     for p in plan.models:
         name = engines(objs)[p.name]["metadata"]["name"]
         assert pdbs[name]["spec"]["maxUnavailable"] == 1
+
+
+def test_disruption_budgets_never_block_a_drain(chart: helm_python.Chart) -> None:
+    """A budget over one pod blocks every node drain: one frontend pod or a one-replica model gets
+    none; an autoscaled model gets one when it can have two or more."""
+    values = fleet_values(frontend={"replicas": 1})
+    values["models"][0]["replicas"] = 1
+    objs = render(chart, autoscaled(values, model=1, metrics=MONITORS))
+    pdbs = by_kind(objs, "PodDisruptionBudget")
+    deployed = {m["name"]: engines(objs)[m["name"]]["metadata"]["name"] for m in values["models"]}
+    assert "codefleet-frontend" not in pdbs
+    assert deployed[values["models"][0]["name"]] not in pdbs
+    assert deployed[values["models"][1]["name"]] in pdbs  # autoscaled 0..3
+    assert len(pdbs) == len(values["models"]) - 1
+    for pdb in pdbs.values():
+        assert set(pdb["spec"]) == {"maxUnavailable", "selector"} and pdb["spec"]["maxUnavailable"] == 1
+
+
+def anti_affinity(deployment: dict[str, Any]) -> dict[str, Any] | None:
+    return deployment["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity")
+
+
+def test_replicas_of_a_model_cannot_share_a_node(chart: helm_python.Chart) -> None:
+    """Two or more replicas (or maxReplicas): a required anti-affinity on the node name against the
+    model's own pods (and only its own: another model may share the node). One replica: no rule."""
+    values = fleet_values()
+    values["models"][0]["replicas"] = 1
+    objs = render(chart, autoscaled(values, model=2, metrics=MONITORS))
+    for i, m in enumerate(values["models"]):
+        d = engines(objs)[m["name"]]
+        rule = anti_affinity(d)
+        if i == 0:
+            assert rule is None, "one replica: nothing to keep apart"
+            continue
+        (term,) = rule["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        pod_labels = d["spec"]["template"]["metadata"]["labels"]
+        assert term["labelSelector"]["matchLabels"] == pod_labels, "selects exactly this model's pods"
+        for other in values["models"]:
+            if other is not m:
+                other_labels = engines(objs)[other["name"]]["spec"]["template"]["metadata"]["labels"]
+                assert not term["labelSelector"]["matchLabels"].items() <= other_labels.items()
+
+
+def test_spread_can_be_relaxed_or_replaced(chart: helm_python.Chart) -> None:
+    values = fleet_values(engine={"spread": "preferred"})
+    own = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "podAffinityTerm": {"topologyKey": "topology.kubernetes.io/zone",
+                                          "labelSelector": {"matchLabels": {"codefleet.dev/model": "x"}}}}]},
+           "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+               {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    values["models"][0]["affinity"] = own
+    values["models"][1]["spread"] = "required"
+    objs = render(chart, values)
+    ms = values["models"]
+    assert engines(objs)[ms[0]["name"]]["spec"]["template"]["spec"]["affinity"] == own  # the model's own rule wins
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in anti_affinity(engines(objs)[ms[1]["name"]])
+    (pref,) = anti_affinity(engines(objs)[ms[2]["name"]])["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert pref["weight"] == 100 and pref["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def internal_keys(objs: list[dict[str, Any]]) -> set[str]:
+    import base64
+    return {base64.b64decode(s["data"]["key"]).decode() for s in by_kind(objs, "Secret").values()
+            if s["metadata"]["name"].endswith("internal-key")}
+
+
+def test_internal_key_without_cluster_access_is_the_same_or_refused(chart: helm_python.Chart) -> None:
+    """No cluster to look the stored key up in (helm template, Argo CD): a generated key would differ
+    between two renders, so the chart refuses and says what to set; a given key is the same in both."""
+    values = fleet_values()
+    values.pop("internalKey")
+    for _ in range(2):
+        with pytest.raises(helm_python.HelmRenderError, match="internalKey: rendering without cluster access") as err:
+            render(chart, values)
+        assert "internalKey.existingSecret" in str(err.value) and "internalKey.value" in str(err.value)
+    given = fleet_values()
+    assert internal_keys(render(chart, given)) == internal_keys(render(chart, given)) == {INTERNAL_KEY}
+    # Or a Secret of the operator's own: the chart makes none, every pod reads that one.
+    objs = render(chart, fleet_values(internalKey={"existingSecret": "my-internal-key"}))
+    assert internal_keys(objs) == set()
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in by_kind(objs, "Deployment").values()
+            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] in ("VLLM_API_KEY", "CODEFLEET_UPSTREAM_KEY")}
+    assert refs == {"my-internal-key"}
+    with pytest.raises(helm_python.HelmValuesError, match="/internalKey/value"):
+        render(chart, fleet_values(internalKey={"value": "short"}))
+
+
+def cache_volume(d: dict[str, Any]) -> dict[str, Any]:
+    return next(v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "model-cache")
+
+
+def test_weight_cache_choices(chart: helm_python.Chart) -> None:
+    values = fleet_values()
+    # default perPod: a ReadWriteOnce volume of each pod's own, sized from the model's weights
+    objs = render(chart, values)
+    for m in values["models"]:
+        v = cache_volume(engines(objs)[m["name"]])["ephemeral"]["volumeClaimTemplate"]["spec"]
+        assert v["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in v
+        assert v["resources"]["requests"]["storage"] == f"{m['cacheGiB']}Gi"
+        assert m["cacheGiB"] >= m["plan"]["weightsGiBPerGpu"] * m["tensorParallelSize"] + 10
+    # shared: one ReadWriteMany claim every engine mounts
+    objs = render(chart, fleet_values(modelCache={"type": "shared", "storageClassName": "efs"}))
+    (pvc,) = by_kind(objs, "PersistentVolumeClaim").values()
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "efs"
+    assert {cache_volume(d)["persistentVolumeClaim"]["claimName"] for d in engines(objs).values()} == \
+        {pvc["metadata"]["name"]}
+    objs = render(chart, fleet_values(modelCache={"type": "existingClaim", "existingClaim": "weights"}))
+    assert not by_kind(objs, "PersistentVolumeClaim")
+    assert {cache_volume(d)["persistentVolumeClaim"]["claimName"] for d in engines(objs).values()} == {"weights"}
+    objs = render(chart, fleet_values(modelCache={"type": "node", "hostPath": "/mnt/nvme/models"}))
+    assert {str(cache_volume(d)["hostPath"]) for d in engines(objs).values()} == \
+        {str({"path": "/mnt/nvme/models", "type": "Directory"})}
+    objs = render(chart, fleet_values(modelCache={"type": "none"}))
+    assert all("emptyDir" in cache_volume(d) for d in engines(objs).values())
+
+
+@pytest.mark.parametrize(("cache", "message"), [
+    ({"type": "perPod", "preload": {"enabled": True}}, "/modelCache/type"),
+    ({"type": "node", "preload": {"enabled": True}}, "/modelCache/type"),
+    ({"type": "existingClaim"}, "existingClaim"),
+    ({"enabled": True}, "additional properties 'enabled' not allowed"),
+])
+def test_cache_values_refused_where_they_cannot_work(chart: helm_python.Chart, cache: dict[str, Any],
+                                                     message: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=message):
+        render(chart, fleet_values(modelCache=cache))
+
+
+def test_preload_fills_the_cache_before_engines_start(chart: helm_python.Chart) -> None:
+    values = fleet_values(modelCache={"type": "shared", "preload": {"enabled": True}})
+    values["models"][0]["revision"] = "0123abc"
+    objs = render(chart, values)
+    jobs = by_kind(objs, "Job")
+    assert len(jobs) == len(values["models"])
+    for m in values["models"]:
+        (job,) = [j for j in jobs.values() if j["metadata"]["labels"]["codefleet.dev/model"] == m["key"]]
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        rev = ["--revision", m["revision"]] if "revision" in m else []
+        assert c["command"] == ["python3", "-m", "codefleet.preload", m["model"], *rev]
+        assert cache_volume(job)["persistentVolumeClaim"]["claimName"] == "codefleet-model-cache"
+        (init,) = engines(objs)[m["name"]]["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"][:4] == ["python3", "-m", "codefleet.preload", "--wait"]
+        assert init["command"][4:5 + len(rev)] == [m["model"], *rev]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["HF_HOME"] == {e["name"]: e.get("value") for e in init["env"]}["HF_HOME"] == "/models"
+        # both run the same module with the same arguments, so they agree on the marker
+        from codefleet.preload import main as preload_main  # noqa: F401 - the module the pods run exists
+    # a new revision is a new Job (a Job's pod template cannot change)
+    values["models"][0]["revision"] = "4567def"
+    assert set(by_kind(render(chart, values), "Job")) != set(jobs)
+
+
+def test_images_by_digest_and_a_small_frontend_image(chart: helm_python.Chart) -> None:
+    objs = render(chart, fleet_values(image={"repository": "r.example/codefleet", "digest": DIGEST},
+                                      frontendImage={"repository": "r.example/fe", "digest": DIGEST},
+                                      modelCache={"type": "shared", "preload": {"enabled": True}}))
+    pods = [d["spec"]["template"]["spec"] for d in [*by_kind(objs, "Deployment").values(), *by_kind(objs, "Job").values()]]
+    pods += [o["spec"] for o in by_kind(objs, "Pod").values()]
+    images = {}
+    for pod in pods:
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            images[c["name"]] = images.get(c["name"], set()) | {c["image"]}
+    assert images["vllm"] == images["preload"] == images["wait-for-weights"] == {f"r.example/codefleet@{DIGEST}"}
+    assert images["frontend"] == images["smoke"] == {f"r.example/fe@{DIGEST}"}
+    objs = render(chart, fleet_values())
+    fe = by_kind(objs, "Deployment")["codefleet-frontend"]["spec"]["template"]["spec"]["containers"][0]
+    assert fe["image"] == "ghcr.io/codefleet/codefleet-frontend:0.1.0"
+
+
+def test_helm_test_pod_runs_smoke_with_each_models_family(chart: helm_python.Chart) -> None:
+    from codefleet.cli import build_parser
+
+    values = fleet_values(apiKeys={"enabled": True, "existingSecret": "codefleet-api-keys"})
+    objs = render(chart, values)
+    (pod,) = by_kind(objs, "Pod").values()
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    args = build_parser().parse_args(c["command"][1:])  # what `codefleet` in the pod will parse
+    assert args.func.__name__ == "cmd_smoke" and args.base_url == "http://codefleet.llm.svc:80"
+    assert args.api_key_file == "/etc/codefleet/api-keys/keys"
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/etc/codefleet/chat-templates", "/etc/codefleet/api-keys"} <= mounts
+    want = {f"{m['name']}={m['family']}:/etc/codefleet/chat-templates/{m['chatTemplate']}" for m in values["models"]}
+    assert set(args.expect) == want
+
+
+def test_autoscaling_needs_a_prometheus_that_scrapes(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="autoscaling reads Prometheus"):
+        render(chart, autoscaled(fleet_values()))
+    assert by_kind(render(chart, autoscaled(fleet_values(keda={"externalScrape": True}))), "ScaledObject")
 
 
 def test_monitors_carry_model_replica_node(chart: helm_python.Chart) -> None:
@@ -340,7 +574,7 @@ def autoscaled_values(tmp_path: Path, auto: str) -> dict[str, Any]:
     assert text != FLEET.read_text()
     (tmp_path / "fleet.yaml").write_text(text)
     loaded = load(tmp_path / "fleet.yaml")
-    return helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb"))
+    return helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb")) | OFFLINE | {"metrics": MONITORS}
 
 
 def test_autoscaling_is_a_keda_scaledobject_that_scales_from_zero(tmp_path: Path,
@@ -421,7 +655,7 @@ def test_revision_reaches_the_chart_once(tmp_path: Path, chart: helm_python.Char
     (tmp_path / "fleet.yaml").write_text(text)
     loaded = load(tmp_path / "fleet.yaml")
     plan = plan_fleet(loaded, gpu="h100-80gb")
-    (c,) = engines(render(chart, helm_values(loaded, plan)))["codefuse-codellama-34b"]["spec"]["template"]["spec"][
+    (c,) = engines(render(chart, helm_values(loaded, plan) | OFFLINE))["codefuse-codellama-34b"]["spec"]["template"]["spec"][
         "containers"]
     assert c["args"].count("--revision") == 1 and c["args"][c["args"].index("--revision") + 1] == "0123abc"
 

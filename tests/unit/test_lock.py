@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCKS = {"cpu": ("cpu", "router", "ray", "dev"), "gpu": ("gpu", "router", "ray")}
+LOCKS = {"cpu": ("cpu", "router", "ray", "dev"), "gpu": ("gpu", "router", "ray"), "frontend": ("router",)}
 
 
 def pins(lock: Path) -> dict[str, Version]:
@@ -41,3 +41,10 @@ def test_every_pin_has_a_hash() -> None:
         for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):
             if "==" in block.split("\n")[0]:
                 assert "--hash=sha256:" in block, block.split("\n")[0]
+
+
+def test_frontend_lock_carries_no_engine() -> None:
+    """The frontend image (deploy/Dockerfile.frontend) is small because its lock has no vLLM, torch or CUDA."""
+    pinned = pins(ROOT / "deploy" / "lock" / "frontend.txt")
+    heavy = {n for n in pinned if n in ("vllm", "torch", "transformers", "ray", "triton") or n.startswith("nvidia-")}
+    assert not heavy, heavy

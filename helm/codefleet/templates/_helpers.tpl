@@ -50,8 +50,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* An image reference: repository@digest when a digest is given, else repository:tag (default
+the chart's appVersion). {{ include "codefleet.imageRef" (list $ .Values.image) }} */}}
+{{- define "codefleet.imageRef" -}}
+{{- $root := index . 0 }}{{- $img := index . 1 }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository (default $root.Chart.AppVersion $img.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "codefleet.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "codefleet.imageRef" (list . .Values.image) }}
+{{- end }}
+
+{{- define "codefleet.frontendImage" -}}
+{{- include "codefleet.imageRef" (list . .Values.frontendImage) }}
+{{- end }}
+
+{{/* The most replicas a model can have: maxReplicas when autoscaled, else replicas. */}}
+{{- define "codefleet.mostReplicas" -}}
+{{- if and .autoscaling .autoscaling.enabled }}{{ int .autoscaling.maxReplicas }}{{ else }}{{ int .replicas }}{{ end }}
+{{- end }}
+
+{{/* The preload marker's name for a model and revision (the engines' init container waits for it). */}}
+{{- define "codefleet.preloadName" -}}
+{{- $root := index . 0 }}{{- $m := index . 1 }}
+{{- printf "%s-preload-%s" (include "codefleet.engineName" (list $root $m) | trunc 44 | trimSuffix "-") (printf "%s@%s" $m.model ($m.revision | default "main") | sha256sum | trunc 8) }}
 {{- end }}
 
 {{- define "codefleet.internalKeySecret" -}}
@@ -63,5 +89,42 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "codefleet.cacheClaim" -}}
-{{- default (printf "%s-model-cache" (include "codefleet.fullname" .)) .Values.modelCache.existingClaim }}
+{{- if eq .Values.modelCache.type "existingClaim" }}
+{{- .Values.modelCache.existingClaim }}
+{{- else }}
+{{- printf "%s-model-cache" (include "codefleet.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The model-cache volume of an engine pod (or a preload Job), by modelCache.type. */}}
+{{- define "codefleet.cacheVolume" -}}
+{{- $root := index . 0 }}{{- $m := index . 1 }}{{- $c := $root.Values.modelCache }}
+- name: model-cache
+{{- if or (eq $c.type "shared") (eq $c.type "existingClaim") }}
+  persistentVolumeClaim:
+    claimName: {{ include "codefleet.cacheClaim" $root }}
+{{- else if eq $c.type "perPod" }}
+  # A ReadWriteOnce volume of the pod's own (generic ephemeral volume), deleted with the pod.
+  ephemeral:
+    volumeClaimTemplate:
+      metadata:
+        labels:
+          {{- include "codefleet.selectorLabels" $root | nindent 10 }}
+          app.kubernetes.io/component: model-cache
+      spec:
+        accessModes: [ReadWriteOnce]
+        {{- with $c.storageClassName }}
+        storageClassName: {{ . }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ $c.perPodSize | default (printf "%dGi" (int ($m.cacheGiB | default 100))) }}
+{{- else if eq $c.type "node" }}
+  hostPath:
+    path: {{ $c.hostPath }}
+    type: Directory
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ printf "%dGi" (int ($m.cacheGiB | default 100)) }}
+{{- end }}
 {{- end }}
