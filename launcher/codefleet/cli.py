@@ -63,11 +63,29 @@ def format_plan(plan: FleetPlan) -> str:
                 + ". Decode figures are roofline upper bounds from memory bandwidth, full-length sequences.")
     if any(m.autoscale for m in plan.models):
         rows.append("repl: autoscaled models show min-max (start at the first number unless `replicas` is set).")
+    for m in plan.models:
+        if m.accelerator != "cpu":
+            extra = [f"kv cache {m.kv_cache_dtype}"] if m.kv_cache_dtype != "auto" else []
+            extra += [f"weights {m.quantization}"] if m.quantization else []
+            rows.append(f"  {m.name}: max_num_seqs {m.max_num_seqs}, max_num_batched_tokens {m.max_num_batched_tokens}"
+                        + "".join(f", {e}" for e in extra))
+    rows += [f"warning: {w}" for m in plan.models for w in m.warnings]
     return "\n".join(rows)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    if args.explain:
+        from codefleet.planner import explain
+        from codefleet.resolve import resolve
+
+        names = [m.name for m in plan.models]
+        if args.explain not in names:
+            raise CodefleetError(f"--explain {args.explain!r}: no such model in {args.manifest}; its models: "
+                                 f"{', '.join(names)}")
+        resolved = next(r for r in resolve(load(args.manifest)) if r.spec.name == args.explain)
+        print(explain(resolved, next(m for m in plan.models if m.name == args.explain)))
+        return 0
     if args.json:
         print(json.dumps({"gpus_per_node": plan.gpus_per_node, "total_gpus": plan.total_gpus,
                           "models": [m.to_json() for m in plan.models]}, indent=2))
@@ -377,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpu", help="plan every model on this GPU type")
     sp.add_argument("--gpus-per-node", type=int)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--explain", metavar="MODEL", help="print the whole arithmetic of one model's plan, with sources")
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("up", help="start every replica and wait until healthy")

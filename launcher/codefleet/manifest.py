@@ -214,6 +214,10 @@ class Defaults(_Strict):
     """Drain budget: how long a replica leaving service (scale-down, rolling replace, ``down``) may
     take to finish its requests (out of the router first, then vLLM's own --shutdown-timeout drain),
     before what is left is cut (each cut stream ends with an error event)."""
+    moe_config_dir: str | None = None
+    """A folder of tuned fused-MoE kernel configs (``E=..,N=..,device_name=...json``, made by vLLM's
+    benchmark_moe.py --tune), relative to the manifest: MoE engines get it as
+    VLLM_TUNED_CONFIG_FOLDER (local, Ray) or through a ConfigMap (Helm)."""
 
 
 class ModelSpec(_Strict):
@@ -244,6 +248,8 @@ class ModelSpec(_Strict):
     share of the requests in flight still get in). Unset: no shedding."""
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
+    moe_config_dir: str | None = None
+    """As ``defaults.moe_config_dir``, for this model."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Passed to vLLM untouched, as ``--key value`` (``true`` for a bare flag)."""
     env: dict[str, str] = Field(default_factory=dict)

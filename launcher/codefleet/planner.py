@@ -1,16 +1,22 @@
 """Capacity planner: what fits where, decided before anything starts.
 
-Memory per GPU of one replica, at tensor parallel size TP:
+Memory per GPU of one replica, at tensor parallel size TP, as vLLM budgets it
+(vllm/v1/worker/gpu_worker.py determine_available_memory):
 
-    weights / TP  +  reserve  +  KV cache  <=  memory * gpu_memory_utilization
+    KV cache = ceil(usable * gpu_memory_utilization) - weights / TP - reserve
 
-* weights: every parameter (all experts of an MoE) times the dtype's bytes;
-* KV cache per token per GPU: 2 (K and V) * layers * KV heads per rank * head_dim * bytes,
-  where KV heads per rank = KV heads / TP, or 1 when TP exceeds the KV heads (vLLM replicates);
-* reserve: RESERVE_FIXED_GIB for the CUDA context, NCCL buffers and CUDA graphs, plus the
-  activations of one scheduler step of MAX_BATCHED_TOKENS tokens (the residual stream, the
-  attention projections and the MLP intermediate of one layer live at once). vLLM profiles
-  this peak at start-up; the planner estimates it so the answer comes before a model load.
+* usable: the total CUDA reports for the GPU (gpus.py, from vLLM's own start-up logs), not the
+  marketed size: vLLM multiplies that by gpu_memory_utilization;
+* weights: every parameter (all experts of an MoE) times the dtype's bytes; a quantized
+  checkpoint's linear layers at their own bytes (quant.py); less ``cpu_offload_gb`` per GPU;
+* KV cache per token per GPU: 2 (K and V) * layers * KV heads per rank * head_dim * the KV-cache
+  dtype's bytes (``kv_cache_dtype``: fp8 is 1 byte), where KV heads per rank = KV heads / TP, or 1
+  when TP exceeds the KV heads (vLLM replicates); capacity in whole blocks of 16 tokens;
+* reserve: RESERVE_FIXED_GIB for the CUDA context, NCCL buffers and CUDA graphs, plus what vLLM's
+  profiling run peaks at: the activations of one scheduler step of ``max_num_batched_tokens``
+  tokens (the residual stream, the attention projections and the MLP intermediate of one layer,
+  times the routed experts of an MoE) and the float32 logits of ``max_num_seqs`` sequences. Both
+  limits are the manifest's ``engine_args`` or vLLM's defaults for the GPU (gpus.py).
 
 On the CPU (gpu: cpu) the KV cache is a fixed VLLM_CPU_KVCACHE_SPACE per rank and only the KV
 capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N tokens").
@@ -18,23 +24,29 @@ capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N t
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codefleet import moe
 from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
-from codefleet.gpus import GPUS
+from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
 from codefleet.manifest import LoadedManifest, Metrics, Router, Tenant
+from codefleet.quant import Quant
 from codefleet.resolve import ResolvedModel, resolve
 from codefleet.shapes import ModelShape
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: vLLM's --kv-cache-dtype values the planner sizes ("auto": the model's dtype).
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1}
 RESERVE_FIXED_GIB = 1.0
-MAX_BATCHED_TOKENS = 8192
+#: vLLM's KV-cache block (tokens); capacity is a whole number of blocks.
+BLOCK_TOKENS = 16
+#: Logits are float32 in vLLM's sampler.
+LOGIT_BYTES = 4
 
 
 def parameter_count(s: ModelShape) -> int:
@@ -71,6 +83,22 @@ def active_parameter_count(s: ModelShape) -> int:
     return total - s.num_layers * (s.num_experts - s.experts_per_token) * expert
 
 
+def linear_parameter_count(s: ModelShape) -> int:
+    """The weights of the attention and MLP matrices (every expert): what a quantized checkpoint
+    stores in fewer bits. Embeddings, the LM head, norms, biases and MoE routers are not."""
+    h, kv_dim, q_dim = s.hidden_size, s.num_kv_heads * s.head_dim, s.num_heads * s.head_dim
+    mlp = (3 if s.mlp_kind == "gated" else 2) * h * s.intermediate_size
+    return s.num_layers * (h * q_dim + 2 * h * kv_dim + q_dim * h + mlp * max(1, s.num_experts))
+
+
+def weight_bytes(s: ModelShape, dtype_bytes: int, quant: Quant | None = None) -> int:
+    params = parameter_count(s)
+    if quant is None:
+        return params * dtype_bytes
+    linear = linear_parameter_count(s)
+    return math.ceil(linear * quant.linear_bytes_per_param()) + (params - linear) * dtype_bytes
+
+
 def kv_heads_per_rank(s: ModelShape, tp: int) -> int:
     return max(1, s.num_kv_heads // tp)
 
@@ -80,17 +108,72 @@ def kv_bytes_per_token(s: ModelShape, dtype_bytes: int, tp: int = 1) -> int:
     return 2 * s.num_layers * kv_heads_per_rank(s, tp) * s.head_dim * dtype_bytes
 
 
-def reserve_bytes(s: ModelShape, dtype_bytes: int, tp: int) -> int:
-    per_token = (4 * s.hidden_size + 2 * s.intermediate_size // tp) * dtype_bytes
-    return int(RESERVE_FIXED_GIB * GiB + MAX_BATCHED_TOKENS * per_token)
+def activation_bytes(s: ModelShape, dtype_bytes: int, tp: int, batched_tokens: int) -> int:
+    """One scheduler step's activations at their peak in vLLM's profiling run."""
+    routed = max(1, s.experts_per_token) if s.is_moe else 1
+    per_token = (4 * s.hidden_size + 2 * routed * s.intermediate_size // tp) * dtype_bytes
+    return batched_tokens * per_token
 
 
-def valid_tp(s: ModelShape) -> list[int]:
-    return [
-        n
-        for n in s.valid_tensor_parallel_sizes()
-        if s.num_kv_heads % n == 0 or n % s.num_kv_heads == 0
-    ]
+def sampler_bytes(s: ModelShape, max_num_seqs: int) -> int:
+    """The float32 logits of a full batch (vLLM's profiling run samples ``max_num_seqs`` sequences)."""
+    return max_num_seqs * s.vocab_size * LOGIT_BYTES
+
+
+def reserve_bytes(s: ModelShape, dtype_bytes: int, tp: int, batched_tokens: int = 8192,
+                  max_num_seqs: int = 256) -> int:
+    return (int(RESERVE_FIXED_GIB * GiB) + activation_bytes(s, dtype_bytes, tp, batched_tokens)
+            + sampler_bytes(s, max_num_seqs))
+
+
+def valid_tp(s: ModelShape, group_size: int | None = None) -> list[int]:
+    return s.valid_tensor_parallel_sizes(group_size)
+
+
+def engine_arg(args: dict[str, Any], name: str) -> Any:
+    """An ``engine_args`` value, however the manifest spelt the key (``max-num-seqs``, ``--max_num_seqs``)."""
+    for key, value in args.items():
+        if key.lstrip("-").replace("-", "_") == name:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The engine limits that change memory, each the manifest's or vLLM's default for the GPU."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_dtype: str
+    kv_dtype_bytes: int
+    cpu_offload_bytes: int
+    #: Where each came from (for ``plan --explain``).
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def engine_limits(m: ResolvedModel, gpu: Gpu) -> Limits:
+    args = m.spec.engine_args
+    default_tokens, default_seqs = gpu.batch_defaults()
+    vllm = f"vLLM's default on {gpu.name}"
+    seqs, tokens = engine_arg(args, "max_num_seqs"), engine_arg(args, "max_num_batched_tokens")
+    sources = {"max_num_seqs": "engine_args" if seqs else vllm,
+               "max_num_batched_tokens": "engine_args" if tokens else vllm}
+    if tokens is None:
+        tokens = default_tokens
+        if engine_arg(args, "enable_chunked_prefill") is False:
+            tokens = max(m.max_model_len, default_tokens)  # vLLM: a whole prompt in one step
+            sources["max_num_batched_tokens"] += " (no chunked prefill: at least max_model_len)"
+    kv_dtype = str(engine_arg(args, "kv_cache_dtype") or "auto")
+    if kv_dtype == "auto":
+        kv_bytes = _dtype_bytes(m)
+    elif kv_dtype in KV_DTYPE_BYTES:
+        kv_bytes = KV_DTYPE_BYTES[kv_dtype]
+    else:
+        raise PlanError(f"{m.spec.name}: engine_args.kv_cache_dtype {kv_dtype!r} is not one the planner sizes; "
+                        f"use auto or one of {', '.join(KV_DTYPE_BYTES)}")
+    sources["kv_cache_dtype"] = f"{kv_dtype} from engine_args" if kv_dtype != "auto" else f"auto: the model's {m.dtype}"
+    offload = float(engine_arg(args, "cpu_offload_gb") or 0)
+    return Limits(int(seqs or default_seqs), int(tokens), kv_dtype, kv_bytes, int(offload * GiB), sources)
 
 
 @dataclass(frozen=True)
@@ -145,6 +228,21 @@ class ReplicaPlan:
     autoscale: Autoscale | None = None
     #: Overload shedding threshold (the engines' waiting requests); None: no shedding.
     max_waiting: int | None = None
+    #: The engine limits the plan assumed (the manifest's engine_args or vLLM's defaults for the GPU).
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
+    #: e.g. "awq (4-bit, group 128; ...)"; None: the weights are in ``dtype``.
+    quantization: str | None = None
+    #: What CUDA reports as the GPU's memory (the base of gpu_memory_utilization), bytes.
+    gpu_usable_bytes: int = 0
+    #: The fused-MoE kernel config vLLM looks for, and where it was found ("" : nowhere).
+    moe_config: str | None = None
+    moe_config_found: str = ""
+    #: A folder of tuned fused-MoE configs (VLLM_TUNED_CONFIG_FOLDER), from the manifest.
+    moe_config_dir: str | None = None
+    #: What the plan cannot account for or the operator should act on, said before launch.
+    warnings: tuple[str, ...] = ()
 
     @property
     def max_replicas(self) -> int:
@@ -200,16 +298,21 @@ def _dtype_bytes(m: ResolvedModel) -> int:
     return DTYPE_BYTES.get(m.dtype, 2)
 
 
-def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_tokens: int) -> Estimate:
+def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_tokens: int,
+              lim: Limits) -> Estimate:
     gpu = GPUS[gpu_name]
     b = _dtype_bytes(m)
     s = m.shape
-    kv_tok = kv_bytes_per_token(s, b, tp)
-    max_batch = max(1, kv_tokens // m.max_model_len)
+    kv_tok = kv_bytes_per_token(s, lim.kv_dtype_bytes, tp)
+    # full-length sequences the KV cache holds, and no more than the engine schedules at once
+    max_batch = max(1, min(kv_tokens // m.max_model_len, lim.max_num_seqs))
+
+    weights = weight_bytes(s, b, m.quant)
+    params_all = parameter_count(s)
 
     def tps(batch: int) -> float:
-        params = active_parameter_count(s) if batch == 1 else parameter_count(s)
-        step_bytes = params * b / tp + batch * m.max_model_len * kv_tok
+        read = weights * (active_parameter_count(s) / params_all if batch == 1 else 1.0)
+        step_bytes = read / tp + batch * m.max_model_len * kv_tok
         return batch * gpu.bandwidth / step_bytes
 
     flops = 2 * active_parameter_count(s) * prompt_tokens
@@ -234,12 +337,13 @@ def _sampling_defaults(m: ResolvedModel) -> dict[str, Any]:
 
 
 def plan_model(
-    m: ResolvedModel, gpus_per_node: int, gpu_override: str | None = None, prompt_tokens: int = 2048
+    m: ResolvedModel, gpus_per_node: int, gpu_override: str | None = None, prompt_tokens: int = 2048,
+    loaded_dir: Path | None = None,
 ) -> ReplicaPlan:
     s = m.shape
     b = _dtype_bytes(m)
     params = parameter_count(s)
-    weights = params * b
+    weights = weight_bytes(s, b, m.quant)
     accel = gpu_override or m.gpu
     spec = m.spec
     auto = None
@@ -275,17 +379,19 @@ def plan_model(
         drain_seconds=m.drain_seconds,
         autoscale=auto,
         max_waiting=spec.max_waiting,
+        quantization=m.quant.describe() if m.quant else None,
+        moe_config_dir=str(m.moe_config_dir) if m.moe_config_dir else None,
     )
     if accel == "cpu":
         tp = spec.tensor_parallel_size or 1
-        kv_tok = kv_bytes_per_token(s, b, tp)
+        cpu_kv_tok = kv_bytes_per_token(s, b, tp)
         kv_bytes = int(m.cpu_kv_cache_gib * GiB)
-        kv_tokens = kv_bytes // kv_tok
+        kv_tokens = kv_bytes // cpu_kv_tok
         return ReplicaPlan(
             **common,
             tensor_parallel_size=tp,
             weight_bytes_per_gpu=weights // tp,
-            kv_bytes_per_token_per_gpu=kv_tok,
+            kv_bytes_per_token_per_gpu=cpu_kv_tok,
             reserve_bytes_per_gpu=0,
             kv_bytes_per_gpu=kv_bytes,
             kv_tokens=kv_tokens,
@@ -293,57 +399,97 @@ def plan_model(
             replicas_per_node=1,
             nodes=replicas,
             estimate=None,
+            warnings=m.warnings,
         )
     gpu = GPUS[accel]
-    budget = gpu.memory_gib * GiB * m.gpu_memory_utilization
+    lim = engine_limits(m, gpu)
+    group = m.quant.group_size if m.quant else None
+    budget = math.ceil(gpu.usable_gib * GiB * m.gpu_memory_utilization)
     need_tokens = m.max_model_len * m.min_concurrent_sequences
 
-    def kv_room(tp: int) -> int:
-        return int(budget - weights / tp - reserve_bytes(s, b, tp))
+    def kv_tok(tp: int) -> int:
+        return kv_bytes_per_token(s, lim.kv_dtype_bytes, tp)
 
-    candidates = [tp for tp in valid_tp(s) if tp <= gpus_per_node]
+    def reserve(tp: int) -> int:
+        return reserve_bytes(s, b, tp, lim.max_num_batched_tokens, lim.max_num_seqs)
+
+    def kv_room(tp: int) -> int:
+        return int(budget - max(0, weights // tp - lim.cpu_offload_bytes) - reserve(tp))
+
+    candidates = [tp for tp in valid_tp(s, group) if tp <= gpus_per_node]
     if spec.tensor_parallel_size is not None:
         tp = spec.tensor_parallel_size
-        fits = kv_room(tp) >= need_tokens * kv_bytes_per_token(s, b, tp)
+        fits = kv_room(tp) >= need_tokens * kv_tok(tp)
         if not fits:
-            raise PlanError(_no_fit(m, accel, tp, budget, weights, candidates, need_tokens, kv_room))
+            raise PlanError(_no_fit(m, accel, tp, budget, weights, candidates, need_tokens, kv_room, kv_tok))
         if tp > gpus_per_node:
             raise PlanError(f"{spec.name}: tensor_parallel_size {tp} needs {tp} GPUs on one node; "
                             f"nodes have {gpus_per_node}")
     else:
-        fitting = [t for t in candidates if kv_room(t) >= need_tokens * kv_bytes_per_token(s, b, t)]
+        fitting = [t for t in candidates if kv_room(t) >= need_tokens * kv_tok(t)]
         if not fitting:
-            raise PlanError(_no_fit(m, accel, None, budget, weights, candidates, need_tokens, kv_room))
+            raise PlanError(_no_fit(m, accel, None, budget, weights, candidates, need_tokens, kv_room, kv_tok))
         tp = fitting[0]
-    kv_tok = kv_bytes_per_token(s, b, tp)
     kv_bytes = kv_room(tp)
-    kv_tokens = kv_bytes // kv_tok
+    kv_tokens = kv_bytes // (kv_tok(tp) * BLOCK_TOKENS) * BLOCK_TOKENS
     per_node = gpus_per_node // tp
+    moe_name, moe_found, moe_warning = moe_kernel_config(m, gpu, tp, loaded_dir)
     return ReplicaPlan(
         **common,
         tensor_parallel_size=tp,
-        weight_bytes_per_gpu=weights // tp,
-        kv_bytes_per_token_per_gpu=kv_tok,
-        reserve_bytes_per_gpu=reserve_bytes(s, b, tp),
+        weight_bytes_per_gpu=max(0, weights // tp - lim.cpu_offload_bytes),
+        kv_bytes_per_token_per_gpu=kv_tok(tp),
+        reserve_bytes_per_gpu=reserve(tp),
         kv_bytes_per_gpu=kv_bytes,
         kv_tokens=kv_tokens,
         full_length_sequences=kv_tokens / m.max_model_len,
         replicas_per_node=per_node,
         nodes=math.ceil(replicas / per_node) if replicas else 0,
-        estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens),
+        estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens, lim),
+        max_num_seqs=lim.max_num_seqs,
+        max_num_batched_tokens=lim.max_num_batched_tokens,
+        kv_cache_dtype=lim.kv_cache_dtype,
+        gpu_usable_bytes=int(gpu.usable_gib * GiB),
+        moe_config=moe_name,
+        moe_config_found=moe_found,
+        warnings=(*m.warnings, *([moe_warning] if moe_warning else [])),
     )
 
 
+def moe_kernel_config(m: ResolvedModel, gpu: Gpu, tp: int, manifest_dir: Path | None) -> tuple[
+        str | None, str, str | None]:
+    """(the config file vLLM's fused-MoE kernel looks for, where it was found, a warning if nowhere)."""
+    s = m.shape
+    if not s.is_moe:
+        return None, "", None
+    dtype = moe.config_dtype(m.dtype, m.quant.method if m.quant else None)
+    if dtype is False:
+        return None, "", None
+    name = moe.config_file_name(s.num_experts, s.intermediate_size // tp, gpu.moe_device_name,
+                                dtype if isinstance(dtype, str) else None)
+    if m.moe_config_dir is not None and (m.moe_config_dir / name).is_file():
+        return name, str(m.moe_config_dir), None
+    shipped = moe.shipped_configs_dir()
+    if shipped is not None and (shipped / name).is_file():
+        return name, "shipped with vLLM", None
+    where = "vLLM (not installed here) may ship" if shipped is None else "vLLM ships no"
+    own = f" nor does {m.moe_config_dir}" if m.moe_config_dir else ""
+    return name, "", (
+        f"{m.spec.name}: {where} tuned fused-MoE config {name} for {gpu.name}{own}; the engine will log "
+        f"'Using default MoE config' and run its MoE layers markedly slower (vLLM #17619, #17768). Tune one "
+        f"there: {moe.tune_command(m.model_ref, tp, dtype == 'fp8_w8a8')}, then set moe_config_dir to its folder")
+
+
 def _no_fit(m: ResolvedModel, accel: str, tp: int | None, budget: float, weights: int,
-            candidates: list[int], need_tokens: int, kv_room: Any) -> str:
-    s, b = m.shape, _dtype_bytes(m)
+            candidates: list[int], need_tokens: int, kv_room: Any, kv_tok: Any) -> str:
     name = m.spec.source.split("/")[-1]
     util = m.gpu_memory_utilization
-    fix = next((t for t in candidates if kv_room(t) >= need_tokens * kv_bytes_per_token(s, b, t)), None)
+    fix = next((t for t in candidates if kv_room(t) >= need_tokens * kv_tok(t)), None)
     head = (f"{name} in {m.dtype} needs {weights / GiB:.1f} GiB of weights"
             + (f" ({weights / tp / GiB:.1f} GiB per GPU at tensor_parallel_size {tp})" if tp and tp > 1 else "")
-            + f" and {need_tokens * kv_bytes_per_token(s, b, tp or 1) / GiB:.1f} GiB of KV cache for "
-            f"{need_tokens} tokens; one {accel} at {util:.2f} utilisation holds {budget / GiB:.0f} GiB")
+            + f" and {need_tokens * kv_tok(tp or 1) / GiB:.1f} GiB of KV cache for "
+            f"{need_tokens} tokens; one {accel} at {util:.2f} utilisation holds {budget / GiB:.1f} GiB "
+            f"(of the {GPUS[accel].usable_gib:.2f} GiB CUDA reports)")
     if fix is not None:
         return f"{m.spec.name}: {head}; use tensor_parallel_size {fix}"
     return (f"{m.spec.name}: {head}; no tensor_parallel_size up to {max(candidates, default=1)} fits: "
@@ -353,14 +499,14 @@ def _no_fit(m: ResolvedModel, accel: str, tp: int | None, budget: float, weights
 def plan_fleet(loaded: LoadedManifest, gpu: str | None = None, gpus_per_node: int | None = None,
                resolved: list[ResolvedModel] | None = None) -> FleetPlan:
     if gpu is not None and gpu != "cpu" and gpu not in GPUS:
-        raise PlanError(f"unknown GPU type {gpu!r}; known: {', '.join([*GPUS, 'cpu'])}")
+        raise PlanError(unknown_gpu_message(gpu, "--gpu: "))
     per_node = gpus_per_node or loaded.manifest.defaults.gpus_per_node
     models = resolved if resolved is not None else resolve(loaded)
     errors: list[str] = []
     plans: list[ReplicaPlan] = []
     for m in models:
         try:
-            plans.append(plan_model(m, per_node, gpu))
+            plans.append(plan_model(m, per_node, gpu, loaded_dir=loaded.file.parent))
         except PlanError as exc:
             loc = loaded.location(("models", m.index))
             errors.append(f"{loc}: {exc}")
@@ -378,9 +524,7 @@ def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[s
     for accel, have in loaded.manifest.capacity.items():
         loc = loaded.location(("capacity", accel))
         if accel not in GPUS:
-            near = difflib.get_close_matches(accel, list(GPUS), n=1)
-            errors.append(f"{loc}: unknown GPU type {accel!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                                     f"; known: {', '.join(GPUS)}"))
+            errors.append(f"{loc}: {unknown_gpu_message(accel)}")
             continue
         on = [p for p in plans if p.accelerator == accel]
         need = sum(p.gpus_per_replica * p.max_replicas for p in on)
@@ -391,3 +535,83 @@ def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[s
             errors.append(f"{loc}: at max_replicas the models on {accel} need {need} GPUs ({terms}) but capacity "
                           f"is {have}; e.g. {worst.name} fits at most {fit} replica(s) beside the others")
     return errors
+
+
+def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
+    """The whole arithmetic of one model's plan, every term with its source (``plan --explain``)."""
+    s, b = m.shape, _dtype_bytes(m)
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, value: str, how: str) -> None:
+        rows.append((name, value, how))
+
+    def gib(n: float) -> str:
+        return f"{n / GiB:,.2f} GiB"
+
+    where = "catalog" if m.catalog else ("demo checkpoint" if m.demo else "config.json")
+    head = [f"{p.name} on {p.accelerator}: tensor_parallel_size {p.tensor_parallel_size}, {p.replicas} replica(s)",
+            f"shape ({where}: {p.source}): hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads / "
+            f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, MLP width {s.intermediate_size}"
+            + (f" x {s.num_experts} experts ({s.experts_per_token} routed)" if s.is_moe else "")
+            + f", vocab {s.vocab_size}"]
+    params = parameter_count(s)
+    row("parameters", f"{params:,}", "layers x (attention + MLP + norms) + embeddings (+ LM head unless tied); "
+                                     "planner.parameter_count")
+    if m.quant:
+        linear = linear_parameter_count(s)
+        row("weights", gib(p.weight_bytes), f"linear {linear:,} x {m.quant.linear_bytes_per_param():.4f} bytes "
+                                            f"({m.quant.describe()}, from {m.quant.source}) + the other "
+                                            f"{params - linear:,} x {b} bytes ({m.dtype})")
+    else:
+        row("weights", gib(p.weight_bytes), f"parameters x {b} bytes ({m.dtype})")
+    if p.accelerator == "cpu":
+        row("weights per rank", gib(p.weight_bytes_per_gpu), f"weights / TP {p.tensor_parallel_size}")
+        row("KV cache per rank", gib(p.kv_bytes_per_gpu), f"cpu_kv_cache_gib {m.cpu_kv_cache_gib} "
+                                                         f"(VLLM_CPU_KVCACHE_SPACE)")
+        row("KV bytes per token", f"{p.kv_bytes_per_token_per_gpu:,}",
+            f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, p.tensor_parallel_size)} KV heads per rank x "
+            f"head_dim {s.head_dim} x {b} bytes")
+        row("KV tokens", f"{p.kv_tokens:,}", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')")
+    else:
+        gpu = GPUS[p.accelerator]
+        lim = engine_limits(m, gpu)
+        tp = p.tensor_parallel_size
+        routed = max(1, s.experts_per_token) if s.is_moe else 1
+        row("usable memory", f"{gpu.usable_gib:.2f} GiB", f"what CUDA reports on {gpu.name} "
+                                                          f"(marketed {gpu.memory_gib:g} GB): {gpu.usable_source}")
+        budget = math.ceil(gpu.usable_gib * GiB * m.gpu_memory_utilization)
+        row("budget", gib(budget), f"ceil(usable x gpu_memory_utilization {m.gpu_memory_utilization:.2f}); "
+                                   f"vLLM's request_memory")
+        row("weights per GPU", gib(p.weight_bytes_per_gpu),
+            f"weights / TP {tp}" + (f" - cpu_offload_gb {lim.cpu_offload_bytes / GiB:g}" if lim.cpu_offload_bytes
+                                    else ""))
+        row("fixed reserve", gib(RESERVE_FIXED_GIB * GiB), "CUDA context, NCCL buffers, CUDA graphs (RESERVE_FIXED_GIB)")
+        act = activation_bytes(s, b, tp, lim.max_num_batched_tokens)
+        row("activations", gib(act), f"max_num_batched_tokens {lim.max_num_batched_tokens} "
+                                     f"({lim.sources['max_num_batched_tokens']}) x (4 x hidden {s.hidden_size} + 2 x "
+                                     f"{routed} x MLP width {s.intermediate_size} / TP {tp}) x {b} bytes")
+        row("sampler logits", gib(sampler_bytes(s, lim.max_num_seqs)),
+            f"max_num_seqs {lim.max_num_seqs} ({lim.sources['max_num_seqs']}) x vocab {s.vocab_size} x "
+            f"{LOGIT_BYTES} bytes (float32)")
+        row("KV cache", gib(p.kv_bytes_per_gpu), "budget - weights per GPU - reserve (fixed + activations + logits)")
+        row("KV bytes per token", f"{p.kv_bytes_per_token_per_gpu:,}",
+            f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x head_dim {s.head_dim} x "
+            f"{lim.kv_dtype_bytes} bytes (kv_cache_dtype {lim.sources['kv_cache_dtype']})")
+        row("KV tokens", f"{p.kv_tokens:,}", f"floor(KV cache / (KV bytes per token x {BLOCK_TOKENS})) x "
+                                             f"{BLOCK_TOKENS}: whole blocks")
+        valid = valid_tp(s, m.quant.group_size if m.quant else None)
+        row("TP choice", str(tp), f"the smallest of {', '.join(map(str, valid))} that leaves KV room for "
+                                  f"max_model_len {m.max_model_len} x min_concurrent_sequences "
+                                  f"{m.min_concurrent_sequences}" if m.spec.tensor_parallel_size is None
+            else "set in the manifest")
+    row("full-length seqs", f"{p.full_length_sequences:.1f}", f"KV tokens / max_model_len {m.max_model_len}")
+    if p.estimate:
+        row("batch ceiling", str(p.estimate.max_batch), f"min(full-length seqs, max_num_seqs {p.max_num_seqs})")
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = head + [f"  {n:<{width}}  {v:>{vwidth}}  {h}" for n, v, h in rows]
+    if p.moe_config:
+        lines.append(f"fused-MoE kernel config {p.moe_config}: "
+                     + (f"found ({p.moe_config_found})" if p.moe_config_found else "not found (see the warning)"))
+    lines += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(lines)

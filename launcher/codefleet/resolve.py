@@ -13,8 +13,9 @@ from codefleet import demo_models
 from codefleet.catalog import CATALOG, CatalogEntry, lookup
 from codefleet.errors import Location, ManifestError
 from codefleet.families import FAMILIES, Family, get_family
-from codefleet.gpus import GPUS
+from codefleet.gpus import GPUS, unknown_gpu_message
 from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
+from codefleet.quant import Quant, detect
 from codefleet.shapes import ModelShape
 
 
@@ -40,6 +41,12 @@ class ResolvedModel:
     max_model_len: int
     drain_seconds: int
     ttft_slo_seconds: float = 2.0
+    #: Quantized weights (engine_args.quantization or the checkpoint's config.json).
+    quant: Quant | None = None
+    #: What the plan cannot account for, said before launch.
+    warnings: tuple[str, ...] = ()
+    #: Tuned fused-MoE configs (VLLM_TUNED_CONFIG_FOLDER), absolute.
+    moe_config_dir: Path | None = None
 
 
 def _dtype(spec: ModelSpec, catalog: CatalogEntry | None, config: dict[str, Any] | None) -> str:
@@ -140,16 +147,19 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
     gpu_field = "gpu" if spec.gpu else None
     if gpu != "cpu" and gpu not in GPUS:
         where = (*at, "gpu") if gpu_field else ("defaults", "gpu")
-        problems.append((loaded.location(where), f"unknown GPU type {gpu!r}; known: {', '.join([*GPUS, 'cpu'])}"))
+        problems.append((loaded.location(where), unknown_gpu_message(gpu)))
 
+    engine_quant = spec.engine_args.get("quantization", spec.engine_args.get("--quantization"))
+    quant, quant_warning = detect(str(engine_quant) if engine_quant else None, config)
     if shape is not None:
         tp = spec.tensor_parallel_size
         if tp is not None:
-            valid = [n for n in shape.valid_tensor_parallel_sizes() if _kv_compatible(shape, n)]
-            if tp not in valid:
+            group = quant.group_size if quant else None
+            why = shape.tp_problems(tp, group)
+            if why:
+                valid = shape.valid_tensor_parallel_sizes(group)
                 fail("tensor_parallel_size",
-                     f"{tp} does not divide the {shape.num_heads} attention heads "
-                     f"({shape.num_kv_heads} KV heads) of {spec.source}; valid values: "
+                     f"vLLM cannot split {spec.source} over {tp} GPUs: {'; '.join(why)}; valid values: "
                      f"{', '.join(map(str, valid))}")
         if spec.max_model_len is not None and spec.max_model_len > shape.max_position:
             fail("max_model_len",
@@ -170,6 +180,14 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
             template = (loaded.file.parent / template).resolve()
         if not template.is_file():
             fail("chat_template", f"chat template file {template} does not exist")
+    moe_dir: Path | None = None
+    if (moe_setting := spec.moe_config_dir or defaults.moe_config_dir) is not None:
+        moe_dir = Path(moe_setting).expanduser()
+        if not moe_dir.is_absolute():
+            moe_dir = (loaded.file.parent / moe_dir).resolve()
+        if not moe_dir.is_dir():
+            where = (*at, "moe_config_dir") if spec.moe_config_dir else ("defaults", "moe_config_dir")
+            problems.append((loaded.location(where), f"moe_config_dir {moe_dir} is not a folder"))
     if problems:
         raise ManifestError(problems)
     assert shape is not None and family_name is not None
@@ -191,9 +209,8 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         max_model_len=spec.max_model_len or shape.max_position,
         drain_seconds=spec.drain_seconds or defaults.drain_seconds,
         ttft_slo_seconds=spec.ttft_slo_seconds or defaults.ttft_slo_seconds,
+        quant=quant,
+        warnings=(quant_warning,) if quant_warning else (),
+        moe_config_dir=moe_dir if shape.is_moe else None,
     )
 
-
-def _kv_compatible(shape: ModelShape, tp: int) -> bool:
-    """vLLM shards KV heads when TP divides them and replicates them when they divide TP."""
-    return shape.num_kv_heads % tp == 0 or tp % shape.num_kv_heads == 0

@@ -50,9 +50,31 @@ class ModelShape:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    def valid_tensor_parallel_sizes(self) -> list[int]:
-        """TP sizes vLLM accepts: they must divide the number of attention heads."""
-        return [n for n in range(1, self.num_heads + 1) if self.num_heads % n == 0]
+    def tp_problems(self, tp: int, group_size: int | None = None) -> list[str]:
+        """Why vLLM would refuse this model at tensor parallel size ``tp`` (empty: it starts).
+
+        The checks vLLM makes while building the model: attention heads divide by TP
+        (ModelConfig.verify_with_parallel_config); KV heads are sharded when TP divides them and
+        replicated when they divide TP (QKVParallelLinear); the MLP width (each expert's, for an
+        MoE) divides by TP (ColumnParallelLinear's ``divide``); with a group-wise quantized
+        checkpoint each rank's share of the MLP width is a whole number of groups (AWQ/GPTQ:
+        "The input size is not aligned with the quantized weight shape")."""
+        out = []
+        if self.num_heads % tp:
+            out.append(f"the {self.num_heads} attention heads do not divide by {tp}")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            out.append(f"the {self.num_kv_heads} KV heads neither divide by {tp} nor divide it")
+        width = "expert MLP width" if self.is_moe else "MLP width"
+        if self.intermediate_size % tp:
+            out.append(f"the {width} {self.intermediate_size} does not divide by {tp}")
+        elif group_size and (self.intermediate_size // tp) % group_size:
+            out.append(f"each rank's {width} {self.intermediate_size // tp} is not a whole number of "
+                       f"quantization groups of {group_size}")
+        return out
+
+    def valid_tensor_parallel_sizes(self, group_size: int | None = None, upto: int = 64) -> list[int]:
+        """TP sizes vLLM accepts for this shape (``tp_problems`` finds none), up to ``upto``."""
+        return [n for n in range(1, min(upto, self.num_heads) + 1) if not self.tp_problems(n, group_size)]
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelShape:

@@ -131,6 +131,12 @@ def serve() -> None:
             return r.choices[0].finish_reason or ""
 
         out["chat"] = [chat() for _ in range(4)]
+        # `codefleet smoke` through the Ray fleet's endpoint, as after any deploy
+        from codefleet.smoke import Smoke, run
+        reports, unknown = run(Smoke(fleet.url, "sk-ray-test"), {})
+        out["smoke"] = {"failed": [(r.model, c.name, c.detail) for r in reports for c in r.failed],
+                        "checks": sum(len(r.checks) for r in reports), "unknown": unknown.ok,
+                        "template": [c.detail for r in reports for c in r.checks if c.name == "template"]}
         # 1. The engine process dies: the actor exits, Ray restarts it, the replica comes back.
         victim = fleet.replicas[0]
         old = dict(victim.handle, url=victim.url)

@@ -73,6 +73,9 @@ def test_real_engine_in_ray_actors(tmp_path: Path) -> None:
     assert len(status) == 2 and all(s["ready"] for s in status)
     assert len({s["node_id"] for s in status}) == 2, "strict_spread: the two replicas on distinct nodes"
     assert out["chat"] == ["length"] * 4
+    smoke = out["smoke"]
+    assert smoke["failed"] == [] and smoke["unknown"] is True and smoke["checks"] >= 7, smoke
+    assert smoke["template"] == ["granite-code (recognised; no expectation given)"], smoke
     for step in ("after_engine_kill", "after_actor_kill"):
         s = out[step]
         assert s["saw_down"] and s["new_actor"] and s["ready"], (step, s)

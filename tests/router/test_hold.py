@@ -56,7 +56,14 @@ def ask(url: str, model: str, stream: bool, retries: int = 0) -> str:
     return c.completions.create(model=model, prompt="x", max_tokens=4).choices[0].text
 
 
+def ready_replicas(f: Fakes) -> dict[str, Any]:
+    return {m.id: (m.model_extra or {}).get("ready_replicas")
+            for m in openai.OpenAI(base_url=f.url + "/v1", api_key=KEY).models.list()}
+
+
 def test_held_requests_go_when_a_replica_registers(fakes: Fakes) -> None:
+    # /v1/models says which models have no replica (what `codefleet smoke` skips rather than wakes)
+    assert ready_replicas(fakes)["cold"] == 0
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = []
         for i in range(6):  # one at a time, so that the arrival order is known
@@ -70,6 +77,7 @@ def test_held_requests_go_when_a_replica_registers(fakes: Fakes) -> None:
         answers = [f.result(timeout=30) for f in futures]
         released_in = time.monotonic() - t0
     assert answers == ["xxxx"] * 6
+    assert ready_replicas(fakes)["cold"] == 1
     assert metric(fakes, "codefleet_gateway_hold_total", model="cold", outcome="released") == 6
     assert metric(fakes, "codefleet_gateway_held_requests", model="cold") == 0
     assert metric(fakes, "codefleet_gateway_hold_seconds_count", model="cold") == 6

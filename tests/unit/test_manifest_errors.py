@@ -32,7 +32,7 @@ CORPUS: list[tuple[str, str, str, int | None, list[str]]] = [
      "models[0].family", 4, ["did you mean 'granite-code'"]),
     ("tp-does-not-divide-heads",
      "models:\n  - name: a\n    source: codefuse-ai/CodeFuse-CodeLlama-34B\n    tensor_parallel_size: 3\n",
-     "models[0].tensor_parallel_size", 4, ["3 does not divide the 64 attention heads", "valid values: 1, 2, 4, 8, 16"]),
+     "models[0].tensor_parallel_size", 4, ["the 64 attention heads do not divide by 3", "valid values: 1, 2, 4, 8, 16"]),
     ("tp-starcoder-heads",
      "models:\n  - name: a\n    source: GeorgiaTechResearchInstitute/starcoder-gpteacher-code-instruct\n"
      "    tensor_parallel_size: 5\n",
