@@ -69,6 +69,10 @@ def cpu_binding(tp: int, cores: list[int]) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
+#: vLLM reads tuned fused-MoE kernel configs from this folder before its shipped ones.
+MOE_CONFIG_ENV = "VLLM_TUNED_CONFIG_FOLDER"
+
+
 def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = False,
                 cpu_slot: int | None = None) -> EngineSpec:
     """The vLLM server of one replica of ``plan``.
@@ -102,6 +106,8 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[cpu_slot % len(cores)])
     if plan.demo is not None:
         env["HF_HUB_OFFLINE"] = "1"
+    if plan.moe_config_dir is not None:
+        env[MOE_CONFIG_ENV] = plan.moe_config_dir  # the chart mounts the folder's files elsewhere
     if loopback:
         env["VLLM_HOST_IP"] = "127.0.0.1"
     env.update(plan.env)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from codefleet.engine import engine_spec, flags_argv
+from codefleet.engine import MOE_CONFIG_ENV, engine_spec, flags_argv
 from codefleet.errors import PlanError
 from codefleet.manifest import LoadedManifest
 from codefleet.observability import autoscale_query, held_query
@@ -35,6 +36,8 @@ STARTUP_FIXED_S = 600
 STARTUP_S_PER_GIB = 10
 STARTUP_PERIOD_S = 10
 API_KEYS_SECRET = "codefleet-api-keys"
+#: Where an engine pod finds its model's tuned fused-MoE config (VLLM_TUNED_CONFIG_FOLDER).
+MOE_CONFIG_MOUNT = "/etc/codefleet/moe-config"
 
 
 def model_key(name: str) -> str:
@@ -58,6 +61,14 @@ def _model_values(p: ReplicaPlan) -> dict[str, Any]:
                         f"machine; the chart needs a Hugging Face id or a path inside the image")
     spec = engine_spec(p, loopback=False)
     weights_gib = p.weight_bytes_per_gpu / GiB
+    env = dict(spec.env)
+    moe_config: dict[str, str] = {}
+    if p.moe_config_dir is not None and p.moe_config and p.moe_config_found == p.moe_config_dir:
+        # the tuned kernel config travels in the values; the pod reads it from a ConfigMap
+        moe_config = {"file": p.moe_config, "json": (Path(p.moe_config_dir) / p.moe_config).read_text()}
+        env[MOE_CONFIG_ENV] = MOE_CONFIG_MOUNT
+    else:
+        env.pop(MOE_CONFIG_ENV, None)
     values: dict[str, Any] = {
         "name": p.name,
         "key": model_key(p.name),
@@ -72,7 +83,8 @@ def _model_values(p: ReplicaPlan) -> dict[str, Any]:
         # a per-pod weight cache (modelCache.type perPod) is sized for the weights, with room to spare
         "cacheGiB": math.ceil(p.weight_bytes / GiB * 1.2 + 10),
         "args": flags_argv(spec.flags),
-        "env": dict(sorted(spec.env.items())),
+        "env": dict(sorted(env.items())),
+        **({"moeConfig": moe_config} if moe_config else {}),
         # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
         "resources": {
             "requests": {"cpu": str(4 * p.tensor_parallel_size),

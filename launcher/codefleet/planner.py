@@ -355,6 +355,10 @@ def plan_model(
                          a.scale_down_delay_seconds, a.idle_seconds_before_zero, a.hold_requests,
                          a.hold_timeout_seconds, a.cold_start_seconds)
         replicas = spec.replicas if "replicas" in spec.model_fields_set else a.min_replicas
+    notes = list(m.warnings)
+    if replicas == 0 and auto is None:
+        notes.append(f"{spec.name}: replicas is 0: it is listed by /v1/models but answers 503 until `codefleet apply` "
+                     f"gives it replicas (for replicas that follow load from zero, use autoscaling with min_replicas 0)")
     common: dict[str, Any] = dict(
         name=spec.name,
         source=spec.source,
@@ -399,7 +403,7 @@ def plan_model(
             replicas_per_node=1,
             nodes=replicas,
             estimate=None,
-            warnings=m.warnings,
+            warnings=tuple(notes),
         )
     gpu = GPUS[accel]
     lim = engine_limits(m, gpu)
@@ -452,7 +456,7 @@ def plan_model(
         gpu_usable_bytes=int(gpu.usable_gib * GiB),
         moe_config=moe_name,
         moe_config_found=moe_found,
-        warnings=(*m.warnings, *([moe_warning] if moe_warning else [])),
+        warnings=(*notes, *([moe_warning] if moe_warning else [])),
     )
 
 

@@ -685,3 +685,27 @@ def test_tenants_reach_every_frontend_pod_with_its_share(chart: helm_python.Char
     cfg = FrontendConfig.model_validate_json(cm["data"]["frontend.json"])
     assert cfg.frontend_pods == 2  # the chart's two frontend pods: each enforces half of every rate
     assert cfg.tenants["ide"].requests_per_minute == 600
+
+
+def test_tuned_moe_config_reaches_the_engine_under_vllms_file_name(chart: helm_python.Chart) -> None:
+    values = fleet_values()
+    m = values["models"][1]
+    name = "E=32,N=512,device_name=NVIDIA_H100_80GB_HBM3.json"
+    m["moeConfig"] = {"file": name, "json": '{"1": {"BLOCK_SIZE_M": 16}}'}
+    m["env"]["VLLM_TUNED_CONFIG_FOLDER"] = "/etc/codefleet/moe-config"
+    objs = render(chart, values)
+    for o in objs:
+        if o["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+    d = engines(objs)[m["name"]]
+    spec = d["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    mount = next(x for x in c["volumeMounts"] if x["name"] == "moe-config")
+    volume = next(v for v in spec["volumes"] if v["name"] == "moe-config")
+    cm = by_kind(objs, "ConfigMap")[volume["configMap"]["name"]]
+    assert volume["configMap"]["items"] == [{"key": "config.json", "path": name}]
+    assert cm["data"]["config.json"] == m["moeConfig"]["json"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["VLLM_TUNED_CONFIG_FOLDER"] == mount["mountPath"] == "/etc/codefleet/moe-config"
+    others = [engines(objs)[x["name"]]["spec"]["template"]["spec"] for x in values["models"] if x is not m]
+    assert not any(v["name"] == "moe-config" for o in others for v in o["volumes"])

@@ -63,3 +63,16 @@ def test_scenarios_are_complete(path: Path) -> None:
         else:
             assert run["base_url_env"]
     assert (path.parent / "README.md").exists(), f"{path.parent.name}: results README missing"
+
+
+def test_gpu_kv_check_reads_vllms_capacity_line(tmp_path: Path) -> None:
+    """benchmarks/gpu_kv_check.py parses the line vLLM logs (v1/core/kv_cache_utils.py's format)."""
+    from benchmarks.gpu_kv_check import logged_capacity
+
+    log = tmp_path / "engine.log"
+    log.write_text("INFO [gpu_worker.py:300] Available KV cache memory: 63.06 GiB\n"
+                   "INFO [kv_cache_utils.py:1300] GPU KV cache size: 206,608 tokens, Maximum concurrency for "
+                   "128,000 tokens per request: 1.61x\n")
+    assert logged_capacity(log, lambda: True, timeout=5) == (206_608, 63.06)
+    log.write_text("ERROR: CUDA out of memory\n")
+    assert logged_capacity(log, lambda: False, timeout=5) == (None, None)
