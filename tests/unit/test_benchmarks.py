@@ -76,3 +76,66 @@ def test_gpu_kv_check_reads_vllms_capacity_line(tmp_path: Path) -> None:
     assert logged_capacity(log, lambda: True, timeout=5) == (206_608, 63.06)
     log.write_text("ERROR: CUDA out of memory\n")
     assert logged_capacity(log, lambda: False, timeout=5) == (None, None)
+
+
+def test_multiturn_conversations_grow_with_each_answer() -> None:
+    """benchmarks/multiturn.py: every turn repeats the whole conversation (the shared system prompt,
+    the conversation's file, the earlier answers) plus a new question; the control shares nothing."""
+    import asyncio
+    import json as _json
+    import threading
+
+    from aiohttp import web
+
+    from benchmarks.multiturn import Shape, run_workload, summarize
+
+    seen: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        answer = f"answer{len(seen)}"
+        await resp.write(b"data: " + _json.dumps({"choices": [{"index": 0, "delta": {"content": answer}}]}).encode()
+                         + b"\n\n")
+        usage = {"prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]), "completion_tokens": 1}
+        await resp.write(b"data: " + _json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        shape = Shape(conversations=3, turns=4, system_words=20, file_words=30, think_s=0.01)
+        turns = run_workload(f"http://127.0.0.1:{port}", None, "m", shape, "multiturn")
+        assert len(turns) == 12 and all(t["ok"] for t in turns)
+        by_conv: dict[int, list[dict]] = {}
+        for body in seen:
+            first_user = body["messages"][1]["content"]
+            by_conv.setdefault(hash(first_user), []).append(body)
+        assert len(by_conv) == 3
+        systems = {b["messages"][0]["content"] for b in seen}
+        assert len(systems) == 1  # one system prompt shared by every conversation
+        for bodies in by_conv.values():
+            bodies.sort(key=lambda b: len(b["messages"]))
+            assert [len(b["messages"]) for b in bodies] == [2, 4, 6, 8]
+            for earlier, later in zip(bodies, bodies[1:], strict=False):
+                assert later["messages"][:len(earlier["messages"])] == earlier["messages"]  # the prefix repeats
+                assert later["messages"][len(earlier["messages"])]["role"] == "assistant"
+        s = summarize(turns)
+        assert s["ok"] == 12 and s["later_turns_ttft_p50_ms"] is not None
+        seen.clear()
+        control = run_workload(f"http://127.0.0.1:{port}", None, "m", shape, "unique",
+                               [t["input_tokens"] for t in turns])
+        assert len(control) == 12 and len({b["messages"][0]["content"][:40] for b in seen}) == 12
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
