@@ -51,6 +51,10 @@ def test_goodput_syntax_is_vllms() -> None:
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.parent.name)
 def test_scenarios_are_complete(path: Path) -> None:
     spec = yaml.safe_load(path.read_text())
+    assert (path.parent / "README.md").exists(), f"{path.parent.name}: results README missing"
+    if "policies" in spec:  # a benchmarks.multiturn scenario: every policy x replicas measured
+        _multiturn_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -62,7 +66,27 @@ def test_scenarios_are_complete(path: Path) -> None:
             assert all(m.accelerator == "cpu" for m in plan.models)
         else:
             assert run["base_url_env"]
-    assert (path.parent / "README.md").exists(), f"{path.parent.name}: results README missing"
+
+
+def _multiturn_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    from benchmarks.multiturn import Shape, manifest
+    from codefleet.manifest import parse
+
+    assert spec["description"].strip() and spec["replicas"]
+    Shape(**spec.get("shape", {}))
+    for replicas in spec["replicas"]:
+        text = manifest("round_robin", replicas, spec.get("max_model_len", 4096), spec.get("engine_args"))
+        plan = plan_fleet(parse(text, path.parent / "fleet.yaml"))
+        assert all(m.accelerator == "cpu" for m in plan.models) and plan.models[0].replicas == replicas
+    rows = json.loads((path.parent / "results" / "summary.json").read_text())
+    measured = {(r["policy"], r["replicas"], r["workload"]) for r in rows}
+    for policy in spec["policies"]:
+        for replicas in spec["replicas"]:
+            for workload in ("multiturn", "unique"):
+                assert (policy, replicas, workload) in measured, (policy, replicas, workload)
+    assert all(r["ok"] == r["requests"] for r in rows), "a recorded run has failed requests"
 
 
 def test_gpu_kv_check_reads_vllms_capacity_line(tmp_path: Path) -> None:
