@@ -85,12 +85,7 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
     """
     flags: dict[str, Any] = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "revision": plan.revision,
                              # on SIGTERM vLLM finishes its requests for up to this long ("drain")
-                             "shutdown_timeout": plan.drain_seconds,
-                             # vllm-router's cache_aware asks the engine to render (tokenize) every
-                             # prompt first (/v1/completions/render, /v1/chat/completions/render),
-                             # which vLLM 0.32 answers 403 unless scale-out endpoints are on; only
-                             # the frontend reaches the engines (internal key, NetworkPolicy)
-                             "enable_scale_out": True}
+                             "shutdown_timeout": plan.drain_seconds}
     if plan.accelerator != "cpu":
         flags["gpu_memory_utilization"] = f"{plan.gpu_memory_utilization:g}"
     if plan.sampling_defaults:

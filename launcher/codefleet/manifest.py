@@ -33,8 +33,6 @@ DECIDED_FLAGS: dict[str, str] = {
     "shutdown_timeout": "drain_seconds",
     "host": "router/runtime settings",
     "port": "router/runtime settings",
-    # on for every engine: vllm-router's cache_aware tokenizes through the engine's render endpoints
-    "enable_scale_out": "router.policy",
 }
 
 RoutingPolicy = Literal[

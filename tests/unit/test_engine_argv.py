@@ -29,7 +29,7 @@ def vllm_parse(argv: list[str]) -> dict[str, Any]:
 
 DECIDED = {"model", "served_model_name", "host", "port", "dtype", "tensor_parallel_size", "max_model_len",
            "chat_template", "gpu_memory_utilization", "override_generation_config", "middleware",
-           "enforce_eager", "revision", "shutdown_timeout", "enable_scale_out"}
+           "enforce_eager", "revision", "shutdown_timeout"}
 
 
 def test_argv_for_codefuse_on_a100(tmp_path: Path) -> None:
