@@ -86,6 +86,10 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
     flags: dict[str, Any] = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "revision": plan.revision,
                              # on SIGTERM vLLM finishes its requests for up to this long ("drain")
                              "shutdown_timeout": plan.drain_seconds}
+    # Not --enable-scale-out, on purpose: with it vllm-router's cache_aware gets token ids from the
+    # engine's render endpoints (vLLM 0.32 answers them 403 without it, and the router falls back to
+    # matching prompt text) and then sends every conversation sharing a system prompt to one replica:
+    # multi-turn TTFT p50 1.2 s instead of 0.15 s (benchmarks/scenarios/routing-policies/README.md).
     if plan.accelerator != "cpu":
         flags["gpu_memory_utilization"] = f"{plan.gpu_memory_utilization:g}"
     if plan.sampling_defaults:
