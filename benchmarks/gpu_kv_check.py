@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from codefleet.engine import engine_command
 from codefleet.gpus import GPUS
 from codefleet.manifest import load
 from codefleet.planner import GiB, plan_fleet
-from codefleet.procs import spawn, stop_group
+from codefleet.procs import free_port, spawn, stop_group
 
 KV_LINE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 AVAILABLE_LINE = re.compile(r"Available KV cache memory: ([\d.]+) GiB")
@@ -44,12 +43,6 @@ def visible_gpus() -> tuple[int, str]:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: this check needs one (see the module doc)")
     return torch.cuda.device_count(), torch.cuda.get_device_name(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def logged_capacity(log: Path, proc_alive: Callable[[], bool], timeout: float) -> tuple[int | None, float | None]:

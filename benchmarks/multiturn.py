@@ -144,23 +144,14 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_prompt_tokens": statistics.mean(t["input_tokens"] or 0 for t in ok) if ok else 0}
 
 
-def _counter(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def engine_prefix_counters(urls: list[str]) -> tuple[float, float]:
+    """Prefix-cache hits and queries (tokens) summed over the replicas, by codefleet's /metrics reader."""
     import httpx
 
-    hits = queries = 0.0
-    for u in urls:
-        text = httpx.get(u + "/metrics", timeout=10).text
-        hits += _counter(text, "vllm:prefix_cache_hits_total")
-        queries += _counter(text, "vllm:prefix_cache_queries_total")
-    return hits, queries
+    from codefleet.status import engine_look
+
+    looks = [engine_look(httpx.get(u + "/metrics", timeout=10).text) for u in urls]
+    return sum(x.prefix_hits or 0.0 for x in looks), sum(x.prefix_queries or 0.0 for x in looks)
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -126,6 +126,11 @@ def reserve_bytes(s: ModelShape, dtype_bytes: int, tp: int, batched_tokens: int 
             + sampler_bytes(s, max_num_seqs))
 
 
+def budget_bytes(gpu: Gpu, utilization: float) -> int:
+    """What vLLM may use on one GPU: ceil(CUDA's total x gpu_memory_utilization) (vLLM's request_memory)."""
+    return math.ceil(gpu.usable_gib * GiB * utilization)
+
+
 def valid_tp(s: ModelShape, group_size: int | None = None) -> list[int]:
     return s.valid_tensor_parallel_sizes(group_size)
 
@@ -299,15 +304,13 @@ def _dtype_bytes(m: ResolvedModel) -> int:
 
 
 def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_tokens: int,
-              lim: Limits) -> Estimate:
+              lim: Limits, weights: int) -> Estimate:
     gpu = GPUS[gpu_name]
-    b = _dtype_bytes(m)
     s = m.shape
     kv_tok = kv_bytes_per_token(s, lim.kv_dtype_bytes, tp)
     # full-length sequences the KV cache holds, and no more than the engine schedules at once
     max_batch = max(1, min(kv_tokens // m.max_model_len, lim.max_num_seqs))
 
-    weights = weight_bytes(s, b, m.quant)
     params_all = parameter_count(s)
 
     def tps(batch: int) -> float:
@@ -408,7 +411,7 @@ def plan_model(
     gpu = GPUS[accel]
     lim = engine_limits(m, gpu)
     group = m.quant.group_size if m.quant else None
-    budget = math.ceil(gpu.usable_gib * GiB * m.gpu_memory_utilization)
+    budget = budget_bytes(gpu, m.gpu_memory_utilization)
     need_tokens = m.max_model_len * m.min_concurrent_sequences
 
     def kv_tok(tp: int) -> int:
@@ -449,7 +452,7 @@ def plan_model(
         full_length_sequences=kv_tokens / m.max_model_len,
         replicas_per_node=per_node,
         nodes=math.ceil(replicas / per_node) if replicas else 0,
-        estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens, lim),
+        estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens, lim, weights),
         max_num_seqs=lim.max_num_seqs,
         max_num_batched_tokens=lim.max_num_batched_tokens,
         kv_cache_dtype=lim.kv_cache_dtype,
@@ -583,7 +586,7 @@ def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
         routed = max(1, s.experts_per_token) if s.is_moe else 1
         row("usable memory", f"{gpu.usable_gib:.2f} GiB", f"what CUDA reports on {gpu.name} "
                                                           f"(marketed {gpu.memory_gib:g} GB): {gpu.usable_source}")
-        budget = math.ceil(gpu.usable_gib * GiB * m.gpu_memory_utilization)
+        budget = budget_bytes(gpu, m.gpu_memory_utilization)
         row("budget", gib(budget), f"ceil(usable x gpu_memory_utilization {m.gpu_memory_utilization:.2f}); "
                                    f"vLLM's request_memory")
         row("weights per GPU", gib(p.weight_bytes_per_gpu),

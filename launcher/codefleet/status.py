@@ -58,6 +58,10 @@ class EngineLook:
     """Requests finished so far (vllm:request_success_total, every reason)."""
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative counts of the TTFT histogram by upper bound."""
+    prefix_hits: float | None = None
+    """Prompt tokens found in the prefix cache so far (vllm:prefix_cache_hits_total)."""
+    prefix_queries: float | None = None
+    """Prompt tokens looked up in it (vllm:prefix_cache_queries_total)."""
 
 
 def _add(a: float | None, b: float) -> float:
@@ -77,6 +81,10 @@ def engine_look(text: str) -> EngineLook:
                 look.kv = s.value if look.kv is None else max(look.kv, s.value)
             elif s.name == "vllm:request_success_total":
                 look.finished = _add(look.finished, s.value)
+            elif s.name == "vllm:prefix_cache_hits_total":
+                look.prefix_hits = _add(look.prefix_hits, s.value)
+            elif s.name == "vllm:prefix_cache_queries_total":
+                look.prefix_queries = _add(look.prefix_queries, s.value)
             elif s.name == TTFT_BUCKET:
                 le = float(s.labels["le"])
                 look.ttft_buckets[le] = look.ttft_buckets.get(le, 0.0) + s.value

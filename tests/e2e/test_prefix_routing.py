@@ -19,6 +19,7 @@ from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import RouterAdmin, router_argv
 from codefleet.runtime.local import LocalFleet
 from codefleet.runtime.replica import Replica
+from codefleet.status import engine_look
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,8 @@ MODEL = "granite-code-tiny"
 
 
 def prefix_counters(replicas: list[Replica]) -> tuple[float, float]:
-    hits = queries = 0.0
-    for r in replicas:
-        for line in httpx.get(r.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total{"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total{"):
-                queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
+    looks = [engine_look(httpx.get(r.url + "/metrics", timeout=10).text) for r in replicas]
+    return sum(x.prefix_hits or 0.0 for x in looks), sum(x.prefix_queries or 0.0 for x in looks)
 
 
 @dataclass

@@ -466,8 +466,6 @@ def test_preload_fills_the_cache_before_engines_start(chart: helm_python.Chart) 
         assert init["command"][4:5 + len(rev)] == [m["model"], *rev]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["HF_HOME"] == {e["name"]: e.get("value") for e in init["env"]}["HF_HOME"] == "/models"
-        # both run the same module with the same arguments, so they agree on the marker
-        from codefleet.preload import main as preload_main  # noqa: F401 - the module the pods run exists
     # a new revision is a new Job (a Job's pod template cannot change)
     values["models"][0]["revision"] = "4567def"
     assert set(by_kind(render(chart, values), "Job")) != set(jobs)

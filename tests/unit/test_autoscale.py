@@ -139,6 +139,12 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 3.2
 # TYPE vllm:request_success_total counter
 vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 4.0
 vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 6.0
+# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 300.0
+# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 120.0
 """
 
 
@@ -147,6 +153,7 @@ def test_engine_look_reads_vllm_metrics() -> None:
     assert (look.running, look.waiting, look.kv) == (3.0, 7.0, 0.25)
     assert look.ttft_buckets == {0.1: 4.0, 1.0: 9.0, math.inf: 10.0}
     assert look.finished == 10.0  # every finish reason: the rate the queue drains at (shedding)
+    assert (look.prefix_hits, look.prefix_queries) == (120.0, 300.0)  # the routing benchmarks' hit rate
     from codefleet.status import engine_figures
 
     assert engine_figures(VLLM_METRICS) == {"running": 3.0, "waiting": 7.0, "kv_usage": 0.25}
