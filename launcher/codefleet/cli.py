@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import openai
 
 from codefleet import demo_models, discovery
 from codefleet.errors import CodefleetError
@@ -95,11 +96,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
-    for family in demo_models.DEMO_CONFIGS:
-        cached = (demo_models.model_dir(family) / "config.json").exists()
-        path = demo_models.ensure(family)
-        print(f"{demo_models.SCHEME}{family:<14} {path} {'(cached)' if cached else '(built)'}")
+    for name in demo_models.NAMES:
+        cached = (demo_models.model_dir(name) / "config.json").exists()
+        path = demo_models.ensure(name)
+        kind = "trained" if demo_models.is_trained(name) else "random weights"
+        print(f"{demo_models.SCHEME}{name:<22} {path} ({kind}, {'cached' if cached else 'built'})", flush=True)
     return 0
+
+
+def _show_first_answer(url: str, plan: FleetPlan) -> None:
+    """A real question and answer through the endpoint, when the fleet serves a trained demo model."""
+    from codefleet.smoke import FIRST_QUESTION, first_answer
+
+    trained = [m.name for m in plan.models if m.demo and demo_models.is_trained(m.demo) and m.replicas]
+    if not trained or plan.router.api_keys is not None:
+        return
+    print(f"\nasking {trained[0]} through the endpoint (greedy): {FIRST_QUESTION}", flush=True)
+    try:
+        answer = first_answer(url, trained[0])
+    except openai.APIError as exc:  # the fleet is up; a failed demo question must not stop it
+        print(f"  (no answer: {exc})")
+        return
+    print("\n".join("  | " + line for line in answer.splitlines()))
 
 
 class _Signals:
@@ -166,6 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"http://{m.host}:{fe.gateway_metrics_port}/metrics, router http://{m.host}:{fe.router_metrics_port}/metrics")
     if plan.router.api_keys is not None:
         print("API keys are on: send 'Authorization: Bearer <key>'.")
+    _show_first_answer(fleet.url, plan)
     print("\n`codefleet apply MANIFEST` changes the running fleet; Ctrl-C (or `codefleet down`) drains and stops it,\n"
           "a second Ctrl-C (or `codefleet down --now`) stops at once.")
     try:

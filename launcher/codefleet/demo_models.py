@@ -1,8 +1,10 @@
-"""Tiny random-weight checkpoints of each seed architecture, built locally.
+"""The demo models, built locally: tiny random-weight stand-ins of each seed architecture, and
+one trained model.
 
-No model hub is needed: ``demo://FAMILY`` in a manifest names one of these. Each checkpoint is a
-2-layer model with a byte-level BPE tokenizer that carries its family's special tokens. Builds
+No model hub is needed: ``demo://FAMILY`` in a manifest names a stand-in: a 2-layer model with a
+byte-level BPE tokenizer that carries its family's special tokens; its answers are noise. Builds
 are deterministic (fixed seeds, fixed corpus) and cached by a hash of their recipe.
+``demo://smollm2-135m-instruct`` names the trained model (``codefleet.trained_model``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from codefleet import trained_model
 from codefleet.errors import DemoModelError
 from codefleet.families import get_family
 
@@ -108,14 +111,29 @@ _CORPUS = [
 ]
 
 
+#: Trained demo models: name -> the catalog id of the model it is.
+TRAINED: dict[str, str] = {trained_model.NAME: trained_model.HF_ID}
+
+#: Every demo:// name: the stand-ins (named by family), then the trained models.
+NAMES: tuple[str, ...] = (*DEMO_CONFIGS, *TRAINED)
+
+
 def demo_family(source: str) -> str | None:
-    """The family a demo:// source names, or None when it is not a demo source."""
+    """The demo name a demo:// source names (a family for a stand-in), or None when it is not a demo source."""
     if not source.startswith(SCHEME):
         return None
     return source[len(SCHEME) :]
 
 
+def is_trained(name: str) -> bool:
+    return name in TRAINED
+
+
 def hf_config(family: str) -> dict[str, Any]:
+    if family in TRAINED:
+        # What resolve needs before the build (dtype, no quantization); the shape is the catalog's.
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "torch_dtype": trained_model.DTYPE}
     if family not in DEMO_CONFIGS:
         raise DemoModelError(f"no demo model for family {family!r}; known: {', '.join(DEMO_CONFIGS)}")
     fam = get_family(family)
@@ -142,11 +160,15 @@ def _recipe_hash(family: str) -> str:
 
 
 def model_dir(family: str) -> Path:
+    if family in TRAINED:
+        return trained_model.model_dir(cache_root())
     return cache_root() / f"{family}-{_recipe_hash(family)}"
 
 
 def ensure(family: str) -> Path:
-    """Build the demo checkpoint of a family unless it is cached; return its directory."""
+    """Build the demo checkpoint of a family (or a trained demo model) unless it is cached; return its directory."""
+    if family in TRAINED:
+        return trained_model.ensure(cache_root(), say=lambda s: print(s, flush=True))
     target = model_dir(family)
     if (target / "config.json").exists():
         return target

@@ -104,10 +104,12 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
     config: dict[str, Any] | None = None
     model_ref = spec.source
     if demo is not None:
-        if demo not in demo_models.DEMO_CONFIGS:
+        if demo not in demo_models.NAMES:
             fail("source", f"unknown demo model {spec.source!r}; known: "
-                 + ", ".join(demo_models.SCHEME + f for f in demo_models.DEMO_CONFIGS))
+                 + ", ".join(demo_models.SCHEME + f for f in demo_models.NAMES))
             raise ManifestError(problems)
+        if demo_models.is_trained(demo):
+            catalog = lookup(demo_models.TRAINED[demo])
         config = demo_models.hf_config(demo)
         model_ref = str(demo_models.model_dir(demo))
     elif catalog is None:

@@ -15,6 +15,9 @@ against a local, Ray or Kubernetes deployment (the chart's ``helm test`` pod run
 * stop tokens end generation: each of the family's stop tokens is forced as the first generated
   token (``logit_bias`` +100, greedy); the answer must finish with ``stop`` and an empty text.
   The token's id is read from the engine (``return_token_ids`` on a one-token prompt);
+* a trained model's answer is not noise (``--manifest``: every model but the random-weight demo
+  stand-ins): asked greedily for a small Python function, the answer must define it
+  (``def add`` ... ``return``);
 * once per endpoint: an unknown model is answered 404.
 
 Exit status: 0 when every check passed (skips allowed), 1 when one failed, 2 when the endpoint
@@ -44,6 +47,8 @@ USER = "Write a Python function that adds two integers. [codefleet smoke]"
 PROMPT = "def add(a: int, b: int) -> int:\n"
 UNKNOWN_MODEL = "codefleet-smoke-no-such-model"
 MAX_TOKENS = 8
+SENSE_QUESTION = "Write a Python function named add that returns the sum of two numbers a and b."
+SENSE_MAX_TOKENS = 96
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class Expect:
 
     family: str
     template: Path | None = None
+    #: The model is trained (not a random-weight stand-in): its answer must make sense.
+    trained: bool = False
 
     def template_text(self) -> str:
         return (self.template or get_family(self.family).template_path()).read_text()
@@ -186,6 +193,11 @@ class Smoke:
                 report.checks.append(check(name))
             except openai.APIError as exc:
                 report.checks.append(Check(label, False, _api_error(exc)))
+        if expect is not None and expect.trained:
+            try:
+                report.checks.append(self._sense(name))
+            except openai.APIError as exc:
+                report.checks.append(Check("answer makes sense", False, _api_error(exc)))
         if family is None:
             report.checks.append(Check("stop tokens", None, "no family known (template not recognised)"))
             return report
@@ -205,6 +217,13 @@ class Smoke:
                                  f"finish {r.choices[0].finish_reason if r.choices else '?'}")
         template, family = template_check((r.model_extra or {}).get("prompt_text"), expect)
         return chat, template, family
+
+    def _sense(self, model: str) -> Check:
+        r = self.client.chat.completions.create(model=model, messages=[{"role": "user", "content": SENSE_QUESTION}],
+                                                max_tokens=SENSE_MAX_TOKENS, temperature=0)
+        text = r.choices[0].message.content or ""
+        ok = "def add" in text and "return" in text
+        return Check("answer makes sense", ok, "defines add()" if ok else f"no `def add ... return` in {text[:120]!r}")
 
     def _chat_stream(self, model: str) -> Check:
         stream = self.client.chat.completions.create(model=model, messages=_chat_messages(),
@@ -306,6 +325,18 @@ def report_json(reports: list[ModelReport], unknown: Check) -> str:
                        "failed": sum(len(r.failed) for r in reports) + (unknown.ok is False)}, indent=2)
 
 
+FIRST_QUESTION = "Write a Python function that returns the sum of a list."
+
+
+def first_answer(base_url: str, model: str, api_key: str | None = None, max_tokens: int = 160) -> str:
+    """One real question to a trained model through the endpoint (``codefleet up`` shows it)."""
+    client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
+                           timeout=120)
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": FIRST_QUESTION}],
+                                       max_tokens=max_tokens, temperature=0)
+    return r.choices[0].message.content or ""
+
+
 def parse_expect(text: str) -> tuple[str, Expect]:
     """``MODEL=FAMILY`` or ``MODEL=FAMILY:TEMPLATE_FILE``."""
     model, sep, rest = text.partition("=")
@@ -321,13 +352,14 @@ def parse_expect(text: str) -> tuple[str, Expect]:
 
 
 def expects_from_manifest(path: str | Path) -> dict[str, Expect]:
+    from codefleet.demo_models import is_trained
     from codefleet.manifest import load
     from codefleet.resolve import resolve
 
     out: dict[str, Expect] = {}
     for m in resolve(load(path)):
         own = m.chat_template if m.chat_template != m.family.template_path() else None
-        out[m.spec.name] = Expect(m.family.name, own)
+        out[m.spec.name] = Expect(m.family.name, own, trained=m.demo is None or is_trained(m.demo))
     return out
 
 

@@ -21,9 +21,10 @@ from tests.goldens import CONVERSATIONS, GOLDEN
 
 pytestmark = pytest.mark.e2e
 
-MODELS = ["granite-code-tiny", "granite-moe-tiny", "stable-code-tiny", "starcoder-alpaca-tiny", "codefuse-tiny"]
+TRAINED = "smollm2-135m-instruct"
+MODELS = ["granite-code-tiny", "granite-moe-tiny", "stable-code-tiny", "starcoder-alpaca-tiny", "codefuse-tiny", TRAINED]
 FAMILY = {"granite-code-tiny": "granite-code", "granite-moe-tiny": "granite", "stable-code-tiny": "chatml",
-          "starcoder-alpaca-tiny": "alpaca", "codefuse-tiny": "codefuse"}
+          "starcoder-alpaca-tiny": "alpaca", "codefuse-tiny": "codefuse", TRAINED: "chatml"}
 
 
 def client(fleet: LocalFleet, model: str | None = None) -> openai.OpenAI:
@@ -161,4 +162,6 @@ def test_smoke_passes_on_the_demo_fleet(fleet: LocalFleet) -> None:
         assert {"chat", "chat stream", "completion", "completion stream", "template"} <= set(checks)
         assert checks["template"]["detail"] == f"the {FAMILY[model]} family's template"
         assert any(name.startswith("stop ") for name in checks), checks
+        # Only the trained model is asked whether its answer makes sense (the stand-ins write noise).
+        assert ("answer makes sense" in checks) == (model == TRAINED), checks
     assert seen["granite-code-tiny"]["listed"]["detail"] == "2 ready replica(s)"

