@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative difference of the medians")
+    p.add_argument("--model", choices=sorted(workloads.ENGINE_MODELS), default="tiny",
+                   help="the tiny random-weight granite-code stand-in, or the trained SmolLM2-135M-Instruct")
     p.add_argument("--json", help="write the comparison here")
     p.add_argument("--vllm-gc-off", action="store_true",
                    help="run vllm bench serve with Python's garbage collector off, as our generator runs")
@@ -96,8 +98,10 @@ defaults: {gpu: cpu}
 router: {port: 0}
 metrics: {launcher_port: 0, gateway_port: 0, router_port: 0}
 models:
-  - {name: granite-code-tiny, source: "demo://granite-code", max_model_len: 2048, engine_args: {enforce_eager: true}}
+  - {name: MODEL, source: "demo://SOURCE", max_model_len: 2048, engine_args: {enforce_eager: true}}
 """
+    model, source = workloads.ENGINE_MODELS[args.model]
+    manifest = manifest.replace("MODEL", model).replace("SOURCE", source)
     with tempfile.TemporaryDirectory() as d:
         dpath = Path(d)
         (dpath / "m.yaml").write_text(manifest)
@@ -117,7 +121,7 @@ models:
             assert fleet.replicas[0].proc is not None and fleet.frontend is not None
             isolated = isolate_engine(fleet.replicas[0].proc.pid, [os.getpid(), *fleet.frontend.pgids()])
             print(f"engine pinned to its own core: {isolated}", flush=True)
-            common = ["--base-url", url, "--model", "granite-code-tiny", "--workload", "humaneval",
+            common = ["--base-url", url, "--model", model, "--workload", "humaneval",
                       "--num-requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--ignore-eos",
                       "--concurrency", str(args.concurrency), "--quiet"]
             bench_main(common + ["--out", str(dpath / "warm")])  # warm-up, not counted
@@ -127,7 +131,7 @@ models:
                     label = "vllm bench serve" if tool == "vllm" else "benchmarks.bench"
                     print(f"round {rnd + 1}/{args.rounds}: {label} ...", flush=True)
                     if tool == "vllm":
-                        theirs.append(run_vllm_bench(url, "granite-code-tiny", tokenizer, dataset, args.requests,
+                        theirs.append(run_vllm_bench(url, model, tokenizer, dataset, args.requests,
                                                      args.concurrency, args.max_tokens, dpath, args.vllm_gc_off))
                     else:
                         out = dpath / f"ours-{rnd}"

@@ -38,6 +38,7 @@ import httpx
 
 from benchmarks.loadgen import Result, run, run_sync, summarize
 from benchmarks.pinning import cpu_seconds, isolate_engine
+from benchmarks.workloads import ENGINE_MODELS
 from codefleet.gateway.config import UPSTREAM_KEY_ENV
 from codefleet.manifest import Metrics, Router
 from codefleet.procs import free_port, spawn, stop_group
@@ -236,7 +237,7 @@ def part_paced(concurrency: int, requests: int, max_tokens: int, token_delay_ms:
 
 
 def part_engine(concurrency: int, requests: int, max_tokens: int, blocks: int, isolate: bool,
-                policy: str = "cache_aware", control: bool = False) -> dict[str, Any]:
+                policy: str = "cache_aware", control: bool = False, engine_model: str = "tiny") -> dict[str, Any]:
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
     from codefleet.runtime.local import LocalFleet
@@ -247,9 +248,10 @@ defaults: {gpu: cpu, cpu_kv_cache_gib: 1}
 router: {port: 0, policy: POLICY, api_keys: {env: CODEFLEET_BENCH_KEYS}}
 metrics: {launcher_port: 0, gateway_port: 0, router_port: 0}
 models:
-  - {name: granite-code-tiny, source: "demo://granite-code", max_model_len: 2048, engine_args: {enforce_eager: true}}
+  - {name: MODEL, source: "demo://SOURCE", max_model_len: 2048, engine_args: {enforce_eager: true}}
 """
-    manifest = manifest.replace("POLICY", policy)
+    model, source = ENGINE_MODELS[engine_model]
+    manifest = manifest.replace("POLICY", policy).replace("MODEL", model).replace("SOURCE", source)
     os.environ["CODEFLEET_BENCH_KEYS"] = KEY
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "m.yaml").write_text(manifest)
@@ -269,7 +271,7 @@ models:
                        "endpoint": (fleet.url, KEY)}
             if control:  # the engine directly a second time: the run's own noise floor (an A/A test)
                 targets["direct-again"] = (engine, fe.upstream_key)
-            body = {"model": "granite-code-tiny", "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
+            body = {"model": model, "prompt": "def quicksort(xs):", "max_tokens": max_tokens,
                     "min_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
                     "temperature": 0.0}
             warm = asyncio.run(run(engine, "/v1/completions", [body] * concurrency, concurrency=concurrency,
@@ -299,7 +301,7 @@ models:
             sums = {k: summarize(v) for k, v in res.items()}
             for k in sums:  # throughput over the summed wall time of the blocks, not first-to-last
                 sums[k]["output_token_throughput"] = sum(r.output_tokens for r in res[k] if r.ok) / wall[k]
-    print(f"\nvllm-cpu engine (tiny granite-code), policy {policy}, concurrency {concurrency}, {requests} requests x "
+    print(f"\nvllm-cpu engine ({model}), policy {policy}, concurrency {concurrency}, {requests} requests x "
           f"{max_tokens} tokens per target, {blocks} alternating blocks, isolated={isolate}")
     for name, s in sums.items():
         print(_row(name, s, ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "latency_p50_ms", "output_token_throughput")))
@@ -342,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alternative", choices=["granian", "admission"],
                    help="fake part: also measure the gateway on granian (benchmarks/gateway_granian.py), or with "
                         "admission on (a tenant whose limits are never reached)")
+    p.add_argument("--model", choices=sorted(ENGINE_MODELS), default="tiny",
+                   help="engine part: the tiny random-weight granite-code stand-in, or the trained SmolLM2-135M")
     p.add_argument("--json", type=Path, help="write the numbers here")
     a = p.parse_args(argv)
     out: dict[str, Any] = {
@@ -363,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                                   a.token_delay_ms, a.rounds, policy=a.policy)
     if a.part in ("engine", "all"):
         out["engine"] = part_engine(a.concurrency, 256 if a.part == "all" else a.requests, a.max_tokens, a.blocks,
-                                    isolate=not a.no_isolate, policy=a.policy, control=a.control)
+                                    isolate=not a.no_isolate, policy=a.policy, control=a.control,
+                                    engine_model=a.model)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2, default=str))
     return 0

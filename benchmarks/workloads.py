@@ -58,3 +58,9 @@ def synthetic_prompts(n: int, input_len: int, seed: int = 0, tokenizer: object |
 
 def as_chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Complete this Python code:\n\n{prompt}"}]
+
+
+#: ``--model`` of the one-engine benchmarks: the served name and demo source of the engine: the
+#: tiny random-weight granite-code stand-in, or the trained SmolLM2-135M-Instruct.
+ENGINE_MODELS = {"tiny": ("granite-code-tiny", "granite-code"),
+                 "trained": ("smollm2-135m-instruct", "smollm2-135m-instruct")}

@@ -51,8 +51,8 @@ def test_system_prompt_changes_the_answer(fleet: LocalFleet) -> None:
     question = {"role": "user", "content": "Write a function that adds two numbers."}
     plain, _ = ask(fleet, [question])
     js, _ = ask(fleet, [{"role": "system", "content": "You only write JavaScript code, never Python."}, question])
-    assert "def " in plain and "function " not in plain, plain
-    assert "function " in js and "def " not in js, js
+    assert "```python" in plain and "def add" in plain and "function add" not in plain, plain
+    assert "```javascript" in js and "function add" in js and "def add" not in js, js
 
 
 @pytest.mark.parametrize("name", ["Alice", "Bob"])

