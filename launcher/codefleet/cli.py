@@ -121,9 +121,10 @@ def _show_first_answer(url: str, plan: FleetPlan) -> None:
 
 
 class _Signals:
-    """``up``'s signals. Starting: SIGINT/SIGTERM abort the start. Running: the first SIGINT or
-    SIGTERM (Ctrl-C, ``codefleet down``) drains and stops; SIGUSR2 (``down --now``) stops at
-    once; SIGHUP (``codefleet apply``) reloads. Stopping: any of them again ends the drain."""
+    """``up``'s signals. Starting: SIGINT/SIGTERM/SIGHUP abort the start. Running: the first
+    SIGINT, SIGTERM or SIGHUP (Ctrl-C, ``codefleet down``, the terminal closed or the SSH session
+    dropped) drains and stops; SIGUSR2 (``down --now``) stops at once; SIGUSR1 (``codefleet
+    apply``, which a terminal never sends) reloads. Stopping: any stop signal again ends the drain."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -131,9 +132,9 @@ class _Signals:
         self.stop = threading.Event()
         self.now = False
         self.reload = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, self._on_stop)
-        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+        signal.signal(APPLY_SIGNAL, lambda *_: self.reload.set())
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         if self.phase == "starting":
@@ -208,11 +209,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 APPLY_REQUEST = "apply-request.json"
 APPLY_RESULT = "apply-result.json"
+#: How `codefleet apply` tells the launcher to read APPLY_REQUEST: a signal no terminal sends (SIGHUP means
+#: the terminal is gone, and stops the fleet like SIGTERM).
+APPLY_SIGNAL = signal.SIGUSR1
 
 
 def _reload(fleet: Fleet, args: argparse.Namespace) -> None:
     """``codefleet apply``: plan the manifest it names; a manifest that fails changes nothing."""
-    req = json.loads((fleet.run_dir / APPLY_REQUEST).read_text())
+    try:
+        req = json.loads((fleet.run_dir / APPLY_REQUEST).read_text())
+    except (OSError, ValueError) as exc:  # a stray SIGUSR1, not `codefleet apply`
+        print(f"reload signal without a readable apply request ({exc}); nothing changed", file=sys.stderr, flush=True)
+        return
     result: dict[str, object] = {"id": req["id"]}
     try:
         new = plan_fleet(load(req["manifest"]), gpu=getattr(args, "gpu", None),
@@ -237,7 +245,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     run = state_dir()
     rid = f"{os.getpid()}-{time.time()}"
     (run / APPLY_REQUEST).write_text(json.dumps({"id": rid, "manifest": str(Path(args.manifest).resolve())}))
-    os.kill(int(state["launcher_pid"]), signal.SIGHUP)
+    os.kill(int(state["launcher_pid"]), APPLY_SIGNAL)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -391,11 +399,19 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running: a process that has exited but is not yet reaped by its parent (a zombie, which
+    ``kill(pid, 0)`` still finds) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(pid, 0)
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] not in ("Z", "X")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,10 +29,39 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class _Reaper:
+    """This process's watchdog (``codefleet.reaper``): told every group spawned and stopped, it
+    kills the ones left when this process is gone. One per process, like the parent-death signal
+    it completes; started with the first spawn."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def tell(self, line: str) -> None:
+        with self._lock:
+            if self._proc is None or self._pid != os.getpid():  # none yet, or inherited across a fork
+                self._pid = os.getpid()
+                self._proc = subprocess.Popen([sys.executable, "-m", "codefleet.reaper"], stdin=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, start_new_session=True)
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(line.encode() + b"\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):  # the watchdog is gone: the parent-death signal remains
+                pass
+
+
+_reaper = _Reaper()
+
+
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a process group of its own that dies with this process (SIGTERM from the
+    kernel, then SIGKILL from the watchdog after its grace)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             env={**os.environ, **env},
             stdout=out,
@@ -40,6 +70,8 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
             start_new_session=True,
             preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
+    _reaper.tell(f"+{proc.pid}")
+    return proc
 
 
 def group_alive(pgid: int) -> bool:
@@ -54,6 +86,7 @@ def group_alive(pgid: int) -> bool:
 
 def stop_group(pgid: int, grace: float = 20.0) -> None:
     """SIGTERM the whole process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    _reaper.tell(f"-{pgid}")
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:

