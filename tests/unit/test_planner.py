@@ -15,6 +15,7 @@ GRANITE_MOE = "ibm-granite/granite-3.0-1b-a400m-instruct"
 STABLE = "stabilityai/stable-code-instruct-3b"
 STARCODER = "GeorgiaTechResearchInstitute/starcoder-gpteacher-code-instruct"
 CODEFUSE = "codefuse-ai/CodeFuse-CodeLlama-34B"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the demo fleet\'s trained model
 
 # Parameters counted by hand from each config.json (see planner.parameter_count's terms).
 PARAMETERS = {
@@ -90,10 +91,10 @@ def _one(source: str, extra: str = "") -> str:
 
 # Smallest TP per GPU type at min_concurrent_sequences 1 with each model's full context.
 TP_CHOICES = {
-    "a100-40gb": {GRANITE_CODE: 2, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 2},
-    "a100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
-    "h100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
-    "h200-141gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1},
+    "a100-40gb": {GRANITE_CODE: 2, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 2, SMOLLM2: 1},
+    "a100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1, SMOLLM2: 1},
+    "h100-80gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1, SMOLLM2: 1},
+    "h200-141gb": {GRANITE_CODE: 1, GRANITE_MOE: 1, STABLE: 1, STARCODER: 1, CODEFUSE: 1, SMOLLM2: 1},
 }
 
 
