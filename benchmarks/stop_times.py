@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from codefleet.procs import free_port, group_alive
+from codefleet.runtime.local import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("sigint", "down", "sigterm", "sighup", "sigkill")
@@ -43,13 +44,6 @@ def _manifest(src: Path, dst: Path) -> list[str]:
     data["metrics"] = {"launcher_port": 0, "gateway_port": 0, "router_port": 0}
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
     return [m["name"] for m in data["models"]]
-
-
-def _state(home: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads((home / "run" / "state.json").read_text()))
-    except (OSError, ValueError):
-        return None
 
 
 def _streams(url: str, model: str, n: int, out: list[str]) -> list[threading.Thread]:
@@ -85,11 +79,11 @@ def one_stop(manifest: Path, method: str, streams: int, workdir: Path) -> dict[s
         up = subprocess.Popen([sys.executable, "-m", "codefleet.cli", "up", str(workdir / "m.yaml"), "--enforce-eager"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
-    while not (_state(home) or {}).get("converged"):
+    while not (read_state(home / "run") or {}).get("converged"):
         if up.poll() is not None or time.monotonic() - t0 > 900:
             raise SystemExit(f"the fleet did not start; see {workdir / 'up.log'}")
         time.sleep(0.5)
-    state = _state(home) or {}
+    state = read_state(home / "run") or {}
     groups = [r["pgid"] for r in state.get("replicas", []) if r.get("pgid")] + list(state.get("frontend_pgids", []))
     print(f"  {method}: fleet ready in {time.monotonic() - t0:.0f} s ({len(groups)} process groups)", flush=True)
     ends: list[str] = []

@@ -75,13 +75,30 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def group_alive(pgid: int) -> bool:
+    """A member of the group is still running. Zombies do not count: where PID 1 does not reap
+    orphans (seen on these machines), an engine's killed EngineCore and workers stay in its group
+    as zombies, and ``killpg(pgid, 0)`` alone would wait for them forever."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split(" ", 3)[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def stop_group(pgid: int, grace: float = 20.0) -> None:
