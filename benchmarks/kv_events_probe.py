@@ -41,7 +41,7 @@ def main() -> int:
     url, source = f"http://127.0.0.1:{eport}", f"tcp://127.0.0.1:{kport}"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1"}
     kv = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{kport}"})
-    logs = {"engine": open("/tmp/kv_probe_engine.log", "w"), "router": open("/tmp/kv_probe_router.log", "w")}  # noqa: SIM115
+    logs = {"engine": open("/tmp/kv_probe_engine.log", "w"), "router": open("/tmp/kv_probe_router.log", "w")}
     engine = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                                "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(eport),
                                "--max-model-len", "1024", "--enforce-eager", "--enable-prefix-caching",

@@ -195,7 +195,7 @@ def _stream(client: Any) -> dict[str, Any]:
             chunks += 1
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
-    except Exception as exc:  # noqa: BLE001 - counted as a cut stream
+    except Exception as exc:  # counted as a cut stream
         return {"finish": None, "chunks": chunks, "error": repr(exc)}
     return {"finish": finish, "chunks": chunks, "error": None}
 

@@ -45,7 +45,7 @@ def test_up_apply_down(tmp_path: Path) -> None:
     one = tmp_path / "one.yaml"
     one.write_text(MANIFEST.replace("REPLICAS", "1"))
     (tmp_path / "broken.jinja").write_text(FAMILIES["chatml"].template_path().read_text())
-    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "up.log", "w")  # closed below
     up = subprocess.Popen([sys.executable, "-m", "codefleet.cli", "up", str(one), "--enforce-eager"], env=env,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run = tmp_path / "home" / "run"

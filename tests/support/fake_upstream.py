@@ -19,7 +19,7 @@ from aiohttp import web
 def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
              trace: str | None = None, capacity: int | None = None) -> web.Application:
     state = {"requests": 0, "running": 0, "done": 0}
-    trace_file = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the app
+    trace_file = open(trace, "a", buffering=1) if trace else None  # lives as long as the app
 
     async def health(_: web.Request) -> web.Response:
         return web.Response()

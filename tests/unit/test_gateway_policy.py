@@ -70,7 +70,7 @@ def vllm_accepts(path: bytes, body: dict[str, Any]) -> bool:
     model = ChatCompletionRequest if path == b"/v1/chat/completions" else CompletionRequest
     try:
         model.model_validate(body)
-    except Exception:  # noqa: BLE001 - pydantic's ValidationError or vLLM's own ValueError
+    except Exception:  # pydantic's ValidationError or vLLM's own ValueError
         return False
     return True
 

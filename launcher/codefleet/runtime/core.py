@@ -531,7 +531,7 @@ class Fleet:
                 while any(r.state is State.DRAINING for r in self.replicas):
                     try:
                         self.reconcile()
-                    except Exception as exc:  # noqa: BLE001 - a dead router mid-drain: keep stopping
+                    except Exception as exc:  # a dead router mid-drain: keep stopping
                         self.say(f"  drain: {exc}")
                         for r in self.replicas:
                             self._drain_step(r, time.monotonic())

@@ -184,7 +184,7 @@ class RayBackend:
     def _info(self, r: Replica) -> dict[str, Any] | None:
         try:
             info: dict[str, Any] = ray.get(r.handle["actor"].info.remote(), timeout=2)
-        except Exception:  # noqa: BLE001 - RayActorError while Ray restarts it, or a timeout
+        except Exception:  # RayActorError while Ray restarts it, or a timeout
             return None
         r.handle.update(node_id=info["node_id"], gpus=info["gpus"], pid=info["pid"], actor_pid=info["actor_pid"])
         return info
@@ -198,7 +198,7 @@ class RayBackend:
     def terminate(self, r: Replica) -> None:
         try:
             ray.get(r.handle["actor"].drain.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - the actor may already be gone
+        except Exception:  # the actor may already be gone
             pass
 
     def stopped(self, r: Replica) -> bool:
@@ -210,13 +210,13 @@ class RayBackend:
         if actor is not None:
             try:
                 ray.get(actor.stop.remote(grace), timeout=30)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             ray.kill(actor, no_restart=True)
         if pg is not None:
             try:
                 remove_placement_group(pg)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         r.handle.pop("actor", None)
         r.handle.pop("pg", None)
