@@ -26,6 +26,9 @@ KEY = "sk-autoscale-test"
 #: one request at a time: the queue forms where vLLM does not count it.
 MAX_TOKENS = 512
 MODEL = "auto-tiny"
+# cold_start_seconds is the gateway's Retry-After estimate: the overflow requests' two SDK retries
+# (Retry-After, then a quarter of the estimate) must reach past the engine's start, which took up
+# to 45 s on a loaded 2-core CI machine (30 s was too short there: both retries came back 503).
 MANIFEST = f"""
 version: 1
 defaults: {{gpu: cpu, cpu_kv_cache_gib: 1, drain_seconds: 60}}
@@ -46,7 +49,7 @@ models:
       idle_seconds_before_zero: IDLE
       hold_requests: 20
       hold_timeout_seconds: 600
-      cold_start_seconds: 30
+      cold_start_seconds: 60
 """
 
 

@@ -397,8 +397,9 @@ class Gateway:
 
     async def _poll_workers(self) -> None:
         while True:
-            # faster while requests wait for a replica (the launcher also signals a registration)
-            holding = any(self.held.values())
+            # faster while requests wait for a replica (the launcher also signals a registration),
+            # and until the router first answered (it may start after the gateway)
+            holding = any(self.held.values()) or self.ready_replicas is None
             await asyncio.sleep(min(self.config.poll_s, HOLD_POLL_S) if holding else self.config.poll_s)
             await self.refresh_workers()
 
