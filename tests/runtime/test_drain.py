@@ -165,7 +165,7 @@ def test_rolling_replace_under_load(fleet: LocalFleet, tmp_path: Path) -> None:
 
     The load is light on purpose: vLLM's CPU worker busy-waits (``sched_yield``) for 1 s after each
     step, and on these 2 cores an engine starting beside a busy one got about 1% of its core
-    (README, "Serving under change"). On a GPU host a new replica has its own devices."""
+    (docs/runtime.md, "Serving under change"). On a GPU host a new replica has its own devices."""
     new = plan(tmp_path, 2, seqs=8)
     r = rollout(fleet, new, KEY, concurrency=1, max_tokens=32, steady_s=5, think_s=2.0)
     s = r.summary()
