@@ -194,7 +194,7 @@ def compare(folder: Path, repeat: int, only: list[str] | None) -> list[dict[str,
             for policy in spec["policies"]:
                 if only and policy not in only:
                     continue
-                # kv_aware is not a manifest policy (README: why); the plan's router is given it here
+                # kv_aware is not a manifest policy (docs/endpoint.md: why); the plan's router is given it here
                 text = manifest("round_robin" if policy == "kv_aware" else policy, replicas,
                                 spec.get("max_model_len", 4096), spec.get("engine_args"))
                 with tempfile.TemporaryDirectory() as d:
