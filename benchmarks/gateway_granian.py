@@ -17,9 +17,11 @@ import os
 import urllib.parse
 from typing import Any
 
+from codefleet.gateway.answers import Rejection
 from codefleet.gateway.config import FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
-from codefleet.gateway.policy import Rejection, check_body, check_head
-from codefleet.gateway.upstream import HOP_BY_HOP, Pool
+from codefleet.gateway.policy import check_body, check_head
+from codefleet.gateway.pool import Pool
+from codefleet.gateway.upstream import HOP_BY_HOP
 
 _DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
 _PATHS = frozenset(FORWARDED)

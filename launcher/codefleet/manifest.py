@@ -96,6 +96,10 @@ class Limits(_Strict):
     """Time to send the whole request head, from its first byte (408 after). nginx: client_header_timeout 60s."""
     body_timeout_s: float = Field(60, gt=0)
     """Longest pause between two reads of a request body (408 after). nginx: client_body_timeout 60s."""
+    body_min_bytes_per_s: int = Field(500, ge=0)
+    """Once a body has taken ``body_timeout_s``, it must have arrived at this average rate or more
+    (408 after; 0: no minimum). Apache's mod_reqtimeout: ``body=20,MinRate=500``; nginx has none (its
+    per-pause timeout lets a body sent at one byte a second stay open for ever)."""
     keepalive_timeout_s: float = Field(75, gt=0)
     """An idle keep-alive connection is closed after this. nginx: keepalive_timeout 75s."""
     send_timeout_s: float = Field(60, gt=0)

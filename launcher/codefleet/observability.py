@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
+from codefleet.gateway import metrics as gateway_metrics
 from codefleet.manifest import LoadedManifest
 from codefleet.planner import FleetPlan
+
+_REQUESTS = gateway_metrics.total(gateway_metrics.REQUESTS)
 
 ENGINE_SD_FILE = "prometheus/engines.json"
 RULES_FILE = "rules.yaml"
@@ -56,7 +59,7 @@ QUERIES: tuple[Query, ...] = (
           'sum by (model) (codefleet_replicas_ready{model=~"$model"}) / '
           'sum by (model) (codefleet_replicas_desired{model=~"$model"})', "percentunit"),
     Query("gateway_errors", "Endpoint answers by status",
-          'sum by (model, status) (rate(codefleet_gateway_requests_total{model=~"$model"}[5m]))', "reqps"),
+          f'sum by (model, status) (rate({_REQUESTS}{{model=~"$model"}}[5m]))', "reqps"),
 )
 
 
@@ -113,7 +116,7 @@ RECORDING: tuple[tuple[str, str], ...] = (
     ("model_name:vllm_kv_cache_usage_perc:max", "max by (model_name) (vllm:kv_cache_usage_perc)"),
     ("model_name:vllm_generation_tokens:rate5m", "sum by (model_name) (rate(vllm:generation_tokens_total[5m]))"),
     ("codefleet:gateway_error_ratio:rate5m",
-     'sum(rate(codefleet_gateway_requests_total{status=~"5.."}[5m])) / sum(rate(codefleet_gateway_requests_total[5m]))'),
+     f'sum(rate({_REQUESTS}{{status=~"5.."}}[5m])) / sum(rate({_REQUESTS}[5m]))'),
 )
 
 
@@ -123,7 +126,7 @@ def _promql_string(s: str) -> str:
 
 def held_query(model: str) -> str:
     """Requests the frontend pods hold for ``model`` (scale-from-zero demand), 0 when none."""
-    return f"sum(codefleet_gateway_held_requests{{model={_promql_string(model)}}}) or vector(0)"
+    return f"sum({gateway_metrics.HELD}{{model={_promql_string(model)}}}) or vector(0)"
 
 
 def autoscale_query(model: str, signal: str) -> tuple[str, str]:
@@ -182,7 +185,7 @@ def alert_rules(loaded: LoadedManifest) -> dict[str, Any]:
               "Requests are being preempted or queued for KV room."),
         alert("CodefleetEndpointErrors", f"codefleet:gateway_error_ratio:rate5m > {a.error_ratio:g}", "5m", "page",
               "The endpoint answers {{ $value | humanizePercentage }} of requests with 5xx",
-              "See codefleet_gateway_requests_total by model and status, and the router's log."),
+              f"See {_REQUESTS} by model and status, and the router's log."),
         alert("CodefleetTargetDown", 'up{job=~"vllm|vllm-router|codefleet-.*"} == 0', "2m", "warning",
               "{{ $labels.job }} target {{ $labels.instance }} is not scrapeable",
               "Prometheus cannot read its metrics: the process is down or its port changed."),

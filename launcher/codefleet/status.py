@@ -8,6 +8,14 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from codefleet.gateway.metrics import (
+    TENANT_COMPLETION_TOKENS,
+    TENANT_PROMPT_TOKENS,
+    TENANT_REJECTIONS,
+    TENANT_REQUESTS,
+    total,
+)
+
 
 @dataclass
 class ReplicaStatus:
@@ -157,9 +165,8 @@ def describe_decision(d: dict[str, Any], now: float | None = None) -> str:
 
 # -- usage per tenant ----------------------------------------------------------------------------
 
-USAGE_COUNTERS = {"codefleet_tenant_requests_total": "requests", "codefleet_tenant_prompt_tokens_total": "prompt",
-                  "codefleet_tenant_completion_tokens_total": "completion",
-                  "codefleet_tenant_rejections_total": "rejected"}
+USAGE_COUNTERS = {total(TENANT_REQUESTS): "requests", total(TENANT_PROMPT_TOKENS): "prompt",
+                  total(TENANT_COMPLETION_TOKENS): "completion", total(TENANT_REJECTIONS): "rejected"}
 
 
 def tenant_usage(text: str) -> dict[tuple[str, str], dict[str, float]]:

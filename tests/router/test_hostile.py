@@ -26,8 +26,8 @@ from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 
 KEY = "sk-hostile-test"
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
-LIMITS = Limits(header_timeout_s=1.5, body_timeout_s=1.0, keepalive_timeout_s=1.0, send_timeout_s=2.0,
-                max_connections=32, max_pipelined=8)
+LIMITS = Limits(header_timeout_s=1.5, body_timeout_s=1.0, body_min_bytes_per_s=100, keepalive_timeout_s=1.0,
+                send_timeout_s=2.0, max_connections=32, max_pipelined=8)
 MAX_BODY = 1024 * 1024
 
 
@@ -36,12 +36,18 @@ class Gate:
     port: int
     pid: int
     upstream: str
+    metrics: str
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def rss(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def evicted(self) -> float:
+        text = httpx.get(self.metrics + "/metrics", timeout=5).text
+        m = re.search(r"^codefleet_gateway_connections_evicted_total (\S+)", text, re.M)
+        return float(m[1]) if m else 0.0
 
     def upstream_requests(self) -> int:
         text = httpx.get(self.upstream + "/metrics", timeout=5).text
@@ -54,15 +60,16 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
     up_port, port = free_port(), free_port()
     upstream = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(up_port), "--model", "alpha",
                       "--token-delay-ms", "100"], {}, run / "upstream.log")
+    metrics_port = free_port()
     cfg = GatewayConfig(router_url=f"http://127.0.0.1:{up_port}", models=("alpha",), port=port,
-                        metrics_port=free_port(), key_sha256=hash_keys([KEY]), max_body_bytes=MAX_BODY, limits=LIMITS)
+                        metrics_port=metrics_port, key_sha256=hash_keys([KEY]), max_body_bytes=MAX_BODY, limits=LIMITS)
     (run / "gateway.json").write_text(cfg.to_json())
     gw = spawn([sys.executable, "-m", "codefleet.gateway", "--config", str(run / "gateway.json")], {},
                run / "gateway.log")
     try:
         wait_healthy(f"http://127.0.0.1:{up_port}", 20, upstream, run / "upstream.log")
         wait_healthy(f"http://127.0.0.1:{port}", 20, gw, run / "gateway.log")
-        yield Gate(port, gw.pid, f"http://127.0.0.1:{up_port}")
+        yield Gate(port, gw.pid, f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{metrics_port}")
     finally:
         stop_group(gw.pid, grace=2)
         stop_group(upstream.pid, grace=2)
@@ -160,6 +167,30 @@ def test_keyless_huge_upload_is_refused_before_its_body(gate: Gate) -> None:
     assert gate.upstream_requests() == before
 
 
+def test_chunk_declaring_more_than_the_limit_gets_413_at_once(gate: Gate) -> None:
+    # nginx answers 413 as soon as a chunk size passes client_max_body_size; waiting for the bytes
+    # would hold the connection for the body timeout
+    before = gate.upstream_requests()
+    with gate.connect() as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n7FFFFFFFFFFFFFFF\r\nxx")
+        t0 = time.monotonic()
+        s.settimeout(3)
+        first = s.recv(65536)
+        took = time.monotonic() - t0
+    assert statuses(first) == [413], first
+    assert took < LIMITS.body_timeout_s / 2, f"413 after {took:.2f} s"
+    # the sizes add up: two chunks under the limit each, over it together
+    half = f"{MAX_BODY // 2 + 1:x}".encode()
+    with gate.connect() as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Transfer-Encoding: chunked\r\n\r\n"
+                  + half + b"\r\n")
+        send_quietly(s, b"y" * (MAX_BODY // 2 + 1) + b"\r\n" + half + b"\r\n")
+        got, _ = read_all(s, 3)
+    assert statuses(got) == [413], got[:200]
+    assert gate.upstream_requests() == before
+
+
 def test_too_large_content_length_with_expect_gets_413_and_no_continue(gate: Gate) -> None:
     with gate.connect() as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/json\r\n"
@@ -214,6 +245,25 @@ def test_slow_body_gets_408(gate: Gate) -> None:
     assert statuses(got) == [408] and took < LIMITS.body_timeout_s + 2
 
 
+def test_body_dribbled_below_the_minimum_rate_gets_408(gate: Gate) -> None:
+    # each pause (0.3 s) is inside the body timeout (1 s); the average rate is 3 bytes/s, under the
+    # 100 bytes/s minimum, so the body is ended once it has taken the body timeout
+    with gate.connect() as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        got = b""
+        s.settimeout(0.3)
+        while time.monotonic() - t0 < 8 and not got:
+            send_quietly(s, b" ")
+            try:
+                got = s.recv(65536)
+            except TimeoutError:
+                pass
+        took = time.monotonic() - t0
+    assert statuses(got) == [408], got
+    assert b"bytes/s" in got and took < LIMITS.body_timeout_s + 2, f"408 after {took:.1f} s"
+
+
 @pytest.mark.parametrize("first", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"], ids=["silent", "idle-keepalive"])
 def test_silent_and_idle_connections_are_closed(gate: Gate, first: bytes) -> None:
     with gate.connect() as s:
@@ -227,13 +277,19 @@ def test_silent_and_idle_connections_are_closed(gate: Gate, first: bytes) -> Non
 
 # -- connections and backpressure ---------------------------------------------------------------
 
+STREAM = json.dumps({"model": "alpha", "prompt": "x", "max_tokens": 30, "stream": True}).encode()
+
+
 def test_connection_cap_refuses_cleanly_and_recovers(gate: Gate) -> None:
+    # every connection has a request in progress (a 3-s stream): nothing can be closed to make room
     held = []
     try:
         for _ in range(LIMITS.max_connections + 4):
             s = gate.connect()
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(STREAM)).encode() + b"\r\n\r\n" + STREAM)
             held.append(s)
+            time.sleep(0.02)  # its request is read before the next connection arrives
         answers = []
         for s in held:
             s.settimeout(3)
@@ -246,6 +302,32 @@ def test_connection_cap_refuses_cleanly_and_recovers(gate: Gate) -> None:
     time.sleep(0.3)
     r = httpx.get(f"http://127.0.0.1:{gate.port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
     assert r.status_code == 200
+
+
+def test_idle_and_headless_connections_do_not_lock_out_a_keyed_client(gate: Gate) -> None:
+    # Keyless sockets that never finish a head (and idle keep-alive ones) fill the cap many times
+    # over; at the cap the oldest with no request in progress is closed, so a client with a key
+    # still gets in, every time, without waiting for the header timeout.
+    evicted = gate.evicted()
+    socks = []
+    try:
+        for i in range(300):
+            s = gate.connect()
+            if i % 3 == 1:
+                send_quietly(s, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # a head, never finished
+            elif i % 3 == 2:
+                send_quietly(s, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # then idle keep-alive
+            socks.append(s)
+            if i % 100 == 99:
+                t0 = time.monotonic()
+                r = httpx.post(f"http://127.0.0.1:{gate.port}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                               json={"model": "alpha", "prompt": "x", "max_tokens": 1}, timeout=5)
+                assert r.status_code == 200, (i, r.status_code, r.text)
+                assert time.monotonic() - t0 < LIMITS.header_timeout_s, "waited for the header timeout"
+    finally:
+        for s in socks:
+            s.close()
+    assert gate.evicted() - evicted >= 300 - LIMITS.max_connections
 
 
 def test_pipelining_client_that_never_reads_is_bounded(gate: Gate) -> None:

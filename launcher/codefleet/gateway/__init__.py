@@ -17,16 +17,21 @@ The gate closes exactly those gaps, enforces a public server's limits (header si
 a connection cap, backpressure; nginx's defaults) and passes everything else to the router over
 pooled keep-alive connections, streaming the answer back as it comes.
 
-Modules, one concern each:
+Modules, one concern each (imports run down this list, never up):
 
-* ``config``: ``GatewayConfig`` (what the launcher or the chart writes); the only module the
-  launcher imports;
-* ``policy``: the decisions (keys, paths, body shapes, error bodies) as plain functions;
+* ``config``: ``GatewayConfig`` (what the launcher or the chart writes); with ``metrics`` (the
+  metric names), the only modules the rest of the package imports;
+* ``wire``: HTTP/1.1 and SSE framing; ``answers``: every answer the gate gives itself;
+* ``policy``: the decisions (keys, paths, body shapes) as plain functions; ``admission``:
+  tenants' limits;
 * ``http``: the client side, an HTTP/1.1 server protocol (llhttp via ``httptools`` on uvloop)
-  with the limits;
-* ``upstream``: the keep-alive pool to the router and one forwarded exchange;
-* ``server``: the process (``python -m codefleet.gateway --config FILE``): metrics, the router's
-  worker list, signals.
+  with the limits; it talks to the gateway through ``http.Handler``;
+* ``pool``: keep-alive connections to the router; ``upstream``: one forwarded exchange, which
+  talks to the gateway through ``upstream.Host``;
+* ``hold``: requests held for a model with no replica; ``shed``: overload shedding;
+  ``workers``: the router's worker list;
+* ``server``: the process (``python -m codefleet.gateway --config FILE``): the gate wired
+  together, signals.
 
 Why its own small HTTP server instead of a framework: see benchmarks/README.md (the endpoint).
 """

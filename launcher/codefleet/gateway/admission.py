@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from codefleet.gateway.policy import Rejection, error_body
+from codefleet.gateway.answers import Rejection, error_body
 
 
 @dataclass

@@ -7,8 +7,13 @@ server's limits (``codefleet.manifest.Limits``, nginx's defaults):
 * the key and ``Content-Length`` are checked when the head is complete, before any body byte is
   read; ``100 Continue`` is sent only after both pass, and only when no earlier answer on the
   connection is still being written (pipelining);
-* timeouts: the whole head (from its first byte), each pause in a body, an idle keep-alive
+* timeouts: the whole head (from its first byte), each pause in a body and the body as a whole
+  (a minimum average rate, as Apache's mod_reqtimeout ``MinRate``), an idle keep-alive
   connection, and a client that reads nothing of its answer;
+* a chunked body is refused with 413 as soon as its declared chunk sizes pass the body limit;
+* at the connection cap, the oldest connection with no request in progress (waiting for a head,
+  or idle between requests) is closed to admit the new one, as nginx reuses its "reusable"
+  connections; only when every connection has a request in progress is the new one refused;
 * backpressure both ways: reading pauses while the client's answers are not being read or too
   many pipelined requests wait; the router connection pauses while the client is slow;
 * a refused request is answered, then the connection is closed gracefully (write side first,
@@ -20,18 +25,17 @@ server's limits (``codefleet.manifest.Limits``, nginx's defaults):
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
-from codefleet.gateway.policy import Rejection, check_head, reject, too_large
-from codefleet.gateway.upstream import head
-
-if TYPE_CHECKING:
-    from codefleet.gateway.server import Gateway
-    from codefleet.gateway.upstream import Exchange
+from codefleet.gateway import answers
+from codefleet.gateway.answers import Rejection
+from codefleet.gateway.wire import CONTINUE, head
+from codefleet.manifest import Limits
 
 LINGER_S = 2.0
 """How long a refused connection's remaining input is read and dropped before it is closed."""
@@ -59,12 +63,47 @@ class Request:
         return None
 
 
+class Handler(Protocol):
+    """What a client connection needs of the gateway."""
+
+    limits: Limits
+    max_body: int
+
+    def opened(self, client: Client) -> bool:
+        """A new connection: admitted (True), or refused at the connection cap."""
+
+    def closed(self, client: Client) -> None: ...
+
+    def reusable(self, client: Client, idle: bool) -> None:
+        """The connection has no request in progress (``idle``), or has one again."""
+
+    def refused(self, reason: str) -> None:
+        """Count an answer the connection gave itself."""
+
+    def check_head(self, req: Request, content_length: int | None) -> Rejection | None:
+        """The key and the size, with the head complete and before any body byte; sets ``req.tenant``."""
+
+    def dispatch(self, client: Client, req: Request) -> None:
+        """Answer ``req`` (in this connection's turn) or start forwarding it."""
+
+
+class Attached(Protocol):
+    """The forwarded request a connection is waiting on (``upstream.Exchange``)."""
+
+    def client_gone(self) -> None: ...
+
+    def pause_upstream(self) -> None: ...
+
+    def resume_upstream(self) -> None: ...
+
+
 class Client(asyncio.Protocol):
     """One client connection: requests answered in order (keep-alive, pipelining)."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Handler) -> None:
         self.gw = gw
-        lim = gw.config.limits
+        lim = self.limits = gw.limits
+        self.max_body = gw.max_body
         self.max_target = lim.max_request_target_kib * 1024
         self.max_header = lim.max_header_kib * 1024
         self.head_limit = self.max_target + self.max_header + 1024
@@ -80,7 +119,7 @@ class Client(asyncio.Protocol):
         self.closed = False
         self.admitted = False
         self.current: Request | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Attached | None = None
         self._dispatching = False
         # head accounting
         self._in_head = True
@@ -99,29 +138,44 @@ class Client(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
         self._send_timer: asyncio.TimerHandle | None = None
+        # the body: when it began, and the chunked framing seen so far (see _scan_chunks)
+        self._body_began = 0.0
+        self._chunked = False
+        self._chunk_left = 0
+        self._chunk_line = b""
+        self._declared = 0
+        self._tail = b""  # the last bytes of the previous read of a head (its end may straddle two)
 
     # -- transport -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
         self.transport = t
-        if not self.gw.admit():
+        if not self.gw.opened(self):
             self.closed = True
-            self.gw.rejected.labels("connection_limit").inc()
-            rej = reject(503, "Too many open connections; retry shortly.", "too_many_connections", "connection_limit")
-            t.write(head(503, [(b"Content-Type", b"application/json"),
-                               (b"Content-Length", str(len(rej.body)).encode()),
-                               (b"Retry-After", b"1"), (b"Connection", b"close")]) + rej.body)
+            rej = answers.TOO_MANY_CONNECTIONS
+            self.gw.refused(rej.reason)
+            t.write(head(rej.status, [(b"Content-Type", b"application/json"),
+                                      (b"Content-Length", str(len(rej.body)).encode()),
+                                      *rej.headers, (b"Connection", b"close")]) + rej.body)
             t.close()
             return
         self.admitted = True
-        self._arm("head", self.gw.config.limits.header_timeout_s)
+        self.gw.reusable(self, True)
+        self._arm("head", self.limits.header_timeout_s)
+
+    def evict(self) -> None:
+        """Closed at the connection cap to admit a new connection (it had no request in progress)."""
+        if self.admitted:
+            self.admitted = False
+            self.gw.closed(self)
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.admitted:
             self.admitted = False
-            self.gw.release()
+            self.gw.closed(self)
         self._disarm()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -138,9 +192,9 @@ class Client(asyncio.Protocol):
                 self.abort()
             return
         if self._in_head:
+            whole, done = data, self._completed
             room = self.head_limit - self._head_seen
             if len(data) > room:
-                done = self._completed
                 self._feed(data[:room])
                 if self.closed or self._refused:
                     return
@@ -150,29 +204,100 @@ class Client(asyncio.Protocol):
                 data = data[room:]
             else:
                 self._head_seen += len(data)
+            self._feed(data)
+            if self._chunked and not self._refused and not self.closed:
+                self._scan_first_chunks(whole, done)
+            self._tail = whole[-3:]
+            return
         elif self._timer_kind == "body":
-            self._arm("body", self.gw.config.limits.body_timeout_s)
+            if not self._body_in_time(len(data)):
+                return
+            self._arm("body", self.limits.body_timeout_s)
+            if self._chunked and not self._scan_chunks(data):
+                return
         self._feed(data)
+
+    def _body_in_time(self, arriving: int) -> bool:
+        """A body must keep an average rate: after ``body_timeout_s``, at least ``body_min_bytes_per_s``
+        bytes per second since it began (mod_reqtimeout's ``body=..,MinRate=..``; the pause
+        timeout alone lets a body dribbled at one byte a second stay open for ever)."""
+        rate = self.limits.body_min_bytes_per_s
+        if not rate:
+            return True
+        took = time.monotonic() - self._body_began - self.limits.body_timeout_s
+        if took <= 0 or (self._size + arriving) >= took * rate:
+            return True
+        self.refuse(answers.body_too_slow(rate))
+        return False
+
+    def _scan_first_chunks(self, data: bytes, completed_before: int) -> None:
+        """The head of a chunked message ended in ``data``: scan what followed it. Only when no
+        other message ended in the same read (then the head's end is the first blank line);
+        otherwise the scan is left to llhttp for this message."""
+        if self._completed != completed_before:
+            self._chunked = False
+            return
+        seen = self._tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end < 0:
+            self._chunked = False
+            return
+        self._scan_chunks(seen[end + 4:])
+
+    def _scan_chunks(self, data: bytes) -> bool:
+        """Follow a chunked body's framing just far enough to read each chunk's declared size, so
+        that a size past the body limit is refused at once (llhttp does not expose it and would
+        wait for the bytes). llhttp still parses and checks everything; this stops at the last
+        chunk or at anything it does not understand."""
+        i, n = 0, len(data)
+        while i < n:
+            if self._chunk_left:
+                step = min(self._chunk_left, n - i)
+                self._chunk_left -= step
+                i += step
+                continue
+            end = data.find(b"\n", i)
+            line = self._chunk_line + (data[i:] if end < 0 else data[i:end])
+            if end < 0:
+                self._chunk_line = line[-64:]  # a size line is short; llhttp refuses a long one
+                return True
+            self._chunk_line = b""
+            i = end + 1
+            text = line.split(b";", 1)[0].strip()
+            if not text:
+                continue  # the CRLF after a chunk's data
+            try:
+                size = int(text, 16)
+            except ValueError:
+                self._chunked = False  # not a size line: leave it to llhttp
+                return True
+            if size == 0:
+                self._chunked = False  # the last chunk: trailers follow
+                return True
+            self._declared += size
+            if self._declared > self.max_body:
+                self.refuse(answers.too_large(self.max_body))
+                return False
+            self._chunk_left = size
+        return True
 
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.refuse(reject(400, "Protocol upgrades (Upgrade, CONNECT) are not supported.", "bad_request",
-                               "bad_request"))
+            self.refuse(answers.UPGRADE)
         except httptools.HttpParserError as exc:
-            self.refuse(reject(400, f"Malformed HTTP request: {exc}.", "bad_request", "bad_request"))
+            self.refuse(answers.malformed(exc))
 
     def _head_too_large(self) -> None:
         # A request target over its limit was refused by on_url already: what is left is headers.
-        self.refuse(reject(431, f"The request's header block is larger than {self.max_header} bytes.",
-                           "headers_too_large", "headers_too_large"))
+        self.refuse(answers.header_block_too_large(self.max_header))
 
     def pause_writing(self) -> None:
         self._write_paused = True
         if self.exchange is not None:
             self.exchange.pause_upstream()
-        self._send_timer = self.loop.call_later(self.gw.config.limits.send_timeout_s, self.abort)
+        self._send_timer = self.loop.call_later(self.limits.send_timeout_s, self.abort)
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -199,7 +324,7 @@ class Client(asyncio.Protocol):
         if self.transport is None or self.closed:
             return
         paused = not self._lingering and (self._write_paused or self._refused
-                                          or len(self.queue) >= self.gw.config.limits.max_pipelined)
+                                          or len(self.queue) >= self.limits.max_pipelined)
         if paused != self._read_paused:
             self._read_paused = paused
             if paused:
@@ -225,9 +350,7 @@ class Client(asyncio.Protocol):
         self._timer = None
         self._timer_kind = ""
         if kind in ("head", "body") and not self.busy and not self.queue and not self._refused:
-            self.gw.rejected.labels("timeout").inc()
-            self.refuse(reject(408, f"The request {'head' if kind == 'head' else 'body'} did not arrive in time.",
-                               "request_timeout", "timeout"))
+            self.refuse(answers.timed_out(kind))
         else:
             self.abort()  # idle keep-alive, lingering done, or a timeout behind an answer in progress
 
@@ -241,14 +364,13 @@ class Client(asyncio.Protocol):
         self._body = []
         self._size = 0
         if self._timer_kind in ("", "idle"):
-            self._arm("head", self.gw.config.limits.header_timeout_s)
+            self._arm("head", self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         if self._refused:
             return
         if len(self._url) + len(url) > self.max_target:
-            self.refuse(reject(414, f"The request target is longer than {self.max_target} bytes.",
-                               "uri_too_long", "uri_too_long"))
+            self.refuse(answers.uri_too_long(self.max_target))
             return
         self._url += url
 
@@ -257,10 +379,8 @@ class Client(asyncio.Protocol):
             return  # trailers of a chunked body are dropped
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_count > self.gw.config.limits.max_headers or self._header_bytes > self.max_header:
-            self.refuse(reject(431, f"The request has more than {self.gw.config.limits.max_headers} header lines "
-                                    f"or {self.max_header} bytes of headers.", "headers_too_large",
-                               "headers_too_large"))
+        if self._header_count > self.limits.max_headers or self._header_bytes > self.max_header:
+            self.refuse(answers.too_many_headers(self.limits.max_headers, self.max_header))
             return
         self.req.headers.append((name.lower(), value))
 
@@ -276,25 +396,25 @@ class Client(asyncio.Protocol):
         req.http10 = parser.get_http_version() == "1.0"
         req.path = self._url.split(b"?", 1)[0]
         if req.method == b"CONNECT" or parser.should_upgrade():
-            self.refuse(reject(400, "Protocol upgrades (Upgrade, CONNECT) are not supported.", "bad_request",
-                               "bad_request"))
+            self.refuse(answers.UPGRADE)
             return
         raw = req.header(b"content-length")
         length = int(raw) if raw is not None and raw.isdigit() else None
-        rej = check_head(req.method, req.path, req.header(b"authorization"), length, self.gw.digests,
-                         self.gw.config.max_body_bytes)
+        rej = self.gw.check_head(req, length)
         if rej is not None:
             self.refuse(rej)
             return
-        if self.gw.admission.enabled:
-            req.tenant = self.gw.tenant_of(req.header(b"authorization"))
-        if length or req.header(b"transfer-encoding") is not None:
-            self._arm("body", self.gw.config.limits.body_timeout_s)
+        encoding = req.header(b"transfer-encoding")
+        if length or encoding is not None:
+            self._arm("body", self.limits.body_timeout_s)
+            self._body_began = time.monotonic()
+            self._chunked = encoding is not None and b"chunked" in encoding.lower()
+            self._chunk_left, self._chunk_line, self._declared = 0, b"", 0
             if (req.header(b"expect") or b"").lower() == b"100-continue":
                 if self.busy or self.queue:
                     self._pending_continue = True  # after the answers before it, never inside one
                 else:
-                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.write(CONTINUE)
         else:
             self._disarm()
 
@@ -302,9 +422,9 @@ class Client(asyncio.Protocol):
         if self._refused:
             return
         self._size += len(body)
-        if self._size > self.gw.config.max_body_bytes:
+        if self._size > self.max_body:
             self._body = []
-            self.refuse(too_large(self.gw.config.max_body_bytes))
+            self.refuse(answers.too_large(self.max_body))
             return
         self._body.append(body)
 
@@ -318,6 +438,7 @@ class Client(asyncio.Protocol):
         self._headers_done = False
         self._header_bytes = self._header_count = 0
         self._completed += 1
+        self._chunked, self._tail = False, b""
         self._pending_continue = False
         self._disarm()
         self.queue.append(self.req)
@@ -333,7 +454,7 @@ class Client(asyncio.Protocol):
             return
         self._refused = True
         self._disarm()
-        self.gw.rejected.labels(rej.reason).inc()
+        self.gw.refused(rej.reason)
         req = self.req
         req.rejection = rej
         req.keep_alive = False
@@ -347,6 +468,7 @@ class Client(asyncio.Protocol):
         self._dispatching = True
         try:
             while self.queue and not self.busy and not self.closed and not self._write_paused:
+                self.gw.reusable(self, False)
                 self.busy = True
                 self.current = req = self.queue.popleft()
                 if req.rejection is not None:
@@ -377,11 +499,13 @@ class Client(asyncio.Protocol):
             self._linger()
             return
         self.busy = False
+        if not self.queue:
+            self.gw.reusable(self, True)
         if self._pending_continue and not self.queue:
             self._pending_continue = False
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write(CONTINUE)
         if not self.queue and self._in_head and self._head_seen == 0 and self._timer_kind == "":
-            self._arm("idle", self.gw.config.limits.keepalive_timeout_s)
+            self._arm("idle", self.limits.keepalive_timeout_s)
         self._next()
 
     def _linger(self) -> None:

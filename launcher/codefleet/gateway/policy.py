@@ -1,40 +1,20 @@
 """The gate's decisions as plain functions over a parsed request: keys, paths, body shapes.
 
-Nothing here touches a socket; ``codefleet.gateway.http`` calls these and writes the answers.
+Nothing here touches a socket; ``codefleet.gateway.http`` calls these and writes the answers
+(built in ``codefleet.gateway.answers``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from codefleet.gateway import answers
+from codefleet.gateway.answers import UNAUTHORIZED, Rejection
 from codefleet.gateway.config import FORWARDED
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An answer the gate gives itself: status, OpenAI error body, extra headers, metric reason."""
-
-    status: int
-    body: bytes
-    reason: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> bytes:
-    """OpenAI's error shape."""
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-def reject(status: int, message: str, code: str, reason: str, *, param: str | None = None,
-           headers: tuple[tuple[bytes, bytes], ...] = ()) -> Rejection:
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return Rejection(status, error_body(message, type_=type_, param=param, code=code), reason, headers)
 
 
 def authorized(authorization: bytes | None, digests: tuple[bytes, ...]) -> bool:
@@ -52,10 +32,6 @@ def authorized(authorization: bytes | None, digests: tuple[bytes, ...]) -> bool:
     return ok
 
 
-UNAUTHORIZED = reject(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                      "invalid_api_key", "unauthorized", headers=((b"WWW-Authenticate", b"Bearer"),))
-
-
 def check_head(method: bytes, path: bytes, authorization: bytes | None, content_length: int | None,
                digests: tuple[bytes, ...], max_body: int) -> Rejection | None:
     """What can be refused once the head is read, before any body byte: the key, then the size."""
@@ -64,12 +40,8 @@ def check_head(method: bytes, path: bytes, authorization: bytes | None, content_
     if not authorized(authorization, digests):
         return UNAUTHORIZED
     if content_length is not None and content_length > max_body:
-        return too_large(max_body)
+        return answers.too_large(max_body)
     return None
-
-
-def too_large(max_body: int) -> Rejection:
-    return reject(413, f"The request body is larger than {max_body} bytes.", "request_too_large", "too_large")
 
 
 def _is_int(v: Any) -> bool:
@@ -129,17 +101,15 @@ def check_body(path: bytes, body: bytes) -> tuple[dict[str, Any], str] | Rejecti
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return reject(400, f"The request body is not valid JSON: {exc}.", "invalid_json", "invalid_json")
+        return answers.invalid_json(f"The request body is not valid JSON: {exc}.")
     if not isinstance(payload, dict):
-        return reject(400, f"The request body must be a JSON object, not {type(payload).__name__}.",
-                      "invalid_json", "invalid_json")
+        return answers.invalid_json(f"The request body must be a JSON object, not {type(payload).__name__}.")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        return reject(400, "The request needs a `model` (a string); GET /v1/models lists them.", "missing_model",
-                      "missing_model", param="model")
+        return answers.MISSING_MODEL
     problem = _check_messages(payload.get("messages")) if path == FORWARDED_CHAT else _check_prompt(payload)
     if problem is not None:
-        return reject(400, problem[0] + ".", "invalid_request", "invalid_body", param=problem[1])
+        return answers.invalid_body(problem[0] + ".", problem[1])
     return payload, model
 
 

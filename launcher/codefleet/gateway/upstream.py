@@ -1,21 +1,23 @@
-"""The router side: a keep-alive connection pool and one forwarded request (``Exchange``)."""
+"""One request forwarded to the router and its answer sent back (``Exchange``).
+
+An exchange talks to the gateway through ``Host`` (its pool, counting, settling a tenant's
+request, a model the router had no worker for) and to its client through ``http.Client``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-import httptools
 import orjson
 
-from codefleet.gateway.policy import error_body
-
-if TYPE_CHECKING:
-    from codefleet.gateway.http import Client, Request
-    from codefleet.gateway.server import Gateway
-
-_SSE_DONE = b"data: [DONE]\n\n"
+from codefleet.gateway import answers
+from codefleet.gateway.answers import Rejection
+from codefleet.gateway.http import Client, Request
+from codefleet.gateway.pool import Pool, Upstream
+from codefleet.gateway.wire import LAST_CHUNK, SSE_DONE, chunk, head
 
 #: Request headers not passed to the router (hop-by-hop, or set by the gate itself).
 HOP_BY_HOP = frozenset({
@@ -25,152 +27,27 @@ HOP_BY_HOP = frozenset({
 #: Response headers not passed back to the client (the gate sets its own framing).
 _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
 
-IDLE_UPSTREAM = 512
-"""Keep-alive connections to the router kept open when idle."""
-
-MAX_CONNECTING = 64
-"""New connections to the router that have not yet seen a byte from it. vllm-router 0.1.17 listens
-with a backlog of 128 (``ss -ltn``); the kernel completes a handshake before the router accepts the
-connection, so a burst of 1,000 new streams overflowed its accept queue (``nstat``
-TcpExtListenOverflows: 100-200 per burst) and the dropped SYNs were retried a second or more later.
-A new connection holds its permit until the router answers on it (so it was accepted), it closes,
-or ``PERMIT_HOLD_S`` passes (a non-streamed answer may take minutes)."""
-
-PERMIT_HOLD_S = 0.05
-
 MAX_BUFFERED = 64 * 1024 * 1024
 """Largest non-streamed answer held whole before it is sent (a complete JSON document, so that a
 router connection cut mid-answer becomes a 502 instead of a truncated body)."""
 
 
-def head(status: int, headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes:
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, PHRASES.get(status, b""))]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+class Host(Protocol):
+    """What an exchange needs of the gateway."""
 
+    pool: Pool
+    upstream_host: bytes
+    upstream_auth: bytes | None
 
-def _phrases() -> dict[int, bytes]:
-    from http import HTTPStatus
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
-    return {s.value: s.phrase.encode() for s in HTTPStatus}
+    def count(self, model: str, status: str, tenant: str = "") -> None: ...
 
+    def settled(self, exchange: Exchange) -> None:
+        """An admitted exchange has ended (free its tenant's slot, charge its tokens)."""
 
-PHRASES = _phrases()
-
-
-class Upstream(asyncio.Protocol):
-    """One keep-alive connection to the router, carrying one exchange at a time."""
-
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.used = False
-        self.closed = False
-        self.permit = False  # holds one of the pool's connecting permits
-
-    def release_permit(self) -> None:
-        if self.permit:
-            self.permit = False
-            self.pool.connecting.release()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
-
-    def send(self, exchange: Exchange, data: bytes) -> None:
-        assert self.transport is not None
-        self.exchange = exchange
-        self.headers = []
-        self.used = True
-        self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        self.release_permit()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.abort()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self.exchange is not None:
-            self.exchange.upstream_head(self.parser.get_status_code(), self.headers)
-
-    def on_body(self, body: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.upstream_body(body)
-
-    def on_message_complete(self) -> None:
-        exchange, self.exchange = self.exchange, None
-        if self.parser.should_keep_alive() and not self.closed:
-            self.pool.release(self)
-        else:
-            self.abort()
-        if exchange is not None:
-            exchange.upstream_done()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.release_permit()
-        self.pool.discard(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(exc)
-
-
-class Pool:
-    def __init__(self, addr: tuple[str, int]) -> None:
-        self.addr = addr
-        self.idle: list[Upstream] = []
-        self.connecting = asyncio.Semaphore(MAX_CONNECTING)
-
-    def take(self) -> Upstream | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
-
-    async def connect(self) -> Upstream:
-        loop = asyncio.get_running_loop()
-        await self.connecting.acquire()
-        try:
-            _, proto = await loop.create_connection(lambda: Upstream(self), *self.addr)
-        except BaseException:
-            self.connecting.release()
-            raise
-        proto.permit = True
-        loop.call_later(PERMIT_HOLD_S, proto.release_permit)
-        return proto
-
-    def release(self, conn: Upstream) -> None:
-        conn.release_permit()  # returned unused (its client left): the router may never write on it
-        if len(self.idle) < IDLE_UPSTREAM:
-            self.idle.append(conn)
-        else:
-            conn.abort()
-
-    def discard(self, conn: Upstream) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-
-    def close(self) -> None:
-        for conn in self.idle:
-            conn.abort()
-        self.idle.clear()
+    def router_has_none(self, exchange: Exchange) -> None:
+        """The router had no worker for the exchange's model."""
 
 
 class Exchange:
@@ -181,7 +58,7 @@ class Exchange:
     cut after its head was sent ends with an OpenAI error event and ``[DONE]``.
     """
 
-    def __init__(self, gw: Gateway, client: Client, req: Request, model: str, stream: bool) -> None:
+    def __init__(self, gw: Host, client: Client, req: Request, model: str, stream: bool) -> None:
         self.gw = gw
         self.client = client
         self.req = req
@@ -197,7 +74,8 @@ class Exchange:
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.tail = b""
-        self._finished = False
+        self.finished = False
+        """Answered, cut or abandoned: nothing more is written (set through ``end``)."""
         #: Admitted for a tenant (its slot is freed and its tokens charged when this ends).
         self.tenant = ""
         self.admitted = False
@@ -213,16 +91,22 @@ class Exchange:
         self.held_at = 0.0
         self.hold_timer: asyncio.TimerHandle | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @finished.setter
-    def finished(self, value: bool) -> None:
-        if value and not self._finished and self.admitted:
+    def end(self) -> None:
+        """Nothing more is written for this exchange; an admitted one is settled with its tenant."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.admitted:
             self.admitted = False
             self.gw.settled(self)
-        self._finished = value
+
+    def reject(self, rej: Rejection) -> None:
+        """Answer ``rej`` instead of forwarding (held too long, no replica, shutting down)."""
+        if self.finished:
+            return
+        self.end()
+        self._count(str(rej.status))
+        self.client.respond(rej.status, rej.body, headers=rej.headers, keep_alive=False if rej.close else None)
 
     def admit(self, tenant: str, body: bytes | None) -> None:
         """Admitted for ``tenant``; ``body``: the client's with ``stream_options.include_usage`` added
@@ -334,7 +218,7 @@ class Exchange:
             if not body:
                 return
         if self.mode == "chunked":
-            self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+            self.client.write(chunk(body))
             self.tail = (self.tail + body)[-16:]
         elif self.mode == "raw":
             self.client.write(body)
@@ -361,13 +245,9 @@ class Exchange:
         if self.mode == "buffer":
             self._send_buffered()
             return
-        if self.stream and self.status < 400 and not self.tail.endswith(_SSE_DONE):
-            self._stream_error("the replica's stream ended early")
-        if self.mode == "chunked":
-            self.client.write(b"0\r\n\r\n")
-            self._finish(self.req.keep_alive)
-        else:
-            self._finish(False)
+        why = "the replica's stream ended early" if self.stream and self.status < 400 and not self.tail.endswith(
+            SSE_DONE) else None
+        self._end_stream(why, self.req.keep_alive)
 
     def _send_buffered(self) -> None:
         body = b"".join(self.buffer)
@@ -381,7 +261,7 @@ class Exchange:
                 self.usage = answer.get("usage") if isinstance(answer, dict) else None
             except orjson.JSONDecodeError:
                 pass
-        self.finished = True
+        self.end()
         self._count(str(self.status))
         self.client.respond(self.status, body, content_type=None, headers=self.out)
 
@@ -403,17 +283,13 @@ class Exchange:
         else:
             # Mid-stream (the replica or the router died): the status line is gone, so end the
             # stream with an error event, which the OpenAI SDK raises as APIError.
-            self._stream_error(f"the replica failed mid-stream ({type(exc).__name__ if exc else 'connection closed'})")
-            if self.mode == "chunked":
-                self.client.write(b"0\r\n\r\n")
-                self._finish(self.req.keep_alive)
-            else:
-                self._finish(False)
+            self._end_stream(f"the replica failed mid-stream ({type(exc).__name__ if exc else 'connection closed'})",
+                             self.req.keep_alive)
 
     # -- from the client -----------------------------------------------------------------------
 
     def client_gone(self) -> None:
-        self.finished = True
+        self.end()
         if self.conn is not None:
             self.conn.exchange = None
             self.conn.abort()  # the router sees the disconnect and cancels the generation
@@ -437,16 +313,9 @@ class Exchange:
             self.conn.abort()
             self.conn = None
         if self.mode in ("chunked", "raw"):
-            self._stream_error(why)
-            if self.mode == "chunked":
-                self.client.write(b"0\r\n\r\n")
-            self._finish(False)
+            self._end_stream(why, False)
         else:
-            self.finished = True
-            self._count("503")
-            self.client.respond(503, error_body(f"Generation for model `{self.model}` was interrupted: {why}; "
-                                                f"retry the request.", type_="server_error", code="shutting_down"),
-                                headers=((b"Retry-After", b"5"),), keep_alive=False)
+            self.reject(answers.interrupted(self.model, why))
 
     # -- endings -------------------------------------------------------------------------------
 
@@ -456,24 +325,22 @@ class Exchange:
         self.buffer, self.buffered, self.tail, self.retried = [], 0, b"", False
         self.client.exchange = None
 
-    def _finish(self, keep_alive: bool) -> None:
-        if not self.finished:
-            self.finished = True
-            self.client.done(keep_alive)
-
-    def _fail(self, message: str) -> None:
+    def _end_stream(self, why: str | None, keep_alive: bool) -> None:
+        """The end of a streamed answer whose head was sent: with ``why``, an error event and
+        ``[DONE]`` first (a stream is never closed bare); then the last chunk."""
         if self.finished:
             return
-        self.finished = True
-        self._count("502")
-        self.client.respond(502, error_body(message, type_="server_error", code="upstream_unavailable"))
+        if why is not None:
+            self._count("stream_aborted")
+            event = answers.stream_interrupted(self.model, why)
+            self.client.write(chunk(event) if self.mode == "chunked" else event)
+        if self.mode == "chunked":
+            self.client.write(LAST_CHUNK)
+        self.end()
+        self.client.done(keep_alive if self.mode == "chunked" else False)
 
-    def _stream_error(self, why: str) -> None:
-        self._count("stream_aborted")
-        err = error_body(f"Generation for model `{self.model}` was interrupted: {why}; retry the request.",
-                         type_="server_error", code="stream_interrupted")
-        event = b"data: " + err + b"\n\n" + _SSE_DONE
-        self.client.write(b"%x\r\n%b\r\n" % (len(event), event) if self.mode == "chunked" else event)
+    def _fail(self, message: str) -> None:
+        self.reject(answers.upstream_unavailable(message))
 
     def _wrap_error(self, text: str) -> None:
         """The router's plain-text errors in OpenAI's shape, keeping the status."""
@@ -481,7 +348,4 @@ class Exchange:
             self._reset()
             self.gw.router_has_none(self)
             return
-        self.finished = True
-        self._count(str(self.status))
-        type_ = "invalid_request_error" if self.status < 500 else "server_error"
-        self.client.respond(self.status, error_body(text or f"upstream status {self.status}", type_=type_))
+        self.reject(answers.router_error(self.status, text))

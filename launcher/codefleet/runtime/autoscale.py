@@ -26,6 +26,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from codefleet.gateway import metrics as gateway_metrics
 from codefleet.planner import Autoscale
 from codefleet.status import EngineLook, engine_look
 
@@ -151,7 +152,7 @@ class Autoscaler:
 
 # -- reading the signals -------------------------------------------------------------------------
 
-HELD = "codefleet_gateway_held_requests"
+HELD = gateway_metrics.HELD
 
 
 def held_requests(text: str) -> dict[str, int]:
