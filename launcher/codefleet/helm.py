@@ -85,9 +85,10 @@ def _model_values(p: ReplicaPlan) -> dict[str, Any]:
         "args": flags_argv(spec.flags),
         "env": dict(sorted(env.items())),
         **({"moeConfig": moe_config} if moe_config else {}),
-        # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
+        # CPUs: the plan's (planner.host_cpus, what Ray reserves too). Host memory: the weights pass
+        # through it while loading, plus the API server and tokenizer.
         "resources": {
-            "requests": {"cpu": str(4 * p.tensor_parallel_size),
+            "requests": {"cpu": str(p.host_cpus),
                          "memory": f"{math.ceil(weights_gib * p.tensor_parallel_size + 16)}Gi"},
             "limits": {"memory": f"{math.ceil(weights_gib * p.tensor_parallel_size * 1.5 + 32)}Gi"},
         },
