@@ -19,49 +19,16 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
-from pydantic import Field
 
 from codefleet.errors import CodefleetError, RuntimeStartError
-from codefleet.gateway.config import UPSTREAM_KEY_ENV, Hold
-from codefleet.manifest import Metrics, Router, Tenant, _Strict
+from codefleet.frontend_config import FrontendConfig, Target
+from codefleet.gateway.config import UPSTREAM_KEY_ENV
 from codefleet.metrics import FleetMetrics
 from codefleet.router import Frontend
 
+__all__ = ["DnsRegistrar", "FrontendConfig", "Target", "resolve_dns", "run"]
+
 Resolver = Callable[[str, int], set[str]]
-
-
-class HoldSpec(_Strict):
-    max_requests: int = Field(ge=0)
-    timeout_s: float = Field(gt=0)
-    cold_start_s: float = Field(60.0, gt=0)
-
-
-class Target(_Strict):
-    model: str
-    """Served model name."""
-    host: str
-    """DNS name of the model's headless Service."""
-    port: int = Field(8000, ge=1, le=65535)
-    replicas: int | None = Field(None, ge=0)
-    """Replicas the chart asks for (the codefleet_replicas_desired gauge); none when KEDA scales it."""
-    hold: HoldSpec | None = None
-    """Hold requests while the model has no ready replica (it scales from zero)."""
-    max_waiting: int | None = Field(None, ge=0)
-    """Shed new requests while the model's engines hold more than this many waiting."""
-
-
-class FrontendConfig(_Strict):
-    router: Router
-    metrics: Metrics
-    targets: list[Target] = Field(min_length=1)
-    interval: float = Field(2.0, gt=0)
-    """Seconds between DNS look-ups."""
-    drain_seconds: float = Field(120, gt=0)
-    """On SIGTERM: how long open streams may finish before each ends with an error event."""
-    tenants: dict[str, Tenant] = Field(default_factory=dict)
-    """Per-tenant limits (the manifest's tenants)."""
-    frontend_pods: int = Field(1, ge=1)
-    """Frontend pods sharing the tenants' limits: each enforces 1/frontend_pods."""
 
 
 def resolve_dns(host: str, port: int) -> set[str]:
@@ -130,14 +97,10 @@ def run(config_path: str, run_dir: Path) -> int:
         raise CodefleetError(f"{config_path}: {exc.strerror}") from None
     except ValueError as exc:
         raise CodefleetError(f"{config_path}: {exc}") from None
-    models = tuple(dict.fromkeys(t.model for t in cfg.targets))
-    fe = Frontend(cfg.router, cfg.metrics, models, run_dir, sys.executable,
-                  manifest_dir=Path(config_path).parent, upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
-                  drain_s=cfg.drain_seconds,
-                  hold={t.model: Hold(t.hold.max_requests, t.hold.timeout_s, t.hold.cold_start_s)
-                        for t in cfg.targets if t.hold is not None and t.hold.max_requests > 0},
-                  tenants=dict(cfg.tenants), frontend_pods=cfg.frontend_pods,
-                  shed={t.model: t.max_waiting for t in cfg.targets if t.max_waiting is not None})
+    settings = cfg.settings(Path(config_path).parent)
+    models = settings.models
+    fe = Frontend.from_settings(settings, run_dir, sys.executable,
+                                upstream_key=os.environ.get(UPSTREAM_KEY_ENV) or None)
     metrics = FleetMetrics()
     for t in cfg.targets:
         if t.replicas is not None:

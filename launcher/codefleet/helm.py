@@ -9,6 +9,7 @@ one copy, so the chart holds none of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from codefleet.engine import MOE_CONFIG_ENV, engine_spec, flags_argv
 from codefleet.errors import PlanError
+from codefleet.frontend_config import HOLD_VALUES, FrontendSettings, frontend_settings, hold_of
 from codefleet.manifest import LoadedManifest
 from codefleet.observability import autoscale_query, held_query
 from codefleet.planner import FleetPlan, GiB, ReplicaPlan
@@ -53,7 +55,7 @@ def startup_failure_threshold(p: ReplicaPlan) -> int:
     return math.ceil(seconds / STARTUP_PERIOD_S)
 
 
-def _model_values(p: ReplicaPlan) -> dict[str, Any]:
+def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
     if p.accelerator == "cpu":
         raise PlanError(f"{p.name}: the chart serves GPU plans; plan with --gpu TYPE (one of {', '.join(GPU_PRODUCT)})")
     if p.demo is not None:
@@ -85,9 +87,10 @@ def _model_values(p: ReplicaPlan) -> dict[str, Any]:
         "args": flags_argv(spec.flags),
         "env": dict(sorted(env.items())),
         **({"moeConfig": moe_config} if moe_config else {}),
-        # Host memory: the weights pass through it while loading, plus the API server and tokenizer.
+        # CPUs: the plan's (planner.host_cpus, what Ray reserves too). Host memory: the weights pass
+        # through it while loading, plus the API server and tokenizer.
         "resources": {
-            "requests": {"cpu": str(4 * p.tensor_parallel_size),
+            "requests": {"cpu": str(p.host_cpus),
                          "memory": f"{math.ceil(weights_gib * p.tensor_parallel_size + 16)}Gi"},
             "limits": {"memory": f"{math.ceil(weights_gib * p.tensor_parallel_size * 1.5 + 32)}Gi"},
         },
@@ -95,7 +98,7 @@ def _model_values(p: ReplicaPlan) -> dict[str, Any]:
         "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.accelerator]},
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
-        **({"maxWaiting": p.max_waiting} if p.max_waiting is not None else {}),
+        **({"maxWaiting": front.shed[p.name]} if p.name in front.shed else {}),
         "plan": {
             "gpu": p.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),
@@ -116,23 +119,23 @@ def _autoscaling_values(p: ReplicaPlan) -> dict[str, Any]:
             "scaleUpWindowSeconds": round(a.scale_up_window_seconds),
             "scaleDownDelaySeconds": min(3600, round(a.scale_down_delay_seconds)),
             "idleSecondsBeforeZero": round(a.idle_seconds_before_zero),
-            "hold": {"requests": a.hold_requests, "timeoutSeconds": a.hold_timeout_seconds,
-                     "coldStartSeconds": a.cold_start_seconds}}
+            "hold": {HOLD_VALUES[k]: v for k, v in dataclasses.asdict(hold_of(a)).items()}}
 
 
 def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = API_KEYS_SECRET) -> dict[str, Any]:
     """Chart values; with API keys on, the keys are read from the existing Secret ``api_keys_secret``."""
-    r = plan.router
+    front = frontend_settings(plan)  # what `codefleet up` tells its frontend: the chart's frontend too
+    r = front.router
     api_keys: dict[str, Any] = {"enabled": r.api_keys is not None}
     if r.api_keys is not None:
         api_keys |= {"existingSecret": api_keys_secret, "secretKey": "keys"}
     values: dict[str, Any] = {
-        "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib,
+        "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib, "drainSeconds": math.ceil(front.drain_s),
                      **({"limits": limits} if (limits := r.limits.model_dump(exclude_defaults=True)) else {})},
         "apiKeys": api_keys,
-        **({"tenants": {n: t.model_dump(exclude_none=True) for n, t in plan.tenants.items()}}
-           if plan.tenants else {}),
-        "models": [_model_values(p) for p in plan.models],
+        **({"tenants": {n: t.model_dump(exclude_none=True) for n, t in front.tenants.items()}}
+           if front.tenants else {}),
+        "models": [_model_values(p, front) for p in plan.models],
     }
     keys = [m["key"] for m in values["models"]]
     dup = sorted({k for k in keys if keys.count(k) > 1})

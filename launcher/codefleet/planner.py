@@ -182,6 +182,42 @@ def engine_limits(m: ResolvedModel, gpu: Gpu) -> Limits:
 
 
 @dataclass(frozen=True)
+class Term:
+    """One number of a model's plan, recorded where the plan computes it: ``plan --explain`` shows
+    these and recomputes none of them."""
+
+    name: str
+    value: float
+    unit: str
+    """``bytes`` (shown in GiB), ``count`` (thousands grouped), ``int`` (as is) or ``ratio`` (one decimal)."""
+    how: str
+    """How the number is made and where its inputs come from."""
+
+    @property
+    def shown(self) -> str:
+        if self.unit == "bytes":
+            return f"{self.value / GiB:,.2f} GiB"
+        if self.unit == "ratio":
+            return f"{self.value:.1f}"
+        if self.unit == "int":
+            return str(int(self.value))
+        return f"{int(self.value):,}"
+
+
+#: Host CPUs a replica reserves (Ray's bundle, the chart's CPU request): one core for each vLLM
+#: process that keeps one busy: the API server (HTTP, tokenizer, detokenizer), the engine core's
+#: scheduler loop, and one worker per GPU (each prepares its rank's inputs and spins on the
+#: broadcast queue). Fewer and the scheduler and workers share a core, which shows up as time
+#: to first token and between tokens; a reservation, not a cap (the chart sets no CPU limit).
+HOST_CPUS_BESIDES_WORKERS = 2
+
+
+def host_cpus(accelerator: str, tp: int) -> int:
+    """CPUs one replica reserves on its host; on the CPU (gpu: cpu) each rank computes on its own."""
+    return tp if accelerator == "cpu" else HOST_CPUS_BESIDES_WORKERS + tp
+
+
+@dataclass(frozen=True)
 class Estimate:
     """Roofline upper bounds, not measurements."""
 
@@ -248,6 +284,11 @@ class ReplicaPlan:
     moe_config_dir: str | None = None
     #: What the plan cannot account for or the operator should act on, said before launch.
     warnings: tuple[str, ...] = ()
+    #: Host CPUs one replica reserves (``host_cpus``): Ray's bundle and the chart's CPU request.
+    host_cpus: int = 0
+    #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it.
+    #: (ReplicaPlan stays flat: its numbers above are the same values, set from the same variables.)
+    budget: tuple[Term, ...] = ()
 
     @property
     def max_replicas(self) -> int:
@@ -394,9 +435,21 @@ def plan_model(
         cpu_kv_tok = kv_bytes_per_token(s, b, tp)
         kv_bytes = int(m.cpu_kv_cache_gib * GiB)
         kv_tokens = kv_bytes // cpu_kv_tok
+        terms = [*_weight_terms(m, params, weights, b),
+                 Term("weights per rank", weights // tp, "bytes", f"weights / TP {tp}"),
+                 Term("KV cache per rank", kv_bytes, "bytes",
+                      f"cpu_kv_cache_gib {m.cpu_kv_cache_gib} (VLLM_CPU_KVCACHE_SPACE)"),
+                 Term("KV bytes per token", cpu_kv_tok, "count",
+                      f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x "
+                      f"head_dim {s.head_dim} x {b} bytes"),
+                 Term("KV tokens", kv_tokens, "count", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')"),
+                 *_tail_terms(m, kv_tokens, None, None),
+                 _cpu_term("cpu", tp)]
         return ReplicaPlan(
             **common,
             tensor_parallel_size=tp,
+            host_cpus=host_cpus("cpu", tp),
+            budget=tuple(terms),
             weight_bytes_per_gpu=weights // tp,
             kv_bytes_per_token_per_gpu=cpu_kv_tok,
             reserve_bytes_per_gpu=0,
@@ -441,10 +494,44 @@ def plan_model(
     kv_tokens = kv_bytes // (kv_tok(tp) * BLOCK_TOKENS) * BLOCK_TOKENS
     per_node = gpus_per_node // tp
     moe_name, moe_found, moe_warning = moe_kernel_config(m, gpu, tp, loaded_dir)
+    weights_per_gpu = max(0, weights // tp - lim.cpu_offload_bytes)
+    estimate = _estimate(m, tp, kv_tokens, accel, prompt_tokens, lim, weights)
+    routed = max(1, s.experts_per_token) if s.is_moe else 1
+    offload = f" - cpu_offload_gb {lim.cpu_offload_bytes / GiB:g}" if lim.cpu_offload_bytes else ""
+    terms = [
+        *_weight_terms(m, params, weights, b),
+        Term("usable memory", gpu.usable_gib * GiB, "bytes",
+             f"what CUDA reports on {gpu.name} (marketed {gpu.memory_gib:g} GB): {gpu.usable_source}"),
+        Term("budget", budget, "bytes",
+             f"ceil(usable x gpu_memory_utilization {m.gpu_memory_utilization:.2f}); vLLM's request_memory"),
+        Term("weights per GPU", weights_per_gpu, "bytes", f"weights / TP {tp}{offload}"),
+        Term("fixed reserve", RESERVE_FIXED_GIB * GiB, "bytes",
+             "CUDA context, NCCL buffers, CUDA graphs (RESERVE_FIXED_GIB)"),
+        Term("activations", activation_bytes(s, b, tp, lim.max_num_batched_tokens), "bytes",
+             f"max_num_batched_tokens {lim.max_num_batched_tokens} ({lim.sources['max_num_batched_tokens']}) x "
+             f"(4 x hidden {s.hidden_size} + 2 x {routed} x MLP width {s.intermediate_size} / TP {tp}) x {b} bytes"),
+        Term("sampler logits", sampler_bytes(s, lim.max_num_seqs), "bytes",
+             f"max_num_seqs {lim.max_num_seqs} ({lim.sources['max_num_seqs']}) x vocab {s.vocab_size} x "
+             f"{LOGIT_BYTES} bytes (float32)"),
+        Term("KV cache", kv_bytes, "bytes", "budget - weights per GPU - reserve (fixed + activations + logits)"),
+        Term("KV bytes per token", kv_tok(tp), "count",
+             f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x head_dim {s.head_dim} x "
+             f"{lim.kv_dtype_bytes} bytes (kv_cache_dtype {lim.sources['kv_cache_dtype']})"),
+        Term("KV tokens", kv_tokens, "count",
+             f"floor(KV cache / (KV bytes per token x {BLOCK_TOKENS})) x {BLOCK_TOKENS}: whole blocks"),
+        Term("TP choice", tp, "int",
+             f"the smallest of {', '.join(map(str, valid_tp(s, group)))} that leaves KV room for max_model_len "
+             f"{m.max_model_len} x min_concurrent_sequences {m.min_concurrent_sequences}"
+             if spec.tensor_parallel_size is None else "set in the manifest"),
+        *_tail_terms(m, kv_tokens, estimate, lim.max_num_seqs),
+        _cpu_term(accel, tp),
+    ]
     return ReplicaPlan(
         **common,
         tensor_parallel_size=tp,
-        weight_bytes_per_gpu=max(0, weights // tp - lim.cpu_offload_bytes),
+        host_cpus=host_cpus(accel, tp),
+        budget=tuple(terms),
+        weight_bytes_per_gpu=weights_per_gpu,
         kv_bytes_per_token_per_gpu=kv_tok(tp),
         reserve_bytes_per_gpu=reserve(tp),
         kv_bytes_per_gpu=kv_bytes,
@@ -452,7 +539,7 @@ def plan_model(
         full_length_sequences=kv_tokens / m.max_model_len,
         replicas_per_node=per_node,
         nodes=math.ceil(replicas / per_node) if replicas else 0,
-        estimate=_estimate(m, tp, kv_tokens, accel, prompt_tokens, lim, weights),
+        estimate=estimate,
         max_num_seqs=lim.max_num_seqs,
         max_num_batched_tokens=lim.max_num_batched_tokens,
         kv_cache_dtype=lim.kv_cache_dtype,
@@ -461,6 +548,34 @@ def plan_model(
         moe_config_found=moe_found,
         warnings=(*notes, *([moe_warning] if moe_warning else [])),
     )
+
+
+def _weight_terms(m: ResolvedModel, params: int, weights: int, b: int) -> list[Term]:
+    s = m.shape
+    out = [Term("parameters", params, "count", "layers x (attention + MLP + norms) + embeddings (+ LM head unless "
+                                               "tied); planner.parameter_count")]
+    if m.quant:
+        linear = linear_parameter_count(s)
+        out.append(Term("weights", weights, "bytes",
+                        f"linear {linear:,} x {m.quant.linear_bytes_per_param():.4f} bytes ({m.quant.describe()}, "
+                        f"from {m.quant.source}) + the other {params - linear:,} x {b} bytes ({m.dtype})"))
+    else:
+        out.append(Term("weights", weights, "bytes", f"parameters x {b} bytes ({m.dtype})"))
+    return out
+
+
+def _tail_terms(m: ResolvedModel, kv_tokens: int, estimate: Estimate | None, max_num_seqs: int | None) -> list[Term]:
+    out = [Term("full-length seqs", kv_tokens / m.max_model_len, "ratio", f"KV tokens / max_model_len {m.max_model_len}")]
+    if estimate:
+        out.append(Term("batch ceiling", estimate.max_batch, "int",
+                        f"min(full-length seqs, max_num_seqs {max_num_seqs})"))
+    return out
+
+
+def _cpu_term(accel: str, tp: int) -> Term:
+    how = (f"TP {tp}: the ranks compute on the host" if accel == "cpu" else
+           f"{HOST_CPUS_BESIDES_WORKERS} (API server, engine core) + TP {tp} (one per GPU worker)")
+    return Term("host CPUs", host_cpus(accel, tp), "int", how + "; Ray's bundle and the chart's CPU request")
 
 
 def moe_kernel_config(m: ResolvedModel, gpu: Gpu, tp: int, manifest_dir: Path | None) -> tuple[
@@ -545,75 +660,16 @@ def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[s
 
 
 def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
-    """The whole arithmetic of one model's plan, every term with its source (``plan --explain``)."""
-    s, b = m.shape, _dtype_bytes(m)
-    rows: list[tuple[str, str, str]] = []
-
-    def row(name: str, value: str, how: str) -> None:
-        rows.append((name, value, how))
-
-    def gib(n: float) -> str:
-        return f"{n / GiB:,.2f} GiB"
-
+    """The whole arithmetic of one model's plan, every term with its source (``plan --explain``):
+    the terms the plan recorded (``ReplicaPlan.budget``), none computed again here."""
+    s = m.shape
     where = "catalog" if m.catalog else ("demo checkpoint" if m.demo else "config.json")
     head = [f"{p.name} on {p.accelerator}: tensor_parallel_size {p.tensor_parallel_size}, {p.replicas} replica(s)",
             f"shape ({where}: {p.source}): hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads / "
             f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, MLP width {s.intermediate_size}"
             + (f" x {s.num_experts} experts ({s.experts_per_token} routed)" if s.is_moe else "")
             + f", vocab {s.vocab_size}"]
-    params = parameter_count(s)
-    row("parameters", f"{params:,}", "layers x (attention + MLP + norms) + embeddings (+ LM head unless tied); "
-                                     "planner.parameter_count")
-    if m.quant:
-        linear = linear_parameter_count(s)
-        row("weights", gib(p.weight_bytes), f"linear {linear:,} x {m.quant.linear_bytes_per_param():.4f} bytes "
-                                            f"({m.quant.describe()}, from {m.quant.source}) + the other "
-                                            f"{params - linear:,} x {b} bytes ({m.dtype})")
-    else:
-        row("weights", gib(p.weight_bytes), f"parameters x {b} bytes ({m.dtype})")
-    if p.accelerator == "cpu":
-        row("weights per rank", gib(p.weight_bytes_per_gpu), f"weights / TP {p.tensor_parallel_size}")
-        row("KV cache per rank", gib(p.kv_bytes_per_gpu), f"cpu_kv_cache_gib {m.cpu_kv_cache_gib} "
-                                                         f"(VLLM_CPU_KVCACHE_SPACE)")
-        row("KV bytes per token", f"{p.kv_bytes_per_token_per_gpu:,}",
-            f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, p.tensor_parallel_size)} KV heads per rank x "
-            f"head_dim {s.head_dim} x {b} bytes")
-        row("KV tokens", f"{p.kv_tokens:,}", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')")
-    else:
-        gpu = GPUS[p.accelerator]
-        lim = engine_limits(m, gpu)
-        tp = p.tensor_parallel_size
-        routed = max(1, s.experts_per_token) if s.is_moe else 1
-        row("usable memory", f"{gpu.usable_gib:.2f} GiB", f"what CUDA reports on {gpu.name} "
-                                                          f"(marketed {gpu.memory_gib:g} GB): {gpu.usable_source}")
-        budget = budget_bytes(gpu, m.gpu_memory_utilization)
-        row("budget", gib(budget), f"ceil(usable x gpu_memory_utilization {m.gpu_memory_utilization:.2f}); "
-                                   f"vLLM's request_memory")
-        row("weights per GPU", gib(p.weight_bytes_per_gpu),
-            f"weights / TP {tp}" + (f" - cpu_offload_gb {lim.cpu_offload_bytes / GiB:g}" if lim.cpu_offload_bytes
-                                    else ""))
-        row("fixed reserve", gib(RESERVE_FIXED_GIB * GiB), "CUDA context, NCCL buffers, CUDA graphs (RESERVE_FIXED_GIB)")
-        act = activation_bytes(s, b, tp, lim.max_num_batched_tokens)
-        row("activations", gib(act), f"max_num_batched_tokens {lim.max_num_batched_tokens} "
-                                     f"({lim.sources['max_num_batched_tokens']}) x (4 x hidden {s.hidden_size} + 2 x "
-                                     f"{routed} x MLP width {s.intermediate_size} / TP {tp}) x {b} bytes")
-        row("sampler logits", gib(sampler_bytes(s, lim.max_num_seqs)),
-            f"max_num_seqs {lim.max_num_seqs} ({lim.sources['max_num_seqs']}) x vocab {s.vocab_size} x "
-            f"{LOGIT_BYTES} bytes (float32)")
-        row("KV cache", gib(p.kv_bytes_per_gpu), "budget - weights per GPU - reserve (fixed + activations + logits)")
-        row("KV bytes per token", f"{p.kv_bytes_per_token_per_gpu:,}",
-            f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x head_dim {s.head_dim} x "
-            f"{lim.kv_dtype_bytes} bytes (kv_cache_dtype {lim.sources['kv_cache_dtype']})")
-        row("KV tokens", f"{p.kv_tokens:,}", f"floor(KV cache / (KV bytes per token x {BLOCK_TOKENS})) x "
-                                             f"{BLOCK_TOKENS}: whole blocks")
-        valid = valid_tp(s, m.quant.group_size if m.quant else None)
-        row("TP choice", str(tp), f"the smallest of {', '.join(map(str, valid))} that leaves KV room for "
-                                  f"max_model_len {m.max_model_len} x min_concurrent_sequences "
-                                  f"{m.min_concurrent_sequences}" if m.spec.tensor_parallel_size is None
-            else "set in the manifest")
-    row("full-length seqs", f"{p.full_length_sequences:.1f}", f"KV tokens / max_model_len {m.max_model_len}")
-    if p.estimate:
-        row("batch ceiling", str(p.estimate.max_batch), f"min(full-length seqs, max_num_seqs {p.max_num_seqs})")
+    rows = [(t.name, t.shown, t.how) for t in p.budget]
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = head + [f"  {n:<{width}}  {v:>{vwidth}}  {h}" for n, v, h in rows]

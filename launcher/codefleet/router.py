@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 
 from codefleet.errors import RuntimeStartError, SecretError
-from codefleet.gateway.config import DEFAULT_TENANT, UPSTREAM_KEY_ENV, GatewayConfig, Hold
+from codefleet.frontend_config import FrontendSettings, frontend_settings
+from codefleet.gateway.config import DEFAULT_TENANT, DRAIN_S, UPSTREAM_KEY_ENV, GatewayConfig, Hold
 from codefleet.manifest import TENANT_NAME, ApiKeys, Metrics, Router, Tenant
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
@@ -161,7 +162,7 @@ class Frontend:
     manifest_dir: Path = field(default_factory=Path.cwd)
     say: Say = print
     upstream_key: str | None = None
-    drain_s: float = 60.0
+    drain_s: float = DRAIN_S
     """The gateway's drain on SIGTERM: how long open streams may finish."""
     hold: dict[str, Hold] = field(default_factory=dict)
     """Models whose requests the gateway holds while they have no ready replica (scale from zero)."""
@@ -181,13 +182,15 @@ class Frontend:
 
     @classmethod
     def for_plan(cls, plan: FleetPlan, run_dir: Path, python: str, say: Say = print) -> Frontend:
-        hold = {p.name: Hold(p.autoscale.hold_requests, p.autoscale.hold_timeout_seconds, p.autoscale.cold_start_seconds)
-                for p in plan.models if p.autoscale is not None and p.autoscale.hold_requests > 0}
-        return cls(plan.router, plan.metrics, tuple(p.name for p in plan.models if p.max_replicas > 0), run_dir,
-                   python, manifest_dir=plan.manifest_dir, say=say,
-                   drain_s=float(max((p.drain_seconds for p in plan.models), default=60)), hold=hold,
-                   tenants=dict(plan.tenants),
-                   shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None})
+        """``codefleet up``'s frontend: the plan's ``frontend_settings``."""
+        return cls.from_settings(frontend_settings(plan), run_dir, python, say=say)
+
+    @classmethod
+    def from_settings(cls, s: FrontendSettings, run_dir: Path, python: str, say: Say = print,
+                      upstream_key: str | None = None) -> Frontend:
+        return cls(s.router, s.metrics, s.models, run_dir, python, manifest_dir=s.manifest_dir, say=say,
+                   upstream_key=upstream_key, drain_s=s.drain_s, hold=dict(s.hold), tenants=dict(s.tenants),
+                   frontend_pods=s.frontend_pods, shed=dict(s.shed))
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics

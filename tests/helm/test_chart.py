@@ -707,3 +707,40 @@ def test_tuned_moe_config_reaches_the_engine_under_vllms_file_name(chart: helm_p
     assert env["VLLM_TUNED_CONFIG_FOLDER"] == mount["mountPath"] == "/etc/codefleet/moe-config"
     others = [engines(objs)[x["name"]]["spec"]["template"]["spec"] for x in values["models"] if x is not m]
     assert not any(v["name"] == "moe-config" for o in others for v in o["volumes"])
+
+
+def test_the_charts_frontend_is_told_what_codefleet_ups_is(tmp_path: Path, chart: helm_python.Chart,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One way from the plan to the frontend's settings: the chart's values come from
+    frontend_settings(plan), and the frontend.json the chart renders from them reads back the same."""
+    from codefleet.frontend_config import FrontendConfig, frontend_settings
+    from codefleet.router import Frontend
+
+    auto = ("    autoscaling: {min_replicas: 0, max_replicas: 4, hold_requests: 32, hold_timeout_seconds: 90, "
+            "cold_start_seconds: 45}\n    max_waiting: 50\n")
+    values = autoscaled_values(tmp_path, auto)
+    loaded = load(tmp_path / "fleet.yaml")
+    up = frontend_settings(plan_fleet(loaded, gpu="h100-80gb"))
+    (cm,) = [o for o in render(chart, values) if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    chart_side = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path)
+    assert up.hold and up.shed  # the case carries a hold and a shedding threshold
+    for name in ("models", "hold", "shed", "drain_s", "tenants"):
+        assert getattr(chart_side, name) == getattr(up, name), name
+    monkeypatch.setenv("CODEFLEET_API_KEYS", "sk-test")  # the manifest's router.api_keys
+    fe = Frontend.for_plan(plan_fleet(loaded, gpu="h100-80gb"), tmp_path, "python")
+    assert (fe.models, fe.hold, fe.shed, fe.drain_s) == (up.models, up.hold, up.shed, up.drain_s)
+
+
+def test_a_hold_without_cold_start_takes_the_manifests_default(tmp_path: Path, chart: helm_python.Chart) -> None:
+    from codefleet.frontend_config import FrontendConfig
+    from codefleet.gateway.config import COLD_START_S
+    from codefleet.manifest import Autoscaling
+
+    values = autoscaled_values(tmp_path, "    autoscaling: {min_replicas: 0, max_replicas: 2}\n")
+    m = next(x for x in values["models"] if "autoscaling" in x)
+    del m["autoscaling"]["hold"]["coldStartSeconds"]  # values written by hand
+    (cm,) = [o for o in render(chart, values) if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    t = next(t for t in json.loads(cm["data"]["frontend.json"])["targets"] if t["model"] == m["name"])
+    assert "cold_start_s" not in t["hold"]
+    hold = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path).hold[m["name"]]
+    assert hold.cold_start_s == COLD_START_S == Autoscaling.model_fields["cold_start_seconds"].default == 60

@@ -153,3 +153,25 @@ def test_frontend_command_serves_the_pods(tmp_path: Path, pods: tuple[int, dict[
     assert proc.returncode == 0, (tmp_path / "frontend.log").read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/health", timeout=1)
+
+
+def test_frontend_file_gives_the_frontend_settings(tmp_path: Path) -> None:
+    """What `codefleet frontend` builds its router and gateway from: the same FrontendSettings as
+    `codefleet up`; a hold is the gateway's Hold (validated; no requests held: no hold)."""
+    from codefleet.discovery import FrontendConfig
+    from codefleet.gateway.config import COLD_START_S, Hold
+
+    cfg = FrontendConfig.model_validate({
+        "router": {"port": 0}, "metrics": {"launcher_port": 0, "gateway_port": 0, "router_port": 0},
+        "targets": [{"model": "alpha", "host": "a", "hold": {"max_requests": 4, "timeout_s": 30}, "max_waiting": 9},
+                    {"model": "beta", "host": "b", "hold": {"max_requests": 0, "timeout_s": 30}},
+                    {"model": "alpha", "host": "a2"}],
+        "drain_seconds": 42})
+    s = cfg.settings(tmp_path)
+    assert s.models == ("alpha", "beta") and s.hold == {"alpha": Hold(4, 30, COLD_START_S)}
+    assert s.shed == {"alpha": 9} and s.drain_s == 42 and s.manifest_dir == tmp_path
+    fe = Frontend.from_settings(s, tmp_path, sys.executable, upstream_key=UPSTREAM_KEY)
+    assert fe.gateway_config().hold == s.hold and fe.engine_env == {"VLLM_API_KEY": UPSTREAM_KEY}
+    with pytest.raises(ValueError, match="max_requests"):
+        FrontendConfig.model_validate({**cfg.model_dump(), "targets": [
+            {"model": "alpha", "host": "a", "hold": {"max_requests": -1, "timeout_s": 30}}]})

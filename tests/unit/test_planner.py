@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,67 @@ def test_capacity_refuses_max_replicas_that_cannot_fit(tmp_path: Path) -> None:
 def test_capacity_names_an_unknown_gpu_type(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="unknown GPU type 'h100-80'; did you mean 'h100-80gb'"):
         _plan(tmp_path, "capacity: {h100-80: 8}\n" + _one(STABLE))
+
+
+# -- the plan's record of its arithmetic --------------------------------------------------------
+
+def _fleet_plan(gpu: str) -> tuple[Any, Any]:
+    from codefleet.manifest import load
+    root = Path(__file__).resolve().parents[2]
+    loaded = load(root / "deploy" / "manifests" / "fleet.yaml")
+    return loaded, plan_fleet(loaded, gpu=gpu)
+
+
+def test_budget_terms_are_the_plans_numbers() -> None:
+    """Each number the plan reports is one of its recorded terms, and the terms add up."""
+    _, plan = _fleet_plan("h100-80gb")
+    for p in plan.models:
+        t = {term.name: term.value for term in p.budget}
+        assert t["weights"] == p.weight_bytes and t["parameters"] == p.parameters
+        assert t["weights per GPU"] == p.weight_bytes_per_gpu
+        assert t["KV cache"] == p.kv_bytes_per_gpu and t["KV tokens"] == p.kv_tokens
+        assert t["KV bytes per token"] == p.kv_bytes_per_token_per_gpu
+        assert t["fixed reserve"] + t["activations"] + t["sampler logits"] == p.reserve_bytes_per_gpu
+        assert t["budget"] - t["weights per GPU"] - p.reserve_bytes_per_gpu == p.kv_bytes_per_gpu
+        assert t["TP choice"] == p.tensor_parallel_size and t["host CPUs"] == p.host_cpus
+        assert t["full-length seqs"] == p.full_length_sequences
+        assert t["batch ceiling"] == p.estimate.max_batch
+        assert all(term.how for term in p.budget)
+
+
+def test_explain_shows_the_recorded_terms_and_computes_none() -> None:
+    import dataclasses
+
+    from codefleet.planner import Term, explain
+    from codefleet.resolve import resolve
+
+    loaded, plan = _fleet_plan("h100-80gb")
+    r, p = resolve(loaded)[0], plan.models[0]
+    text = explain(r, p)
+    for term in p.budget:
+        assert f"{term.name}" in text and term.shown in text and term.how in text
+    # explain shows what the plan recorded: a changed record changes the output
+    fake = dataclasses.replace(p, budget=(Term("KV cache", 12345 * GiB, "bytes", "recorded by the plan"),))
+    assert "12,345.00 GiB  recorded by the plan" in explain(r, fake)
+    assert "budget" not in explain(r, fake).split("\n", 2)[2]
+
+
+@pytest.mark.parametrize(("gpu", "tp", "cpus"), [("h100-80gb", 1, 3), ("h100-80gb", 2, 4), ("cpu", 2, 2)])
+def test_host_cpus_are_decided_by_the_plan(gpu: str, tp: int, cpus: int) -> None:
+    from codefleet.planner import host_cpus
+    assert host_cpus(gpu, tp) == cpus
+
+
+def test_ray_and_the_chart_reserve_the_plans_cpus() -> None:
+    from codefleet.helm import helm_values
+    from codefleet.runtime.ray import bundle
+
+    loaded, plan = _fleet_plan("h100-80gb")
+    values = {m["name"]: m for m in helm_values(loaded, plan)["models"]}
+    tps = set()
+    for p in plan.models:
+        tps.add(p.tensor_parallel_size)
+        assert p.host_cpus == 2 + p.tensor_parallel_size
+        assert bundle(p)["CPU"] == p.host_cpus
+        assert values[p.name]["resources"]["requests"]["cpu"] == str(p.host_cpus)
+    assert tps == {1, 2}

@@ -26,7 +26,7 @@ def plans():  # type: ignore[no-untyped-def]
 
 def test_bundle_is_the_planned_tensor_parallel_size(plans) -> None:  # type: ignore[no-untyped-def]
     for p in plans.values():
-        assert bundle(p) == {"GPU": float(p.tensor_parallel_size), "CPU": 2.0}
+        assert bundle(p) == {"GPU": float(p.tensor_parallel_size), "CPU": float(p.host_cpus)}
     assert bundle(plans["codefuse-codellama-34b"])["GPU"] == 2
 
 
@@ -34,7 +34,7 @@ def test_feasibility(plans) -> None:  # type: ignore[no-untyped-def]
     p = plans["codefuse-codellama-34b"]
     check_feasible(p, 2, True, nodes(8, 8))
     check_feasible(p, 3, False, nodes(8, 8))  # spread: sharing a node is allowed
-    with pytest.raises(PlanError, match=r"strict_spread needs 3 nodes with 2 GPU, 2 CPU each.*has 2"):
+    with pytest.raises(PlanError, match=r"strict_spread needs 3 nodes with 2 GPU, 4 CPU each.*has 2"):
         check_feasible(p, 3, True, nodes(8, 8))
     with pytest.raises(PlanError, match="no Ray node can hold one replica.*largest node has 1"):
         check_feasible(p, 1, False, nodes(1, 1, 1))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from codefleet.manifest import Limits
+import pydantic
+import pydantic.dataclasses
+
+from codefleet.manifest import Autoscaling, Limits
 
 #: Paths the gate forwards to the router (POST, JSON body with a ``model``).
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
@@ -22,15 +26,24 @@ DEFAULT_TENANT = "default"
 UPSTREAM_KEY_ENV = "CODEFLEET_UPSTREAM_KEY"
 
 
-@dataclass(frozen=True)
-class Hold:
-    """Requests for a model with no ready replica wait here (scale from zero) instead of a 503."""
+#: A held model's first guess of its time to a ready replica: the manifest's default.
+COLD_START_S = float(Autoscaling.model_fields["cold_start_seconds"].default)
+#: The gateway's drain on SIGTERM when it is told none.
+DRAIN_S = 60.0
 
-    max_requests: int
+
+@pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
+class Hold:
+    """Requests for a model with no ready replica wait here (scale from zero) instead of a 503.
+
+    The one spelling of a hold: the gateway's config file, ``codefleet frontend``'s targets
+    (frontend_config.Target) and the launcher's frontend all use it (validated when read)."""
+
+    max_requests: Annotated[int, pydantic.Field(ge=0)]
     """Held at once for the model; one more gets 503 with Retry-After."""
-    timeout_s: float
+    timeout_s: Annotated[float, pydantic.Field(gt=0)]
     """A held request waits at most this long, then gets 503 with Retry-After."""
-    cold_start_s: float = 60.0
+    cold_start_s: Annotated[float, pydantic.Field(gt=0)] = COLD_START_S
     """First guess of the time to a ready replica (Retry-After); replaced by the cold starts seen."""
 
 
@@ -50,7 +63,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     poll_s: float = 0.5
     """How often the gate reads the router's worker list."""
-    drain_s: float = 60.0
+    drain_s: float = DRAIN_S
     """On SIGTERM: how long requests in flight may finish before their streams are ended."""
     created: int = field(default_factory=lambda: int(time.time()))
     hold: dict[str, Hold] = field(default_factory=dict)
@@ -68,7 +81,7 @@ class GatewayConfig:
         data: dict[str, Any] = {}
         for k, v in self.__dict__.items():
             data[k] = (list(v) if isinstance(v, tuple) else v.model_dump() if isinstance(v, Limits)
-                       else {m: h.__dict__ for m, h in v.items()} if k == "hold" else v)
+                       else {m: dataclasses.asdict(h) for m, h in v.items()} if k == "hold" else v)
         return json.dumps(data, indent=2)
 
     @classmethod

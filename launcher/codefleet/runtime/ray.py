@@ -37,15 +37,13 @@ from codefleet.runtime.core import Fleet, Say, Seen
 from codefleet.runtime.replica import Replica, State
 
 NODE_LABEL = "ray.io/node-id"
-#: CPUs a GPU replica reserves besides its GPUs (API server, tokenizer, scheduler).
-CPUS_PER_GPU_REPLICA = 2
 
 
 def bundle(p: ReplicaPlan) -> dict[str, float]:
-    """One replica's resources, all on one node."""
+    """One replica's resources, all on one node; its CPUs are the plan's (``planner.host_cpus``)."""
     if p.accelerator == "cpu":
-        return {"CPU": float(p.tensor_parallel_size)}
-    return {"GPU": float(p.tensor_parallel_size), "CPU": float(CPUS_PER_GPU_REPLICA)}
+        return {"CPU": float(p.host_cpus)}
+    return {"GPU": float(p.tensor_parallel_size), "CPU": float(p.host_cpus)}
 
 
 def fits(node: dict[str, Any], need: dict[str, float]) -> bool:
