@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection
 
 from codefleet.gateway import answers
-from codefleet.gateway.config import Hold
+from codefleet.gateway.config import COLD_START_S, Hold
 from codefleet.gateway.metrics import GatewayMetrics
 from codefleet.gateway.upstream import Exchange
 
@@ -58,7 +58,7 @@ class Holding:
         """Seconds until a replica is likely ready: the last cold start seen, less the time this wait
         has lasted; once past that estimate, a quarter of it. Within 1..60 (the OpenAI SDK honours
         Retry-After up to 60 s)."""
-        est = self.cold_start.get(model, 60.0)
+        est = self.cold_start.get(model, COLD_START_S)
         began = self.began.get(model)
         left = est - (time.monotonic() - began) if began is not None else est
         if left < 1:
