@@ -78,7 +78,10 @@ def _with_fleet(manifest: Path, group: list[dict[str, Any]], bench: list[str], r
         if sum(m.tensor_parallel_size * m.replicas for m in plan.models) == 1 and len(cores) > 1:
             # One single-rank engine computes on core 0: keep the client, router and gateway off it
             # (as on a GPU host, where they do not share the engine's CPU).
-            for pid in [os.getpid(), *fe.pgids()]:
+            # this process itself (not its children: the engine is one, bound to its core by
+            # LocalFleet), and the router's and the gateway's process trees
+            os.sched_setaffinity(0, cores[1:])
+            for pid in fe.pgids():
                 for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
                     os.sched_setaffinity(proc.pid, cores[1:])
             print(f"client, router and gateway pinned to cores {cores[1:]}; the engine computes on core {cores[0]}")

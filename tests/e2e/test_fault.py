@@ -66,8 +66,19 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(CONCURRENCY)]
     for t in threads:
         t.start()
+    def done_ok(since: float = 0.0) -> int:
+        with lock:
+            return sum(1 for start, _, o in results if o == "ok" and start >= since)
+
+    def wait_until(cond: object, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
     try:
-        time.sleep(5)
+        # the load is steady (every worker has finished requests on both replicas) before the kill
+        wait_until(lambda: done_ok() >= 4 * CONCURRENCY, f"{4 * CONCURRENCY} requests served before the kill")
         killed_at = time.monotonic()
         assert victim.proc is not None
         os.kill(victim.proc.pid, signal.SIGKILL)
@@ -79,7 +90,8 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
             time.sleep(0.2)
         back_at = time.monotonic()
         paused.clear()
-        time.sleep(5)
+        # requests after it is back (the router balances load onto it; counted on its /metrics below)
+        wait_until(lambda: done_ok(back_at) >= 4 * CONCURRENCY, f"{4 * CONCURRENCY} requests served after it came back")
     finally:
         stop.set()
         for t in threads:
@@ -103,5 +115,5 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
     assert (victim.url, MODEL) in {(w["url"], w["model_id"]) for w in fe.admin.workers()}
     served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(victim.url + "/metrics", timeout=10).text.splitlines()
                  if line.startswith("vllm:request_success_total{"))
-    print(f"the restarted replica served {served:.0f} requests in the 5 s after it was registered again")
+    print(f"the restarted replica served {served:.0f} requests of the {done_ok(back_at)} after it was registered again")
     assert served > 0, "the restarted replica took no traffic"

@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from codefleet.gateway.config import Hold
+from codefleet.gateway.metrics import READY
 from codefleet.manifest import ApiKeys, Metrics, Router, Tenant
 from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 from codefleet.router import Frontend
@@ -42,9 +45,24 @@ class Fakes:
         # as the launcher does on a registration: the gateway reads the router's workers now (else a
         # request in the next poll interval finds the model without a worker and gets 503)
         self.frontend.refresh_gateway()
-        time.sleep(0.3)
         self.upstreams.setdefault(model, []).append((url, proc.pid))
+        self.wait_ready(model, len(self.upstreams[model]))
         return url
+
+    def wait_ready(self, model: str, n: int, timeout: float = 10) -> None:
+        """Until the gateway has seen ``n`` workers of ``model`` in the router (its own gauge)."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.gateway_ready(model)) != n:
+            assert time.monotonic() < deadline, f"the gateway saw {seen} workers of {model}, not {n}"
+            time.sleep(0.05)
+
+    def gateway_ready(self, model: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.frontend.gateway_metrics_port}/metrics", timeout=5).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == READY and s.labels.get("model") == model:
+                    return s.value
+        return 0.0
 
     def stop(self) -> None:
         for ups in self.upstreams.values():

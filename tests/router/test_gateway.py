@@ -17,7 +17,7 @@ from codefleet.errors import SecretError
 from codefleet.gateway.config import GatewayConfig, hash_keys
 from codefleet.manifest import ApiKeys, Limits
 from codefleet.router import ClientKey, load_api_keys
-from tests.router.conftest import KEY, Fakes
+from tests.router.conftest import KEY, Fakes, start_fakes
 
 
 def sdk(fakes: Fakes, key: str = KEY) -> openai.OpenAI:
@@ -80,25 +80,22 @@ def test_oversized_body_without_content_length(fakes: Fakes) -> None:
     assert resp.status_code == 413
 
 
-def test_stream_cut_by_a_dying_upstream_ends_with_an_openai_error(fakes: Fakes) -> None:
-    url = fakes.add_upstream("slow-dying", "--token-delay-ms", "100")
-    pgid = fakes.upstreams["slow-dying"][0][1]
-    fakes.frontend.models = (*fakes.frontend.models, "slow-dying")
-    # The gateway's model list is fixed at start; restart it to pick up the new model.
-    assert fakes.frontend.gateway_proc is not None
-    fakes.frontend.gateway_proc.kill()
-    fakes.frontend.gateway_proc.wait()
-    fakes.frontend.check()
-    stream = sdk(fakes).completions.create(model="slow-dying", prompt="x", max_tokens=50, stream=True)
-    got = []
-    with pytest.raises(openai.APIError) as info:
-        for i, chunk in enumerate(stream):
-            got.append(chunk)
-            if i == 3:
-                os.killpg(pgid, signal.SIGKILL)
-    assert len(got) >= 4
-    assert "interrupted" in info.value.message
-    fakes.frontend.admin.remove(url)
+def test_stream_cut_by_a_dying_upstream_ends_with_an_openai_error(tmp_path: Path) -> None:
+    own = start_fakes(tmp_path, ("slow-dying",), KEY)  # its own front: the shared one is not changed
+    try:
+        own.add_upstream("slow-dying", "--token-delay-ms", "100")
+        pgid = own.upstreams["slow-dying"][0][1]
+        stream = sdk(own).completions.create(model="slow-dying", prompt="x", max_tokens=50, stream=True)
+        got = []
+        with pytest.raises(openai.APIError) as info:
+            for i, chunk in enumerate(stream):
+                got.append(chunk)
+                if i == 3:
+                    os.killpg(pgid, signal.SIGKILL)
+        assert len(got) >= 4
+        assert "interrupted" in info.value.message
+    finally:
+        own.stop()
 
 
 def test_gateway_restart_keeps_serving(fakes: Fakes) -> None:

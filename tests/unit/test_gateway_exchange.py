@@ -24,6 +24,8 @@ class FakeRouter(asyncio.Protocol):
     where n counts the requests seen on this connection."""
 
     connections = 0
+    reused = 0
+    """Requests that came on a connection that had carried one before (the pool at work)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
@@ -49,6 +51,7 @@ class FakeRouter(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
             return
         self.n += 1
+        FakeRouter.reused += self.n > 1
         self.behaviour(self, self.transport, self.url, self.n)
 
 
@@ -58,7 +61,7 @@ def answer(t: asyncio.Transport, body: bytes = OK) -> None:
 
 async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
     loop = asyncio.get_running_loop()
-    FakeRouter.connections = 0
+    FakeRouter.connections = FakeRouter.reused = 0
     router = await loop.create_server(lambda: FakeRouter(behaviour), "127.0.0.1", 0)
     rport = router.sockets[0].getsockname()[1]
     gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", models=("m",), port=0))
@@ -90,6 +93,9 @@ def test_stale_keepalive_connection_is_retried_once() -> None:
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
 
     asyncio.run(with_gateway(behaviour, client))
+    # the 2nd and 3rd went on the kept-alive connection (which the router closed), then once more
+    # on a new one each: without the pool nothing is reused; without the retry they would be 502s
+    assert FakeRouter.reused == 2
     assert FakeRouter.connections >= 4  # /workers, the first, then a new one for each stale one
 
 

@@ -13,6 +13,7 @@ disable_created_metrics()
 REQUESTS = "codefleet_gateway_requests"
 REJECTED = "codefleet_gateway_rejected"
 HELD = "codefleet_gateway_held_requests"
+READY = "codefleet_gateway_ready_replicas"
 HOLD = "codefleet_gateway_hold"
 HOLD_SECONDS = "codefleet_gateway_hold_seconds"
 EVICTED = "codefleet_gateway_connections_evicted"
@@ -39,6 +40,8 @@ class GatewayMetrics:
                                 ["reason"], registry=r)
         self.evicted = Counter(EVICTED, "Connections closed at the connection cap to admit a new one (the "
                                         "oldest with no request in progress)", registry=r)
+        self.ready = Gauge(READY, "Healthy workers per model in the router, as the gateway last saw them",
+                           ["model"], registry=r)
         self.held = Gauge(HELD, "Requests held for a model with no ready replica (scale-from-zero demand)",
                           ["model"], registry=r)
         self.hold_outcomes = Counter(HOLD, "Held requests by outcome (released, timeout, overflow, gone, shutdown)",

@@ -166,6 +166,8 @@ class Gateway:
 
     def _workers_changed(self) -> None:
         self._models_body = self._list_models()
+        for model in self.config.models:
+            self.metrics.child(self.metrics.ready, model).set((self.workers.ready or {}).get(model, 0))
         self.holding.release(self.workers.available)
 
     def _recheck_soon(self) -> None:
