@@ -135,15 +135,14 @@ class RayBackend:
         self.address = address
         self.strict_spread = strict_spread
         self.placement_timeout = placement_timeout
-        self.fleet: Fleet | None = None
 
     def prepare(self, plan: FleetPlan) -> None:
         if not ray.is_initialized():
             ray.init(address=self.address, log_to_driver=False)
-        self.check(plan, surge=0)
+        self.check(plan)
 
-    def check(self, plan: FleetPlan, surge: int) -> None:
-        """Every model checked before anything is placed (a rolling replace adds ``surge`` first)."""
+    def check(self, plan: FleetPlan) -> None:
+        """Every model checked, at its most replicas, before anything is placed."""
         nodes = ray.nodes()
         for p in plan.models:
             check_feasible(p, p.max_replicas, self.strict_spread, nodes)
@@ -223,6 +222,9 @@ class RayBackend:
 
     def close(self) -> None:
         pass
+
+    def node_of(self, r: Replica) -> str | None:
+        return r.node or None  # the node's IP, as the actor reports it
 
 
 class RayFleet(Fleet):
