@@ -281,3 +281,61 @@ def test_autoscaler_decisions_drive_the_loop(tmp_path: Path, monkeypatch: pytest
 
 def b_launched(b: FakeBackend) -> list[str]:
     return b.launched
+
+
+def test_drain_reads_the_engines_metrics(fleet: tuple[Fleet, FakeBackend]) -> None:
+    """Idle: nothing running or waiting; busy or answering non-200: not idle; not answering: idle
+    only when the backend sees the engine gone."""
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    p = probe(f)
+    r = f.replicas[0]
+    assert f._idle(r)
+    p.engines["m-0"] = busy(waiting=1)
+    assert not f._idle(r)
+    p.down.add("m-0")
+    assert not f._idle(r)  # the backend still sees it running
+    b.exit["m-0"] = 0
+    assert f._idle(r)
+
+
+def test_generations_are_computed_once_per_plan(fleet: tuple[Fleet, FakeBackend], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pass compares replicas with the plan's generations; the template file is read once per plan."""
+    from codefleet.runtime import replica
+
+    f, b = fleet
+    calls: list[str] = []
+    real = replica.generation
+    monkeypatch.setattr(replica, "generation", lambda p: calls.append(p.name) or real(p))
+    for _ in range(5):
+        f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    assert f.converged() and calls == ["m"]
+    f.apply(make(tmp_path, seqs=8))
+    for _ in range(3):
+        f.reconcile()
+    assert calls == ["m", "m"]
+    assert {r.generation for r in f.replicas if r.state is State.STARTING} == {f.generations()["m"]}
+
+
+def test_the_state_file_shows_the_backends_nodes(fleet: tuple[Fleet, FakeBackend], monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    from codefleet.runtime.state import read_state
+
+    f, b = fleet
+    said: list[str] = []
+    f.say = said.append
+    monkeypatch.setattr(b, "node_of", lambda r: f"10.0.0.{r.index + 1}")
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    assert any(line.startswith("  ready  m-0") and line.endswith("node 10.0.0.1") for line in said), said
+    s = read_state(f.run_dir)
+    assert s is not None and s.converged and s.runtime == "fake"
+    assert [(r.name, r.state, r.node_ip) for r in s.replicas] == [("m-0", "ready", "10.0.0.1"),
+                                                                   ("m-1", "ready", "10.0.0.2")]
+    assert s.models[0].desired == 2 and s.models[0].generation == f.generations()["m"]
