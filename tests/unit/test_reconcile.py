@@ -12,7 +12,8 @@ from codefleet.errors import PlanError
 from codefleet.manifest import parse
 from codefleet.planner import FleetPlan, plan_fleet
 from codefleet.runtime import core
-from codefleet.runtime.core import Fleet, Seen
+from codefleet.runtime.backend import Seen
+from codefleet.runtime.core import Fleet
 from codefleet.runtime.probe import Answer
 from codefleet.runtime.replica import Replica, State
 

@@ -6,10 +6,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import httpx
 
@@ -30,6 +28,7 @@ from codefleet.runtime.autoscale import (
     held_requests,
     histogram_quantile,
 )
+from codefleet.runtime.backend import Backend, Say
 from codefleet.runtime.changes import diff_plans
 from codefleet.runtime.probe import HttpProbe, Probe
 from codefleet.runtime.replica import Replica, State, plan_generations
@@ -45,8 +44,6 @@ from codefleet.runtime.state import (
 )
 from codefleet.status import engine_figures
 
-Say = Callable[[str], None]
-
 #: After leaving the router, a replica is not taken for idle before this (a request the router had
 #: just sent it may still be on its way).
 ROUTER_QUIET_S = 1.0
@@ -59,42 +56,6 @@ KILL_GRACE_S = 5.0
 IDLE_STOP_GRACE_S = 10.0
 #: How often the autoscaler reads its models' engines and the gateway's held requests.
 AUTOSCALE_INTERVAL_S = 1.0
-
-
-@dataclass
-class Seen:
-    """What a backend sees of one replica's engine."""
-
-    running: bool
-    url: str | None = None
-    node: str = ""
-    incarnation: Any = None
-    """Changes when the engine was restarted underneath the loop (Ray restarts a dead actor)."""
-    exit_status: int | None = None
-
-
-class Backend(Protocol):
-    name: str
-    #: True: the loop relaunches an engine that exited (local); False: the backend does (Ray).
-    relaunches: bool
-    #: Check a ready replica's /health on every pass (Ray: an actor may lose its engine quietly).
-    watch_health: bool
-
-    def prepare(self, plan: FleetPlan) -> None: ...
-    def check(self, plan: FleetPlan) -> None:
-        """Refuse (PlanError) a plan the backend cannot hold, before anything changes."""
-        ...
-    def launch(self, fleet: Fleet, r: Replica) -> None: ...
-    def observe(self, r: Replica) -> Seen: ...
-    def terminate(self, r: Replica) -> None: ...
-    def stopped(self, r: Replica) -> bool: ...
-    def kill(self, r: Replica, grace: float) -> None:
-        """SIGTERM what is left of the engine, SIGKILL after ``grace`` seconds, free its resources."""
-        ...
-    def close(self) -> None: ...
-    def node_of(self, r: Replica) -> str | None:
-        """The node ``r`` runs on, to show; None when every engine is on this host."""
-        ...
 
 
 @dataclass

@@ -10,7 +10,8 @@ from pathlib import Path
 from codefleet.engine import engine_command
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, group_alive, spawn, stop_group
-from codefleet.runtime.core import Fleet, Say, Seen
+from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica
 from codefleet.runtime.state import state_dir
 

@@ -33,7 +33,8 @@ from codefleet.engine import engine_command
 from codefleet.errors import PlanError
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import free_port, spawn, stop_group
-from codefleet.runtime.core import Fleet, Say, Seen
+from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica, State
 
 NODE_LABEL = "ray.io/node-id"
