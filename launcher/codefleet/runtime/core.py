@@ -18,18 +18,9 @@ from codefleet.observability import write_engine_targets
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import tail
 from codefleet.router import Frontend
-from codefleet.runtime.autoscale import (
-    Autoscaler,
-    Decision,
-    EngineLook,
-    Sample,
-    bucket_delta,
-    engine_look,
-    held_requests,
-    histogram_quantile,
-)
+from codefleet.runtime.autoscale import Autoscaler, Decision, EngineLook, engine_look, held_requests, sample_of
 from codefleet.runtime.backend import Backend, Say
-from codefleet.runtime.changes import diff_plans
+from codefleet.runtime.changes import diff_plans, follow
 from codefleet.runtime.probe import HttpProbe, Probe
 from codefleet.runtime.replica import Replica, State, plan_generations
 from codefleet.runtime.state import (
@@ -309,24 +300,9 @@ class Fleet:
                 continue
             mine = [r for r in self.replicas if r.plan.name == p.name and r.live]
             ready = [r for r in mine if r.state is State.READY and r.registered]
-            running = waiting = 0.0
-            kvs: list[float] = []
-            ttft: dict[float, float] = {}
-            for r in ready:
-                look = self._look(r)
-                if look is None:
-                    continue
-                running += look.running or 0.0
-                waiting += look.waiting or 0.0
-                if look.kv is not None:
-                    kvs.append(look.kv)
-                buckets = look.ttft_buckets
-                for le, v in bucket_delta(buckets, self._ttft_seen.get(r.name)).items():
-                    ttft[le] = ttft.get(le, 0.0) + v
-                self._ttft_seen[r.name] = buckets
-            sample = Sample(now, len(ready), len(mine) - len(ready), running, waiting, held.get(p.name, 0),
-                            kv=sum(kvs) / len(kvs) if kvs else None, ttft_p95=histogram_quantile(0.95, ttft))
-            d = a.observe(sample)
+            looks = [(r.name, look) for r in ready if (look := self._look(r)) is not None]
+            d = a.observe(sample_of(now, len(ready), len(mine) - len(ready), held.get(p.name, 0), looks,
+                                    self._ttft_seen))
             if d is not None:
                 self._decided(p.name, d)
             self.desired[p.name] = a.desired
@@ -432,30 +408,8 @@ class Fleet:
         new_gens = plan_generations(new)
         diff = diff_plans(self.plan, new, self.generations(), new_gens)
         self.backend.check(new)
-        changes = []
-        now = time.monotonic()
-        desired = dict(self.desired)
-        autoscalers = dict(self.autoscalers)
-        for c in diff.models:
-            old, m = c.old, c.new
-            before = self.want(old)
-            if m.autoscale is None:
-                autoscalers.pop(m.name, None)
-                desired[m.name] = m.replicas
-            elif c.autoscale_changed or m.name not in autoscalers:
-                start = m.replicas if old.replicas != m.replicas else before
-                autoscalers[m.name] = Autoscaler(m.autoscale, start, now)
-                desired[m.name] = autoscalers[m.name].desired
-                a = m.autoscale
-                changes.append(f"{m.name}: autoscaling {a.min_replicas}..{a.max_replicas} on {a.signal} "
-                               f"(target {a.target:g}); now {desired[m.name]}")
-            elif c.replicas_changed:
-                autoscalers[m.name].set(m.replicas, now)
-                desired[m.name] = autoscalers[m.name].desired
-            if c.replace:
-                changes.append(f"{m.name}: rolling replace of {before} replica(s) (then {desired[m.name]})")
-            elif before != desired[m.name]:
-                changes.append(f"{m.name}: {before} -> {desired[m.name]} replicas")
+        followed = follow(diff, self.desired, self.autoscalers, time.monotonic())
+        changes = followed.changes
         for m in new.models:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
@@ -467,8 +421,8 @@ class Fleet:
         with self._lock:
             self.plan = new
             self._gens, self._gens_of = new_gens, new
-            self.desired = desired
-            self.autoscalers = autoscalers
+            self.desired = followed.desired
+            self.autoscalers = followed.autoscalers
             self._export()
         return changes
 
