@@ -23,6 +23,7 @@ from codefleet.runtime.backend import Backend, Say
 from codefleet.runtime.changes import diff_plans, follow
 from codefleet.runtime.probe import HttpProbe, Probe
 from codefleet.runtime.replica import Replica, State, plan_generations
+from codefleet.runtime.rollout import converge_step
 from codefleet.runtime.state import (
     AutoscaleRange,
     FleetState,
@@ -254,33 +255,17 @@ class Fleet:
             self.frontend.refresh_gateway()  # requests it holds for this model go now
 
     def _converge(self) -> None:
-        """Desired replicas per model: scale, or replace an older generation one at a time (a new
-        replica first, then an old one drained once the new one is ready)."""
+        """Each model to its desired replicas at the plan's generation (``rollout.converge_step``)."""
         gens = self.generations()
         for p in self.plan.models:
-            gen = gens[p.name]
-            want = self.want(p)
             live = [r for r in self.replicas if r.plan.name == p.name and r.live]
-            new = [r for r in live if r.generation == gen]
-            old = [r for r in live if r.generation != gen]
-            for r in [r for r in old if r.state is State.STARTING]:  # an old replica not serving: no reason to wait
+            step = converge_step(live, gens[p.name], self.want(p))
+            for r in step.drain_first:
                 self.drain(r)
-                old.remove(r)
-            if old:
-                if len(new) < want and not any(r.state is State.STARTING for r in new):
-                    self._launch(p)
-                ready_new = sum(r.state is State.READY for r in new)
-                surplus = len(old) + ready_new - want
-                for r in sorted(old, key=lambda r: r.index)[:max(0, surplus)]:
-                    self.drain(r)
-                continue
-            for _ in range(want - len(new)):
+            for _ in range(step.launch):
                 self._launch(p)
-            if len(new) > want:
-                # the ones not serving yet first, then the newest
-                order = sorted(new, key=lambda r: (r.state is State.READY, -r.index))
-                for r in order[: len(new) - want]:
-                    self.drain(r)
+            for r in step.drain:
+                self.drain(r)
 
     # -- autoscaling ---------------------------------------------------------------------------
 
