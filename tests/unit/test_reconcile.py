@@ -10,7 +10,7 @@ import pytest
 
 from codefleet.errors import PlanError
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import FleetPlan, ReplicaPlan, plan_fleet
 from codefleet.runtime import core
 from codefleet.runtime.backend import Seen
 from codefleet.runtime.core import Fleet
@@ -140,6 +140,13 @@ def probe(f: Fleet) -> FakeProbe:
     return f.probe
 
 
+def workers(f: Fleet) -> dict[str, str]:
+    """The fake router's workers: URL -> model."""
+    fe: object = f.frontend
+    assert isinstance(fe, FakeFrontend)
+    return fe.admin.workers
+
+
 def states(f: Fleet) -> list[tuple[str, str]]:
     return [(r.name, r.state.value) for r in f.replicas]
 
@@ -151,7 +158,7 @@ def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Pat
     b.healthy |= {"m-0", "m-1"}
     f.reconcile()
     assert states(f) == [("m-0", "ready"), ("m-1", "ready")] and f.converged()
-    assert len(f.frontend.admin.workers) == 2  # type: ignore[union-attr]
+    assert len(workers(f)) == 2
     f.apply(make(tmp_path, replicas=3))
     f.reconcile()
     assert b.launched[-1] == "m-2" and not f.converged()
@@ -162,7 +169,7 @@ def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Pat
     f.reconcile()
     # the newest leave, out of the router at once
     assert states(f) == [("m-0", "ready"), ("m-1", "draining"), ("m-2", "draining")]
-    assert list(f.frontend.admin.workers.values()) == ["m"]  # type: ignore[union-attr]
+    assert list(workers(f).values()) == ["m"]
     for r in f.replicas:  # idle engines (nothing running or waiting)
         r.drain_started -= core.ROUTER_QUIET_S
     f.reconcile()
@@ -203,9 +210,9 @@ def test_crash_restarts_and_reregisters(fleet: tuple[Fleet, FakeBackend]) -> Non
     f.reconcile()
     r0 = f.replicas[0]
     assert r0.restarts == 1 and r0.state is State.STARTING and r0.url != old_url
-    assert old_url not in f.frontend.admin.workers  # type: ignore[union-attr]
+    assert old_url not in workers(f)
     f.reconcile()
-    assert r0.state is State.READY and r0.url in f.frontend.admin.workers  # type: ignore[union-attr]
+    assert r0.state is State.READY and r0.url in workers(f)
 
 
 def test_drain_budget_spent_then_killed(fleet: tuple[Fleet, FakeBackend], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,7 +317,12 @@ def test_generations_are_computed_once_per_plan(fleet: tuple[Fleet, FakeBackend]
     f, b = fleet
     calls: list[str] = []
     real = replica.generation
-    monkeypatch.setattr(replica, "generation", lambda p: calls.append(p.name) or real(p))
+
+    def counted(p: ReplicaPlan) -> str:
+        calls.append(p.name)
+        return real(p)
+
+    monkeypatch.setattr(replica, "generation", counted)
     for _ in range(5):
         f.reconcile()
     b.healthy |= {"m-0", "m-1"}
