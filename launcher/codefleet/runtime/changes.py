@@ -37,17 +37,22 @@ class PlanDiff:
     tenants_changed: bool
 
 
-def diff_plans(old: FleetPlan, new: FleetPlan, old_generations: Mapping[str, str],
-               new_generations: Mapping[str, str]) -> PlanDiff:
-    """``old`` -> ``new`` model by model (generations: each model's ``replica.generation``).
-    Adding, removing or renaming models and router or metrics settings cannot be followed while the
-    fleet runs (the endpoint's model list and its ports are fixed): PlanError."""
+def check_followable(old: FleetPlan, new: FleetPlan) -> None:
+    """Adding, removing or renaming models and router or metrics settings cannot be followed while
+    the fleet runs (the endpoint's model list and its ports are fixed): PlanError."""
     names = [m.name for m in old.models]
     if [m.name for m in new.models] != names:
         raise PlanError(f"the models changed ({', '.join(names)} -> {', '.join(m.name for m in new.models)}); "
                         f"adding, removing or renaming a model needs `codefleet down` and `up`")
     if new.router != old.router or new.metrics != old.metrics:
         raise PlanError("router or metrics settings changed; they need `codefleet down` and `up`")
+
+
+def diff_plans(old: FleetPlan, new: FleetPlan, old_generations: Mapping[str, str],
+               new_generations: Mapping[str, str]) -> PlanDiff:
+    """``old`` -> ``new`` model by model (generations: each model's ``replica.generation``);
+    PlanError when the change cannot be followed (``check_followable``)."""
+    check_followable(old, new)
     models = tuple(ModelChange(o, m, replace=old_generations[o.name] != new_generations[m.name])
                    for o, m in zip(old.models, new.models, strict=True))
     return PlanDiff(models, tenants_changed=new.tenants != old.tenants)

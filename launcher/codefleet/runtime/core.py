@@ -20,7 +20,7 @@ from codefleet.procs import tail
 from codefleet.router import Frontend
 from codefleet.runtime.autoscale import Autoscaler, Decision, EngineLook, engine_look, held_requests, sample_of
 from codefleet.runtime.backend import Backend, Say
-from codefleet.runtime.changes import diff_plans, follow
+from codefleet.runtime.changes import check_followable, diff_plans, follow
 from codefleet.runtime.probe import HttpProbe, Probe
 from codefleet.runtime.replica import Replica, State, plan_generations
 from codefleet.runtime.rollout import converge_step
@@ -390,6 +390,7 @@ class Fleet:
         ``replicas`` scales the model, any other change to what an engine runs replaces its
         replicas one at a time. Adding, removing or renaming models and router settings need a
         restart (the endpoint's model list and its port are fixed while it runs)."""
+        check_followable(self.plan, new)  # before the new templates are read
         new_gens = plan_generations(new)
         diff = diff_plans(self.plan, new, self.generations(), new_gens)
         self.backend.check(new)
