@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from codefleet.procs import free_port, group_alive
-from codefleet.runtime.local import read_state
+from codefleet.runtime.state import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("sigint", "down", "sigterm", "sighup", "sigkill")
@@ -79,18 +79,20 @@ def one_stop(manifest: Path, method: str, streams: int, workdir: Path) -> dict[s
         up = subprocess.Popen([sys.executable, "-m", "codefleet.cli", "up", str(workdir / "m.yaml"), "--enforce-eager"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
-    while not (read_state(home / "run") or {}).get("converged"):
+    while not ((s := read_state(home / "run")) and s.converged):
         if up.poll() is not None or time.monotonic() - t0 > 900:
             raise SystemExit(f"the fleet did not start; see {workdir / 'up.log'}")
         time.sleep(0.5)
-    state = read_state(home / "run") or {}
-    groups = [r["pgid"] for r in state.get("replicas", []) if r.get("pgid")] + list(state.get("frontend_pgids", []))
+    state = read_state(home / "run")
+    if state is None:
+        raise SystemExit(f"the fleet's state file went away; see {workdir / 'up.log'}")
+    groups = [r.pgid for r in state.replicas if r.pgid] + list(state.frontend_pgids)
     print(f"  {method}: fleet ready in {time.monotonic() - t0:.0f} s ({len(groups)} process groups)", flush=True)
     ends: list[str] = []
     threads: list[threading.Thread] = []
     if streams:
         model = next((n for n in names if "smollm2" in n), names[0])
-        threads = _streams(state["endpoint"], model, streams, ends)
+        threads = _streams(str(state.endpoint), model, streams, ends)
         time.sleep(3)
     t1 = time.monotonic()
     if method == "down":

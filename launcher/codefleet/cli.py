@@ -23,7 +23,8 @@ from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_
 from codefleet.planner import FleetPlan, GiB, ReplicaPlan, plan_fleet
 from codefleet.procs import stop_group
 from codefleet.runtime.core import Fleet
-from codefleet.runtime.local import LocalFleet, read_state, state_dir
+from codefleet.runtime.local import LocalFleet
+from codefleet.runtime.state import read_state, remove_state, state_dir
 from codefleet.status import fleet_status, format_status, format_usage, tenant_usage
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
@@ -151,7 +152,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     plan = _plan(args)
     print(format_plan(plan))
     running = read_state()
-    if running and _pid_alive(int(running["launcher_pid"])):
+    if running and _pid_alive(running.launcher_pid):
         print("a fleet is already running here; `codefleet down` first", file=sys.stderr)
         return 2
     loaded = load(args.manifest)
@@ -193,7 +194,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             fleet.reconcile()
             if signals.reload.is_set():
                 signals.reload.clear()
-                _reload(fleet, args)
+                _reload(fleet)
     finally:
         signals.phase = "stopping"
         if signals.now:
@@ -214,8 +215,8 @@ APPLY_RESULT = "apply-result.json"
 APPLY_SIGNAL = signal.SIGUSR1
 
 
-def _reload(fleet: Fleet, args: argparse.Namespace) -> None:
-    """``codefleet apply``: plan the manifest it names; a manifest that fails changes nothing."""
+def _reload(fleet: Fleet) -> None:
+    """``codefleet apply``: plan the manifest it names (as ``up`` plans); a manifest that fails changes nothing."""
     try:
         req = json.loads((fleet.run_dir / APPLY_REQUEST).read_text())
     except (OSError, ValueError) as exc:  # a stray SIGUSR1, not `codefleet apply`
@@ -223,8 +224,7 @@ def _reload(fleet: Fleet, args: argparse.Namespace) -> None:
         return
     result: dict[str, object] = {"id": req["id"]}
     try:
-        new = plan_fleet(load(req["manifest"]), gpu=getattr(args, "gpu", None),
-                         gpus_per_node=getattr(args, "gpus_per_node", None))
+        new = plan_fleet(load(req["manifest"]))
         changes = fleet.apply(new)
         result.update(ok=True, changes=changes)
         print(f"applied {req['manifest']}: " + ("; ".join(changes) or "no change"), flush=True)
@@ -239,13 +239,13 @@ def _reload(fleet: Fleet, args: argparse.Namespace) -> None:
 def cmd_apply(args: argparse.Namespace) -> int:
     _plan(args)  # a manifest that does not validate or plan is refused here, with its location
     state = read_state()
-    if not state or not _pid_alive(int(state["launcher_pid"])):
+    if not state or not _pid_alive(state.launcher_pid):
         print("no fleet is running; `codefleet up MANIFEST` starts one", file=sys.stderr)
         return 1
     run = state_dir()
     rid = f"{os.getpid()}-{time.time()}"
     (run / APPLY_REQUEST).write_text(json.dumps({"id": rid, "manifest": str(Path(args.manifest).resolve())}))
-    os.kill(int(state["launcher_pid"]), APPLY_SIGNAL)
+    os.kill(state.launcher_pid, APPLY_SIGNAL)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -267,14 +267,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     time.sleep(1.0)
     while True:
-        state = read_state() or {}
-        if state.get("converged"):
+        state = read_state()
+        if state and state.converged:
             print(f"converged in {time.monotonic() - t0:.0f} s")
             return 0
         if time.monotonic() - t0 > args.timeout:
             print(f"not converged after {args.timeout:.0f} s; see `codefleet status`", file=sys.stderr)
             return 1
-        states = ", ".join(f"{r['model']}-{r['index']} {r['state']}" for r in state.get("replicas", []))
+        states = ", ".join(f"{r.name} {r.state}" for r in (state.replicas if state else ()))
         print(f"  [{time.monotonic() - t0:4.0f} s] {states}", flush=True)
         time.sleep(5)
 
@@ -282,11 +282,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
     loaded = load(args.manifest)
     plan = plan_fleet(loaded)
-    ports: dict[str, int] = {}
     state = read_state()
-    if state and state.get("metrics"):
-        # A running fleet: its real ports (the manifest may say 0, a free port).
-        ports = {k: int(v.rsplit(":", 1)[1]) for k, v in state["metrics"].items() if v}
+    # A running fleet: its real ports (the manifest may say 0, a free port).
+    ports = state.metrics.ports() if state else {}
     if not args.output:
         print(scrape_config_yaml(plan, state_dir(), interval=args.interval, ports=ports), end="")
         return 0
@@ -331,7 +329,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if not state:
         print("no fleet is running")
         return 1
-    addr = (state.get("metrics") or {}).get("gateway")
+    addr = state.metrics.gateway
     host, _, port = str(addr).rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     try:
@@ -355,7 +353,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         state = read_state()
         if not state:
             raise CodefleetError("no BASE_URL given and no local fleet is running")
-        base_url = str(state["endpoint"])
+        base_url = str(state.endpoint)
     expects = smoke.expects_from_manifest(args.manifest) if args.manifest else {}
     expects.update(smoke.parse_expect(e) for e in args.expect)
     key = smoke.first_key(args.api_key_file) if args.api_key_file else (
@@ -374,9 +372,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not state:
         print("no fleet is running")
         return 0
-    pid = int(state["launcher_pid"])
+    pid = state.launcher_pid
     if pid != os.getpid() and _pid_alive(pid):
-        budget = max((int(m.get("drain_seconds", 0)) for m in state.get("models", [])), default=0)
+        budget = max((m.drain_seconds or 0 for m in state.models), default=0)
         os.kill(pid, signal.SIGUSR2 if args.now else signal.SIGTERM)
         print("stopping now ..." if args.now else f"draining (at most {budget} s; `codefleet down --now` stops at once) ...",
               flush=True)
@@ -385,15 +383,15 @@ def cmd_down(args: argparse.Namespace) -> int:
             time.sleep(0.2)
             if time.monotonic() - last >= 5:
                 last = time.monotonic()
-                left = (read_state() or {}).get("replicas", [])
-                print(f"  [{last - t0:4.0f} s] " + ", ".join(f"{r['model']}-{r['index']} {r.get('state', '?')}"
-                                                            for r in left), flush=True)
-    for r in state["replicas"]:  # whatever a launcher that died left behind
-        if r.get("pgid"):
-            stop_group(int(r["pgid"]), grace=10)
-    for pgid in state.get("frontend_pgids", []):
-        stop_group(int(pgid), grace=5)
-    (state_dir() / "fleet.json").unlink(missing_ok=True)
+                now = read_state()
+                print(f"  [{last - t0:4.0f} s] " + ", ".join(f"{r.name} {r.state or '?'}"
+                                                            for r in (now.replicas if now else ())), flush=True)
+    for r in state.replicas:  # whatever a launcher that died left behind
+        if r.pgid:
+            stop_group(r.pgid, grace=10)
+    for pgid in state.frontend_pgids:
+        stop_group(pgid, grace=5)
+    remove_state()
     print("fleet stopped")
     return 0
 
@@ -485,7 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_down)
     sp = sub.add_parser("apply", help="change the running fleet to a manifest (scale, rolling replace)")
     manifest_arg(sp)
-    sp.add_argument("--gpu", help="plan every model on this GPU type (as `up` was)")
     sp.add_argument("--no-wait", action="store_true", help="return once the change is accepted")
     sp.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the fleet to converge")
     sp.set_defaults(func=cmd_apply)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +14,7 @@ from codefleet.gateway.metrics import (
     TENANT_REQUESTS,
     total,
 )
+from codefleet.runtime.state import AutoscaleRange, FleetState, LastDecision
 
 
 @dataclass
@@ -35,9 +35,9 @@ class ModelStatus:
     replicas: list[ReplicaStatus] = field(default_factory=list)
     desired: int | None = None
     drain_seconds: int | None = None
-    autoscale: dict[str, Any] | None = None
-    """min, max, signal, target when the model autoscales."""
-    last_decision: dict[str, Any] | None = None
+    autoscale: AutoscaleRange | None = None
+    """When the model autoscales."""
+    last_decision: LastDecision | None = None
 
     @property
     def ready(self) -> int:
@@ -107,37 +107,35 @@ def engine_figures(text: str) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def fleet_status(state: dict[str, Any], timeout: float = 2.0) -> list[ModelStatus]:
-    models: dict[str, ModelStatus] = {m["model"]: ModelStatus(m["model"], desired=m.get("desired"),
-                                                              drain_seconds=m.get("drain_seconds"),
-                                                              autoscale=m.get("autoscale"),
-                                                              last_decision=m.get("last_decision"))
-                                      for m in state.get("models", [])}
+def fleet_status(state: FleetState, timeout: float = 2.0) -> list[ModelStatus]:
+    models: dict[str, ModelStatus] = {m.model: ModelStatus(m.model, desired=m.desired, drain_seconds=m.drain_seconds,
+                                                           autoscale=m.autoscale, last_decision=m.last_decision)
+                                      for m in state.models}
     with httpx.Client(timeout=timeout) as client:
-        for r in state["replicas"]:
-            node = f"{r['node_ip']} ({str(r.get('node_id') or '')[:8]})" if r.get("node_ip") else ""
-            rs = ReplicaStatus(int(r["index"]), r["url"], ready=False, node=node, state=r.get("state", ""))
+        for r in state.replicas:
+            node = f"{r.node_ip} ({(r.node_id or '')[:8]})" if r.node_ip else ""
+            rs = ReplicaStatus(r.index, r.url, ready=False, node=node, state=r.state)
             try:
-                rs.ready = client.get(r["url"] + "/health").status_code == 200
+                rs.ready = client.get(r.url + "/health").status_code == 200
                 if rs.ready:
-                    m = client.get(r["url"] + "/metrics")
+                    m = client.get(r.url + "/metrics")
                     if m.status_code == 200:
                         rs.figures = engine_figures(m.text)
             except httpx.HTTPError:
                 pass
-            models.setdefault(r["model"], ModelStatus(r["model"])).replicas.append(rs)
+            models.setdefault(r.model, ModelStatus(r.model)).replicas.append(rs)
     return list(models.values())
 
 
-def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
+def format_status(state: FleetState, models: list[ModelStatus]) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    converging = "" if state.get("converged", True) else "  (changing: see each replica's state)"
-    lines = [f"endpoint: {state.get('endpoint')}/v1{converging}", "",
+    converging = "" if state.converged else "  (changing: see each replica's state)"
+    lines = [f"endpoint: {state.endpoint}/v1{converging}", "",
              f"{'model':<34} {'ready/desired':>13} {'running':>8} {'waiting':>8} {'kv-cache':>9} {'drain s':>8}"]
     for m in models:
         desired = m.desired if m.desired is not None else len(m.replicas)
@@ -145,7 +143,7 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
                      f"{num(m.total('waiting')):>8} {pct(m.total('kv_usage')):>9} {num(m.drain_seconds):>8}")
         if m.autoscale:
             a = m.autoscale
-            lines.append(f"  autoscaling {a['min']}..{a['max']} on {a['signal']} (target {a['target']:g}); "
+            lines.append(f"  autoscaling {a.min}..{a.max} on {a.signal} (target {a.target:g}); "
                          + (describe_decision(m.last_decision) if m.last_decision else "no decision yet"))
         for r in m.replicas:
             f = r.figures
@@ -156,11 +154,11 @@ def format_status(state: dict[str, Any], models: list[ModelStatus]) -> str:
     return "\n".join(lines)
 
 
-def describe_decision(d: dict[str, Any], now: float | None = None) -> str:
+def describe_decision(d: LastDecision, now: float | None = None) -> str:
     import time
 
-    ago = (now if now is not None else time.time()) - float(d["at"])
-    return f"last: {d['from']} -> {d['to']} ({d['reason']}, {ago:.0f} s ago: {d['detail']})"
+    ago = (now if now is not None else time.time()) - d.at
+    return f"last: {d.previous} -> {d.desired} ({d.reason}, {ago:.0f} s ago: {d.detail})"
 
 
 # -- usage per tenant ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from codefleet.families import FAMILIES
 from codefleet.procs import group_alive, stop_group
-from codefleet.runtime.local import read_state
+from codefleet.runtime.state import read_state
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +51,15 @@ def test_up_apply_down(tmp_path: Path) -> None:
     run = tmp_path / "home" / "run"
     try:
         deadline = time.monotonic() + 600
-        while not (read_state(run) or {}).get("converged"):
+        while not ((state := read_state(run)) and state.converged):
             assert up.poll() is None, (tmp_path / "up.log").read_text()
             assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
             time.sleep(0.5)
         state = read_state(run)
         assert state is not None
-        engine_pgid = state["replicas"][0]["pgid"]
-        url = state["endpoint"]
+        engine_pgid = state.replicas[0].pgid
+        assert engine_pgid is not None and state.endpoint is not None
+        url = state.endpoint
         assert httpx.post(url + "/v1/completions", json={"model": "cli-tiny", "prompt": "x", "max_tokens": 2},
                           timeout=60).status_code == 200
 

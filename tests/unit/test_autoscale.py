@@ -167,14 +167,14 @@ def test_held_requests_from_the_gateway() -> None:
 
 
 def test_status_shows_desired_ready_and_the_last_decision() -> None:
+    from codefleet.runtime.state import AutoscaleRange, FleetState, LastDecision
     from codefleet.status import ModelStatus, ReplicaStatus, format_status
 
-    state = {"endpoint": "http://127.0.0.1:8000", "converged": False}
+    state = FleetState(launcher_pid=1, endpoint="http://127.0.0.1:8000", converged=False)
     m = ModelStatus("m", [ReplicaStatus(0, "http://127.0.0.1:1", ready=True, state="ready"),
                           ReplicaStatus(1, "http://127.0.0.1:2", ready=False, state="starting")],
-                    desired=2, drain_seconds=60,
-                    autoscale={"min": 0, "max": 3, "signal": "waiting", "target": 4.0},
-                    last_decision={"at": 0.0, "from": 1, "to": 2, "reason": "scale_up", "detail": "9 waiting"})
+                    desired=2, drain_seconds=60, autoscale=AutoscaleRange(0, 3, "waiting", 4.0),
+                    last_decision=LastDecision(0.0, 1, 2, "scale_up", "9 waiting"))
     text = format_status(state, [m])
     assert "     1/2     " in text  # ready / desired
     assert "autoscaling 0..3 on waiting (target 4); last: 1 -> 2 (scale_up, " in text and "9 waiting" in text

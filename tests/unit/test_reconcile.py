@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from codefleet.errors import PlanError
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import FleetPlan, ReplicaPlan, plan_fleet
 from codefleet.runtime import core
-from codefleet.runtime.core import Fleet, Seen
+from codefleet.runtime.backend import Seen
+from codefleet.runtime.core import Fleet
+from codefleet.runtime.probe import Answer
 from codefleet.runtime.replica import Replica, State
 
 
@@ -28,7 +31,7 @@ class FakeBackend:
         self.healthy: set[str] = set()
 
     def prepare(self, plan: FleetPlan) -> None: ...
-    def check(self, plan: FleetPlan, surge: int) -> None: ...
+    def check(self, plan: FleetPlan) -> None: ...
 
     def launch(self, fleet: Fleet, r: Replica) -> None:
         self.launched.append(r.name)
@@ -51,6 +54,41 @@ class FakeBackend:
 
     def close(self) -> None: ...
 
+    def node_of(self, r: Replica) -> str | None:
+        return None
+
+
+class FakeProbe:
+    """/health: the replicas the backend calls healthy; /metrics: what each engine (by replica
+    name) and the gateway (``gateway``) export; a name in ``down`` does not answer."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+        self.engines: dict[str, str] = {}
+        self.gateway = ""
+        self.down: set[str] = set()
+
+    @staticmethod
+    def name(url: str) -> str:
+        return url.removeprefix("http://fake/").split("/")[0]
+
+    def health(self, url: str) -> bool:
+        return self.name(url) in self.backend.healthy
+
+    def metrics(self, url: str, timeout: float) -> Answer | None:
+        if not url.startswith("http://fake/"):
+            return Answer(200, self.gateway)
+        name = self.name(url)
+        return None if name in self.down else Answer(200, self.engines.get(name, ""))
+
+    def close(self) -> None: ...
+
+
+def busy(running: int = 0, waiting: int = 0) -> str:
+    """An engine's /metrics with these requests running and waiting."""
+    return (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running {running}\n"
+            f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting {waiting}\n")
+
 
 class FakeAdmin:
     def __init__(self) -> None:
@@ -69,6 +107,7 @@ class FakeFrontend:
         self.url = "http://fake-endpoint"
         self.router_url = "http://fake-router"
         self.gateway_metrics_port = self.router_metrics_port = 0
+        self.hold = False
 
     def check(self) -> list[str]:
         return []
@@ -88,28 +127,38 @@ def make(tmp_path: Path, replicas: int = 2, seqs: int = 16) -> FleetPlan:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Fleet, FakeBackend]:
+def fleet(tmp_path: Path) -> tuple[Fleet, FakeBackend]:
     backend = FakeBackend()
-    monkeypatch.setattr(core, "_healthy", lambda _c, url: any(url.startswith(f"http://fake/{n}/")
-                                                               for n in backend.healthy))
-    f = Fleet(plan=make(tmp_path), backend=backend, run_dir=tmp_path / "run", say=lambda s: None)
+    f = Fleet(plan=make(tmp_path), backend=backend, run_dir=tmp_path / "run", say=lambda s: None,
+              probe=FakeProbe(backend))
     f.frontend = FakeFrontend()  # type: ignore[assignment]
     return f, backend
+
+
+def probe(f: Fleet) -> FakeProbe:
+    assert isinstance(f.probe, FakeProbe)
+    return f.probe
+
+
+def workers(f: Fleet) -> dict[str, str]:
+    """The fake router's workers: URL -> model."""
+    fe: object = f.frontend
+    assert isinstance(fe, FakeFrontend)
+    return fe.admin.workers
 
 
 def states(f: Fleet) -> list[tuple[str, str]]:
     return [(r.name, r.state.value) for r in f.replicas]
 
 
-def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                 ) -> None:
+def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Path) -> None:
     f, b = fleet
     f.reconcile()
     assert b.launched == ["m-0", "m-1"]
     b.healthy |= {"m-0", "m-1"}
     f.reconcile()
     assert states(f) == [("m-0", "ready"), ("m-1", "ready")] and f.converged()
-    assert len(f.frontend.admin.workers) == 2  # type: ignore[union-attr]
+    assert len(workers(f)) == 2
     f.apply(make(tmp_path, replicas=3))
     f.reconcile()
     assert b.launched[-1] == "m-2" and not f.converged()
@@ -120,9 +169,8 @@ def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Pat
     f.reconcile()
     # the newest leave, out of the router at once
     assert states(f) == [("m-0", "ready"), ("m-1", "draining"), ("m-2", "draining")]
-    assert list(f.frontend.admin.workers.values()) == ["m"]  # type: ignore[union-attr]
-    monkeypatch.setattr(Fleet, "_idle", lambda self, r: True)
-    for r in f.replicas:
+    assert list(workers(f).values()) == ["m"]
+    for r in f.replicas:  # idle engines (nothing running or waiting)
         r.drain_started -= core.ROUTER_QUIET_S
     f.reconcile()
     assert b.terminated == ["m-1", "m-2"]
@@ -130,13 +178,11 @@ def test_start_scale_up_and_down(fleet: tuple[Fleet, FakeBackend], tmp_path: Pat
     assert states(f) == [("m-0", "ready")] and b.killed == ["m-1", "m-2"] and f.converged()
 
 
-def test_rolling_replace_adds_before_it_removes(fleet: tuple[Fleet, FakeBackend], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rolling_replace_adds_before_it_removes(fleet: tuple[Fleet, FakeBackend], tmp_path: Path) -> None:
     f, b = fleet
     f.reconcile()
     b.healthy |= {"m-0", "m-1"}
     f.reconcile()
-    monkeypatch.setattr(Fleet, "_idle", lambda self, r: True)
     assert "m: rolling replace" in f.apply(make(tmp_path, seqs=8))[0]
     ready_counts = []
     for step in range(40):
@@ -164,9 +210,9 @@ def test_crash_restarts_and_reregisters(fleet: tuple[Fleet, FakeBackend]) -> Non
     f.reconcile()
     r0 = f.replicas[0]
     assert r0.restarts == 1 and r0.state is State.STARTING and r0.url != old_url
-    assert old_url not in f.frontend.admin.workers  # type: ignore[union-attr]
+    assert old_url not in workers(f)
     f.reconcile()
-    assert r0.state is State.READY and r0.url in f.frontend.admin.workers  # type: ignore[union-attr]
+    assert r0.state is State.READY and r0.url in workers(f)
 
 
 def test_drain_budget_spent_then_killed(fleet: tuple[Fleet, FakeBackend], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,8 +220,8 @@ def test_drain_budget_spent_then_killed(fleet: tuple[Fleet, FakeBackend], monkey
     f.reconcile()
     b.healthy |= {"m-0", "m-1"}
     f.reconcile()
-    monkeypatch.setattr(Fleet, "_idle", lambda self, r: False)  # busy all along
-    monkeypatch.setattr(b, "stopped", lambda r: False)          # and ignoring SIGTERM
+    probe(f).engines["m-1"] = busy(running=3)  # busy all along
+    monkeypatch.setattr(b, "stopped", lambda r: False)  # and ignoring SIGTERM
     r = f.replicas[1]
     f.drain(r, budget=0)
     f._drain_step(r, r.drain_started + 0.5)
@@ -191,50 +237,49 @@ def test_apply_refuses_model_set_changes(fleet: tuple[Fleet, FakeBackend], tmp_p
     f, _ = fleet
     other = make(tmp_path)
     renamed = replace(other, models=[replace(other.models[0], name="n")])
-    with pytest.raises(Exception, match="adding, removing or renaming a model"):
+    with pytest.raises(PlanError, match="adding, removing or renaming a model"):
         f.apply(renamed)
 
 
-
-
 def test_autoscaler_decisions_drive_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from codefleet.runtime.autoscale import EngineLook
-
     text = ("defaults: {gpu: cpu, drain_seconds: 30}\nmodels:\n  - name: m\n    source: demo://granite-code\n"
             "    max_model_len: 512\n    autoscaling: {min_replicas: 0, max_replicas: 2, target: 2, "
             "scale_up_window_seconds: 0, scale_down_delay_seconds: 0, idle_seconds_before_zero: 3600}\n")
     backend = FakeBackend()
-    monkeypatch.setattr(core, "_healthy", lambda _c, url: any(url.startswith(f"http://fake/{n}/")
-                                                               for n in backend.healthy))
     monkeypatch.setattr(core, "AUTOSCALE_INTERVAL_S", 0.0)
-    held = {"m": 0}
-    look = EngineLook()
-    monkeypatch.setattr(Fleet, "held", lambda self: dict(held))
-    monkeypatch.setattr(Fleet, "_look", lambda self, r: look)
+    fake = FakeProbe(backend)
+
+    def held(n: int) -> None:  # the gateway's gauge of the requests it holds
+        fake.gateway = f'# TYPE codefleet_gateway_held_requests gauge\ncodefleet_gateway_held_requests{{model="m"}} {n}\n'
+
+    def waiting(n: int) -> None:  # every engine's
+        fake.engines = {r: busy(waiting=n) for r in backend.launched}
+
     f = Fleet(plan=plan_fleet(parse(text, tmp_path / "m.yaml")), backend=backend, run_dir=tmp_path / "run",
-              say=lambda s: None)
+              say=lambda s: None, probe=fake)
     fe = FakeFrontend()
+    fe.hold = True
     refreshed: list[int] = []
     fe.refresh_gateway = lambda: refreshed.append(1)  # type: ignore[method-assign]
     f.frontend = fe  # type: ignore[assignment]
     f.reconcile()
     assert b_launched(backend) == [] and f.converged()  # starts at zero
-    held["m"] = 3  # the endpoint holds three requests: one replica at once
+    held(3)  # the endpoint holds three requests: one replica at once
     f.reconcile()
     assert b_launched(backend) == ["m-0"] and f.desired["m"] == 1
-    assert f.decisions["m"]["reason"] == "from_zero"
+    assert f.decisions["m"].reason == "from_zero"
     backend.healthy.add("m-0")
-    held["m"] = 0
+    held(0)
     f.reconcile()
     assert states(f) == [("m-0", "ready")] and refreshed, "the gateway is told when a replica registers"
-    look.waiting = 5  # ceil(5 / 2) = 3 -> max 2
+    waiting(5)  # ceil(5 / 2) = 3 -> max 2
     f.reconcile()
-    assert b_launched(backend) == ["m-0", "m-1"] and f.decisions["m"]["reason"] == "scale_up"
+    assert b_launched(backend) == ["m-0", "m-1"] and f.decisions["m"].reason == "scale_up"
     backend.healthy.add("m-1")
-    look.waiting = 0
+    waiting(0)
     f.reconcile()  # m-1 ready; a sample with m-1 starting restarted the windows, this one decides
     f.reconcile()
-    assert f.desired["m"] == 1 and f.decisions["m"]["reason"] == "scale_down"
+    assert f.desired["m"] == 1 and f.decisions["m"].reason == "scale_down"
     assert states(f) == [("m-0", "ready"), ("m-1", "draining")]  # the newest leaves by draining
     text_metrics = f.metrics.registry.get_sample_value("codefleet_autoscaler_decisions_total",
                                                        {"model": "m", "reason": "scale_up"})
@@ -244,3 +289,66 @@ def test_autoscaler_decisions_drive_the_loop(tmp_path: Path, monkeypatch: pytest
 
 def b_launched(b: FakeBackend) -> list[str]:
     return b.launched
+
+
+def test_drain_reads_the_engines_metrics(fleet: tuple[Fleet, FakeBackend]) -> None:
+    """Idle: nothing running or waiting; busy or answering non-200: not idle; not answering: idle
+    only when the backend sees the engine gone."""
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    p = probe(f)
+    r = f.replicas[0]
+    assert f._idle(r)
+    p.engines["m-0"] = busy(waiting=1)
+    assert not f._idle(r)
+    p.down.add("m-0")
+    assert not f._idle(r)  # the backend still sees it running
+    b.exit["m-0"] = 0
+    assert f._idle(r)
+
+
+def test_generations_are_computed_once_per_plan(fleet: tuple[Fleet, FakeBackend], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pass compares replicas with the plan's generations; the template file is read once per plan."""
+    from codefleet.runtime import replica
+
+    f, b = fleet
+    calls: list[str] = []
+    real = replica.generation
+
+    def counted(p: ReplicaPlan) -> str:
+        calls.append(p.name)
+        return real(p)
+
+    monkeypatch.setattr(replica, "generation", counted)
+    for _ in range(5):
+        f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    assert f.converged() and calls == ["m"]
+    f.apply(make(tmp_path, seqs=8))
+    for _ in range(3):
+        f.reconcile()
+    assert calls == ["m", "m"]
+    assert {r.generation for r in f.replicas if r.state is State.STARTING} == {f.generations()["m"]}
+
+
+def test_the_state_file_shows_the_backends_nodes(fleet: tuple[Fleet, FakeBackend], monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    from codefleet.runtime.state import read_state
+
+    f, b = fleet
+    said: list[str] = []
+    f.say = said.append
+    monkeypatch.setattr(b, "node_of", lambda r: f"10.0.0.{r.index + 1}")
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    assert any(line.startswith("  ready  m-0") and line.endswith("node 10.0.0.1") for line in said), said
+    s = read_state(f.run_dir)
+    assert s is not None and s.converged and s.runtime == "fake"
+    assert [(r.name, r.state, r.node_ip) for r in s.replicas] == [("m-0", "ready", "10.0.0.1"),
+                                                                   ("m-1", "ready", "10.0.0.2")]
+    assert s.models[0].desired == 2 and s.models[0].generation == f.generations()["m"]

@@ -8,4 +8,10 @@ registered with the router), ``draining`` (out of the router, finishing its requ
 ``stopped``. Scaling, rolling replacement, restarts after a crash, router registration, the
 ``codefleet_*`` metrics, the Prometheus file_sd targets and the state file ``status`` reads are
 all the loop's, the same for every backend.
+
+Modules: ``core`` (the loop), ``backend`` (what the loop needs of a backend), ``local`` and ``ray``
+(the backends), ``replica`` (a replica's record, its generation), ``rollout`` (one model's step:
+scale, rolling replace), ``changes`` (``apply``: the running plan against a new one), ``autoscale``
+(the autoscaler and its samples), ``probe`` (/health and /metrics over HTTP), ``state`` (the state
+file: one writer, one reader).
 """

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from codefleet.gateway import metrics as gateway_metrics
@@ -151,6 +152,27 @@ class Autoscaler:
 
 
 # -- reading the signals -------------------------------------------------------------------------
+
+def sample_of(now: float, ready: int, starting: int, held: int, looks: Iterable[tuple[str, EngineLook]],
+              ttft_seen: dict[str, dict[float, float]]) -> Sample:
+    """One model's sample from its ready replicas' engines (``looks``: replica name -> what its
+    /metrics said; one that did not answer is not there). The TTFT p95 is over the first tokens
+    since the previous sample: ``ttft_seen`` holds each replica's buckets then, and is updated."""
+    running = waiting = 0.0
+    kvs: list[float] = []
+    ttft: dict[float, float] = {}
+    for name, look in looks:
+        running += look.running or 0.0
+        waiting += look.waiting or 0.0
+        if look.kv is not None:
+            kvs.append(look.kv)
+        buckets = look.ttft_buckets
+        for le, v in bucket_delta(buckets, ttft_seen.get(name)).items():
+            ttft[le] = ttft.get(le, 0.0) + v
+        ttft_seen[name] = buckets
+    return Sample(now, ready, starting, running, waiting, held, kv=sum(kvs) / len(kvs) if kvs else None,
+                  ttft_p95=histogram_quantile(0.95, ttft))
+
 
 HELD = gateway_metrics.HELD
 

@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import httpx
 
 from codefleet import demo_models
-from codefleet.errors import PlanError, RuntimeStartError
+from codefleet.errors import RuntimeStartError
 from codefleet.metrics import FleetMetrics
 from codefleet.observability import write_engine_targets
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import tail
 from codefleet.router import Frontend
-from codefleet.runtime.autoscale import (
-    Autoscaler,
-    Decision,
-    EngineLook,
-    Sample,
-    bucket_delta,
-    engine_look,
-    held_requests,
-    histogram_quantile,
+from codefleet.runtime.autoscale import Autoscaler, Decision, EngineLook, engine_look, held_requests, sample_of
+from codefleet.runtime.backend import Backend, Say
+from codefleet.runtime.changes import check_followable, diff_plans, follow
+from codefleet.runtime.probe import HttpProbe, Probe
+from codefleet.runtime.replica import Replica, State, plan_generations
+from codefleet.runtime.rollout import converge_step
+from codefleet.runtime.state import (
+    AutoscaleRange,
+    FleetState,
+    LastDecision,
+    MetricsAddresses,
+    ModelState,
+    ReplicaState,
+    state_path,
+    write_state,
 )
-from codefleet.runtime.replica import Replica, State, generation
 from codefleet.status import engine_figures
-
-Say = Callable[[str], None]
 
 #: After leaving the router, a replica is not taken for idle before this (a request the router had
 #: just sent it may still be on its way).
@@ -48,37 +48,6 @@ KILL_GRACE_S = 5.0
 IDLE_STOP_GRACE_S = 10.0
 #: How often the autoscaler reads its models' engines and the gateway's held requests.
 AUTOSCALE_INTERVAL_S = 1.0
-
-
-@dataclass
-class Seen:
-    """What a backend sees of one replica's engine."""
-
-    running: bool
-    url: str | None = None
-    node: str = ""
-    incarnation: Any = None
-    """Changes when the engine was restarted underneath the loop (Ray restarts a dead actor)."""
-    exit_status: int | None = None
-
-
-class Backend(Protocol):
-    name: str
-    #: True: the loop relaunches an engine that exited (local); False: the backend does (Ray).
-    relaunches: bool
-    #: Check a ready replica's /health on every pass (Ray: an actor may lose its engine quietly).
-    watch_health: bool
-
-    def prepare(self, plan: FleetPlan) -> None: ...
-    def check(self, plan: FleetPlan, surge: int) -> None: ...
-    def launch(self, fleet: Fleet, r: Replica) -> None: ...
-    def observe(self, r: Replica) -> Seen: ...
-    def terminate(self, r: Replica) -> None: ...
-    def stopped(self, r: Replica) -> bool: ...
-    def kill(self, r: Replica, grace: float) -> None:
-        """SIGTERM what is left of the engine, SIGKILL after ``grace`` seconds, free its resources."""
-        ...
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -107,14 +76,17 @@ class Fleet:
     _next_index: dict[str, int] = field(default_factory=dict, repr=False)
     _targets: list[tuple[str, int, str, str]] = field(default_factory=list, repr=False)
     _state_text: str = field(default="", repr=False)
-    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decisions: dict[str, LastDecision] = field(default_factory=dict)
     """Each autoscaled model's last decision (for ``codefleet status``)."""
-    _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=2.0), repr=False)
+    probe: Probe = field(default_factory=HttpProbe)
+    """The engines' and the gateway's /health and /metrics."""
     desired: dict[str, int] = field(default_factory=dict)
     """Replicas each model should have now: the plan's count, or its autoscaler's."""
     autoscalers: dict[str, Autoscaler] = field(default_factory=dict)
     _ttft_seen: dict[str, dict[float, float]] = field(default_factory=dict, repr=False)
     _next_look: float = field(default=0.0, repr=False)
+    _gens: dict[str, str] = field(default_factory=dict, repr=False)
+    _gens_of: FleetPlan | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.python:
@@ -130,6 +102,12 @@ class Fleet:
     def want(self, p: ReplicaPlan) -> int:
         return self.desired.get(p.name, p.replicas)
 
+    def generations(self) -> dict[str, str]:
+        """Each model's generation in the current plan, computed once per plan."""
+        if self._gens_of is not self.plan:
+            self._gens, self._gens_of = plan_generations(self.plan), self.plan
+        return self._gens
+
     def __enter__(self) -> Fleet:
         return self
 
@@ -138,7 +116,7 @@ class Fleet:
 
     @property
     def state_file(self) -> Path:
-        return self.run_dir / "fleet.json"
+        return state_path(self.run_dir)
 
     @property
     def url(self) -> str:
@@ -196,8 +174,9 @@ class Fleet:
 
     def converged(self) -> bool:
         with self._lock:
+            gens = self.generations()
             for p in self.plan.models:
-                gen = generation(p)
+                gen = gens[p.name]
                 mine = [r for r in self.replicas if r.plan.name == p.name]
                 if sum(r.state is State.READY and r.generation == gen for r in mine) != self.want(p):
                     return False
@@ -258,13 +237,13 @@ class Fleet:
             r.incarnation = seen.incarnation
         if r.url is None:
             return
-        if r.state is State.STARTING and _healthy(self._client, r.url):
+        if r.state is State.STARTING and self.probe.health(r.url):
             r.state = State.READY
             r.startup_seconds = now - r.started_at
             self.metrics.startup_seconds.labels(r.plan.name, str(r.index)).set(r.startup_seconds)
-            self.say(f"  ready  {r.name:<28} {r.url}  ({r.startup_seconds:.0f} s)"
-                     + (f"  node {r.node}" if self.backend.name == "ray" else ""))
-        elif r.state is State.READY and self.backend.watch_health and not _healthy(self._client, r.url):
+            node = self.backend.node_of(r)
+            self.say(f"  ready  {r.name:<28} {r.url}  ({r.startup_seconds:.0f} s)" + (f"  node {node}" if node else ""))
+        elif r.state is State.READY and self.backend.watch_health and not self.probe.health(r.url):
             self._deregister(r)
             r.state = State.STARTING
             return
@@ -276,32 +255,17 @@ class Fleet:
             self.frontend.refresh_gateway()  # requests it holds for this model go now
 
     def _converge(self) -> None:
-        """Desired replicas per model: scale, or replace an older generation one at a time (a new
-        replica first, then an old one drained once the new one is ready)."""
+        """Each model to its desired replicas at the plan's generation (``rollout.converge_step``)."""
+        gens = self.generations()
         for p in self.plan.models:
-            gen = generation(p)
-            want = self.want(p)
             live = [r for r in self.replicas if r.plan.name == p.name and r.live]
-            new = [r for r in live if r.generation == gen]
-            old = [r for r in live if r.generation != gen]
-            for r in [r for r in old if r.state is State.STARTING]:  # an old replica not serving: no reason to wait
+            step = converge_step(live, gens[p.name], self.want(p))
+            for r in step.drain_first:
                 self.drain(r)
-                old.remove(r)
-            if old:
-                if len(new) < want and not any(r.state is State.STARTING for r in new):
-                    self._launch(p)
-                ready_new = sum(r.state is State.READY for r in new)
-                surplus = len(old) + ready_new - want
-                for r in sorted(old, key=lambda r: r.index)[:max(0, surplus)]:
-                    self.drain(r)
-                continue
-            for _ in range(want - len(new)):
+            for _ in range(step.launch):
                 self._launch(p)
-            if len(new) > want:
-                # the ones not serving yet first, then the newest
-                order = sorted(new, key=lambda r: (r.state is State.READY, -r.index))
-                for r in order[: len(new) - want]:
-                    self.drain(r)
+            for r in step.drain:
+                self.drain(r)
 
     # -- autoscaling ---------------------------------------------------------------------------
 
@@ -321,24 +285,9 @@ class Fleet:
                 continue
             mine = [r for r in self.replicas if r.plan.name == p.name and r.live]
             ready = [r for r in mine if r.state is State.READY and r.registered]
-            running = waiting = 0.0
-            kvs: list[float] = []
-            ttft: dict[float, float] = {}
-            for r in ready:
-                look = self._look(r)
-                if look is None:
-                    continue
-                running += look.running or 0.0
-                waiting += look.waiting or 0.0
-                if look.kv is not None:
-                    kvs.append(look.kv)
-                buckets = look.ttft_buckets
-                for le, v in bucket_delta(buckets, self._ttft_seen.get(r.name)).items():
-                    ttft[le] = ttft.get(le, 0.0) + v
-                self._ttft_seen[r.name] = buckets
-            sample = Sample(now, len(ready), len(mine) - len(ready), running, waiting, held.get(p.name, 0),
-                            kv=sum(kvs) / len(kvs) if kvs else None, ttft_p95=histogram_quantile(0.95, ttft))
-            d = a.observe(sample)
+            looks = [(r.name, look) for r in ready if (look := self._look(r)) is not None]
+            d = a.observe(sample_of(now, len(ready), len(mine) - len(ready), held.get(p.name, 0), looks,
+                                    self._ttft_seen))
             if d is not None:
                 self._decided(p.name, d)
             self.desired[p.name] = a.desired
@@ -346,18 +295,14 @@ class Fleet:
 
     def _decided(self, model: str, d: Decision) -> None:
         self.metrics.autoscaler_decisions.labels(model, d.reason).inc()
-        self.decisions[model] = {"at": time.time(), "from": d.previous, "to": d.desired, "reason": d.reason,
-                                 "detail": d.detail}
+        self.decisions[model] = LastDecision(time.time(), d.previous, d.desired, d.reason, d.detail)
         self.say(f"  scale  {model}: {d.previous} -> {d.desired} replicas ({d.reason}: {d.detail})")
 
     def _look(self, r: Replica) -> EngineLook | None:
         if r.url is None:
             return None
-        try:
-            resp = self._client.get(r.url + "/metrics", timeout=1.0)
-        except httpx.HTTPError:
-            return None
-        return engine_look(resp.text) if resp.status_code == 200 else None
+        got = self.probe.metrics(r.url, timeout=1.0)
+        return engine_look(got.text) if got is not None and got.status == 200 else None
 
     def held(self) -> dict[str, int]:
         """Requests the gateway holds per model (its codefleet_gateway_held_requests gauge)."""
@@ -366,16 +311,13 @@ class Fleet:
             return {}
         host = self.plan.metrics.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        try:
-            resp = self._client.get(f"http://{host}:{fe.gateway_metrics_port}/metrics", timeout=1.0)
-        except httpx.HTTPError:
-            return {}
-        return held_requests(resp.text) if resp.status_code == 200 else {}
+        got = self.probe.metrics(f"http://{host}:{fe.gateway_metrics_port}", timeout=1.0)
+        return held_requests(got.text) if got is not None and got.status == 200 else {}
 
     def _launch(self, p: ReplicaPlan) -> Replica:
         index = self._next_index.get(p.name, 0)
         self._next_index[p.name] = index + 1
-        r = Replica(p, index, generation(p), started_at=time.monotonic())
+        r = Replica(p, index, self.generations()[p.name], started_at=time.monotonic())
         r.log = self.run_dir / "logs" / f"{r.name}.log"
         self.replicas.append(r)
         self.backend.launch(self, r)
@@ -423,13 +365,12 @@ class Fleet:
         answer is not idle: the budget bounds the wait; one that is gone is seen by the backend."""
         if r.url is None:
             return True
-        try:
-            resp = self._client.get(r.url + "/metrics")
-        except httpx.HTTPError:
+        got = self.probe.metrics(r.url, timeout=2.0)
+        if got is None:
             return not self.backend.observe(r).running
-        if resp.status_code != 200:
+        if got.status != 200:
             return False
-        f = engine_figures(resp.text)
+        f = engine_figures(got.text)
         return f.get("running", 0.0) + f.get("waiting", 0.0) == 0
 
     def _deregister(self, r: Replica) -> None:
@@ -449,48 +390,25 @@ class Fleet:
         ``replicas`` scales the model, any other change to what an engine runs replaces its
         replicas one at a time. Adding, removing or renaming models and router settings need a
         restart (the endpoint's model list and its port are fixed while it runs)."""
-        names = [m.name for m in self.plan.models]
-        if [m.name for m in new.models] != names:
-            raise PlanError(f"the models changed ({', '.join(names)} -> {', '.join(m.name for m in new.models)}); "
-                            f"adding, removing or renaming a model needs `codefleet down` and `up`")
-        if new.router != self.plan.router or new.metrics != self.plan.metrics:
-            raise PlanError("router or metrics settings changed; they need `codefleet down` and `up`")
-        self.backend.check(new, surge=1)
-        changes = []
-        now = time.monotonic()
-        desired = dict(self.desired)
-        autoscalers = dict(self.autoscalers)
-        for old, m in zip(self.plan.models, new.models, strict=True):
-            before = self.want(old)
-            if m.autoscale is None:
-                autoscalers.pop(m.name, None)
-                desired[m.name] = m.replicas
-            elif m.autoscale != old.autoscale or m.name not in autoscalers:
-                start = m.replicas if old.replicas != m.replicas else before
-                autoscalers[m.name] = Autoscaler(m.autoscale, start, now)
-                desired[m.name] = autoscalers[m.name].desired
-                a = m.autoscale
-                changes.append(f"{m.name}: autoscaling {a.min_replicas}..{a.max_replicas} on {a.signal} "
-                               f"(target {a.target:g}); now {desired[m.name]}")
-            elif old.replicas != m.replicas:
-                autoscalers[m.name].set(m.replicas, now)
-                desired[m.name] = autoscalers[m.name].desired
-            if generation(old) != generation(m):
-                changes.append(f"{m.name}: rolling replace of {before} replica(s) (then {desired[m.name]})")
-            elif before != desired[m.name]:
-                changes.append(f"{m.name}: {before} -> {desired[m.name]} replicas")
+        check_followable(self.plan, new)  # before the new templates are read
+        new_gens = plan_generations(new)
+        diff = diff_plans(self.plan, new, self.generations(), new_gens)
+        self.backend.check(new)
+        followed = follow(diff, self.desired, self.autoscalers, time.monotonic())
+        changes = followed.changes
         for m in new.models:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
         if self.frontend is not None:
             # keys may have changed in their file or variable, and the tenants' limits in the manifest
             self.frontend.reload_gateway(new.tenants)
-            if new.tenants != self.plan.tenants:
+            if diff.tenants_changed:
                 changes.append(f"tenants: {', '.join(sorted(new.tenants)) or 'none'} (limits reloaded)")
         with self._lock:
             self.plan = new
-            self.desired = desired
-            self.autoscalers = autoscalers
+            self._gens, self._gens_of = new_gens, new
+            self.desired = followed.desired
+            self.autoscalers = followed.autoscalers
             self._export()
         return changes
 
@@ -548,7 +466,7 @@ class Fleet:
             if self.frontend is not None:
                 self.frontend.stop()
             self.metrics.close()
-            self._client.close()
+            self.probe.close()
             self.backend.close()
             self.state_file.unlink(missing_ok=True)
 
@@ -576,47 +494,33 @@ class Fleet:
             write_engine_targets(self.run_dir, targets)
         self.write_state()
 
-    def write_state(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def state(self) -> FleetState:
+        """What the state file says (``codefleet status``, ``apply``, ``down`` read it)."""
         fe = self.frontend
         m = self.plan.metrics
-        state: dict[str, Any] = {
-            "launcher_pid": os.getpid(),
-            "runtime": self.backend.name,
-            "endpoint": fe.url if fe else None,
-            "metrics": {
-                "launcher": f"{m.host}:{self.metrics_port}",
-                "gateway": f"{m.host}:{fe.gateway_metrics_port}" if fe else None,
-                "router": f"{m.host}:{fe.router_metrics_port}" if fe else None,
-            },
-            "router_url": fe.router_url if fe else None,
-            "frontend_pgids": fe.pgids() if fe else [],
-            "converged": self.converged(),
-            "models": [{"model": p.name, "desired": self.want(p), "drain_seconds": p.drain_seconds,
-                        "generation": generation(p),
-                        "autoscale": ({"min": p.autoscale.min_replicas, "max": p.autoscale.max_replicas,
-                                       "signal": p.autoscale.signal, "target": p.autoscale.target}
-                                      if p.autoscale else None),
-                        "last_decision": self.decisions.get(p.name)} for p in self.plan.models],
-            "replicas": [
-                {"model": r.plan.name, "index": r.index, "url": r.url, "state": r.state.value,
-                 "generation": r.generation, "node_ip": r.node if self.backend.name == "ray" else None,
-                 "node_id": r.handle.get("node_id"), "restarts": r.restarts,
-                 "pgid": r.proc.pid if r.proc else None, "log": str(r.log) if r.log else None}
-                for r in self.replicas if r.url is not None
-            ],
-        }
-        text = json.dumps(state, indent=2)
-        if text == self._state_text and self.state_file.exists():
-            return  # the loop runs every 0.5 s; the file changes far less often
-        self._state_text = text
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.state_file)
+        gens = self.generations()
+        return FleetState(
+            launcher_pid=os.getpid(),
+            runtime=self.backend.name,
+            endpoint=fe.url if fe else None,
+            metrics=MetricsAddresses(launcher=f"{m.host}:{self.metrics_port}",
+                                     gateway=f"{m.host}:{fe.gateway_metrics_port}" if fe else None,
+                                     router=f"{m.host}:{fe.router_metrics_port}" if fe else None),
+            router_url=fe.router_url if fe else None,
+            frontend_pgids=tuple(fe.pgids()) if fe else (),
+            converged=self.converged(),
+            models=tuple(ModelState(p.name, desired=self.want(p), drain_seconds=p.drain_seconds,
+                                    generation=gens[p.name],
+                                    autoscale=AutoscaleRange(p.autoscale.min_replicas, p.autoscale.max_replicas,
+                                                             p.autoscale.signal, p.autoscale.target)
+                                    if p.autoscale else None,
+                                    last_decision=self.decisions.get(p.name)) for p in self.plan.models),
+            replicas=tuple(ReplicaState(r.plan.name, r.index, r.url, state=r.state.value, generation=r.generation,
+                                        node_ip=self.backend.node_of(r), node_id=r.handle.get("node_id"),
+                                        restarts=r.restarts, pgid=r.proc.pid if r.proc else None,
+                                        log=str(r.log) if r.log else None)
+                           for r in self.replicas if r.url is not None),
+        )
 
-
-def _healthy(client: httpx.Client, url: str) -> bool:
-    try:
-        return client.get(url + "/health").status_code == 200
-    except httpx.HTTPError:
-        return False
+    def write_state(self) -> None:
+        self._state_text = write_state(self.run_dir, self.state(), self._state_text)

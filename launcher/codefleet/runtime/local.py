@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from codefleet.engine import engine_command
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, group_alive, spawn, stop_group
-from codefleet.runtime.core import Fleet, Say, Seen
+from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica
-
-
-def state_dir() -> Path:
-    base = os.environ.get("CODEFLEET_HOME") or os.path.join(Path.home(), ".cache", "codefleet")
-    return Path(base) / "run"
+from codefleet.runtime.state import state_dir
 
 
 class LocalBackend:
@@ -32,7 +27,7 @@ class LocalBackend:
     def prepare(self, plan: FleetPlan) -> None:
         pass
 
-    def check(self, plan: FleetPlan, surge: int) -> None:
+    def check(self, plan: FleetPlan) -> None:
         pass  # no resource model for one host's CPU
 
     def launch(self, fleet: Fleet, r: Replica) -> None:
@@ -87,6 +82,9 @@ class LocalBackend:
     def close(self) -> None:
         pass
 
+    def node_of(self, r: Replica) -> str | None:
+        return None  # every engine on this host
+
 
 class LocalFleet(Fleet):
     """The fleet as processes on this host."""
@@ -96,11 +94,3 @@ class LocalFleet(Fleet):
         super().__init__(plan=plan, backend=LocalBackend(host), run_dir=run_dir or state_dir(),
                          enforce_eager=enforce_eager, say=say, python=python)
 
-
-def read_state(run_dir: Path | None = None) -> dict[str, Any] | None:
-    path = (run_dir or state_dir()) / "fleet.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    except (OSError, ValueError):
-        return None

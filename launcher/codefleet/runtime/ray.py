@@ -33,7 +33,8 @@ from codefleet.engine import engine_command
 from codefleet.errors import PlanError
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import free_port, spawn, stop_group
-from codefleet.runtime.core import Fleet, Say, Seen
+from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica, State
 
 NODE_LABEL = "ray.io/node-id"
@@ -133,15 +134,14 @@ class RayBackend:
         self.address = address
         self.strict_spread = strict_spread
         self.placement_timeout = placement_timeout
-        self.fleet: Fleet | None = None
 
     def prepare(self, plan: FleetPlan) -> None:
         if not ray.is_initialized():
             ray.init(address=self.address, log_to_driver=False)
-        self.check(plan, surge=0)
+        self.check(plan)
 
-    def check(self, plan: FleetPlan, surge: int) -> None:
-        """Every model checked before anything is placed (a rolling replace adds ``surge`` first)."""
+    def check(self, plan: FleetPlan) -> None:
+        """Every model checked, at its most replicas, before anything is placed."""
         nodes = ray.nodes()
         for p in plan.models:
             check_feasible(p, p.max_replicas, self.strict_spread, nodes)
@@ -221,6 +221,9 @@ class RayBackend:
 
     def close(self) -> None:
         pass
+
+    def node_of(self, r: Replica) -> str | None:
+        return r.node or None  # the node's IP, as the actor reports it
 
 
 class RayFleet(Fleet):

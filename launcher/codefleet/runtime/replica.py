@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from codefleet.engine import engine_spec
-from codefleet.planner import ReplicaPlan
+from codefleet.planner import FleetPlan, ReplicaPlan
 
 
 class State(enum.Enum):
@@ -30,6 +30,11 @@ def generation(plan: ReplicaPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def plan_generations(plan: FleetPlan) -> dict[str, str]:
+    """Each model's generation (read once per plan: it reads the template files)."""
+    return {p.name: generation(p) for p in plan.models}
+
+
 @dataclass
 class Replica:
     plan: ReplicaPlan
@@ -45,7 +50,7 @@ class Replica:
     restarts: int = 0
     #: Local backend: the engine's process (its process group).
     proc: subprocess.Popen[bytes] | None = None
-    #: Ray backend: the actor, its placement group, and what the actor last reported.
+    #: Ray backend: the actor, its placement group, and what the actor last reported (``node_id``).
     handle: dict[str, Any] = field(default_factory=dict)
     incarnation: Any = None
     # draining

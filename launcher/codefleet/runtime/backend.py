@@ -1,0 +1,51 @@
+"""What the reconcile loop (``core.Fleet``) needs of a backend: start, locate, stop engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from codefleet.planner import FleetPlan
+from codefleet.runtime.replica import Replica
+
+if TYPE_CHECKING:
+    from codefleet.runtime.core import Fleet
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Seen:
+    """What a backend sees of one replica's engine."""
+
+    running: bool
+    url: str | None = None
+    node: str = ""
+    incarnation: Any = None
+    """Changes when the engine was restarted underneath the loop (Ray restarts a dead actor)."""
+    exit_status: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+    #: True: the loop relaunches an engine that exited (local); False: the backend does (Ray).
+    relaunches: bool
+    #: Check a ready replica's /health on every pass (Ray: an actor may lose its engine quietly).
+    watch_health: bool
+
+    def prepare(self, plan: FleetPlan) -> None: ...
+    def check(self, plan: FleetPlan) -> None:
+        """Refuse (PlanError) a plan the backend cannot hold, before anything changes."""
+        ...
+    def launch(self, fleet: Fleet, r: Replica) -> None: ...
+    def observe(self, r: Replica) -> Seen: ...
+    def terminate(self, r: Replica) -> None: ...
+    def stopped(self, r: Replica) -> bool: ...
+    def kill(self, r: Replica, grace: float) -> None:
+        """SIGTERM what is left of the engine, SIGKILL after ``grace`` seconds, free its resources."""
+        ...
+    def close(self) -> None: ...
+    def node_of(self, r: Replica) -> str | None:
+        """The node ``r`` runs on, to show; None when every engine is on this host."""
+        ...
