@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from codefleet.planner import FleetPlan
+from codefleet.router import Frontend
 from codefleet.runtime.replica import Replica
-
-if TYPE_CHECKING:
-    from codefleet.runtime.core import Fleet
 
 Say = Callable[[str], None]
 
@@ -27,6 +26,20 @@ class Seen:
     exit_status: int | None = None
 
 
+class Host(Protocol):
+    """What a backend reads of the fleet it launches into (``core.Fleet``)."""
+
+    replicas: list[Replica]
+    python: str
+    enforce_eager: bool
+    run_dir: Path
+
+    @property
+    def frontend(self) -> Frontend | None: ...
+
+    def say(self, line: str) -> None: ...
+
+
 class Backend(Protocol):
     name: str
     #: True: the loop relaunches an engine that exited (local); False: the backend does (Ray).
@@ -38,7 +51,7 @@ class Backend(Protocol):
     def check(self, plan: FleetPlan) -> None:
         """Refuse (PlanError) a plan the backend cannot hold, before anything changes."""
         ...
-    def launch(self, fleet: Fleet, r: Replica) -> None: ...
+    def launch(self, fleet: Host, r: Replica) -> None: ...
     def observe(self, r: Replica) -> Seen: ...
     def terminate(self, r: Replica) -> None: ...
     def stopped(self, r: Replica) -> bool: ...

@@ -10,7 +10,7 @@ from pathlib import Path
 from codefleet.engine import engine_command
 from codefleet.planner import FleetPlan
 from codefleet.procs import free_port, group_alive, spawn, stop_group
-from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.backend import Host, Say, Seen
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica
 from codefleet.runtime.state import state_dir
@@ -30,7 +30,7 @@ class LocalBackend:
     def check(self, plan: FleetPlan) -> None:
         pass  # no resource model for one host's CPU
 
-    def launch(self, fleet: Fleet, r: Replica) -> None:
+    def launch(self, fleet: Host, r: Replica) -> None:
         # Single-rank CPU engines are bound one core each, round robin over the live ones.
         single = [x for x in fleet.replicas if x.plan.tensor_parallel_size == 1 and x.live]
         slot = single.index(r) if r in single else None

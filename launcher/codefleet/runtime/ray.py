@@ -33,7 +33,7 @@ from codefleet.engine import engine_command
 from codefleet.errors import PlanError
 from codefleet.planner import FleetPlan, ReplicaPlan
 from codefleet.procs import free_port, spawn, stop_group
-from codefleet.runtime.backend import Say, Seen
+from codefleet.runtime.backend import Host, Say, Seen
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import Replica, State
 
@@ -146,11 +146,11 @@ class RayBackend:
         for p in plan.models:
             check_feasible(p, p.max_replicas, self.strict_spread, nodes)
 
-    def _nodes_of(self, fleet: Fleet, r: Replica) -> list[str]:
+    def _nodes_of(self, fleet: Host, r: Replica) -> list[str]:
         return sorted({n for x in fleet.replicas if x.plan.name == r.plan.name and x is not r and x.live
                        and (n := x.handle.get("bundle_node"))})
 
-    def place_group(self, fleet: Fleet, r: Replica) -> PlacementGroup:
+    def place_group(self, fleet: Host, r: Replica) -> PlacementGroup:
         """A placement group of one bundle for one replica, away from the model's other replicas."""
         p = r.plan
         taken = self._nodes_of(fleet, r)
@@ -167,7 +167,7 @@ class RayBackend:
                         + (", on a node without another replica of the model" if self.strict_spread else "")
                         + f"); the cluster's free resources: {ray.available_resources()}")
 
-    def launch(self, fleet: Fleet, r: Replica) -> None:
+    def launch(self, fleet: Host, r: Replica) -> None:
         p = r.plan
         pg = self.place_group(fleet, r)
         env = {**(fleet.frontend.engine_env if fleet.frontend else {}), "PYTHONUNBUFFERED": "1"}
