@@ -20,11 +20,13 @@ from codefleet.errors import CodefleetError
 from codefleet.helm import helm_values_yaml
 from codefleet.manifest import load
 from codefleet.observability import RULES_FILE, alert_rules_yaml, scrape_config_yaml
-from codefleet.planner import FleetPlan, GiB, ReplicaPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.procs import stop_group
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.local import LocalFleet
 from codefleet.runtime.state import read_state, remove_state, state_dir
+from codefleet.sizing import GiB
 from codefleet.status import fleet_status, format_status, format_usage, tenant_usage
 
 DEFAULT_MANIFEST = "deploy/manifests/demo-cpu.yaml"
@@ -78,7 +80,7 @@ def format_plan(plan: FleetPlan) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _plan(args)
     if args.explain:
-        from codefleet.planner import explain
+        from codefleet.explain import explain
         from codefleet.resolve import resolve
 
         names = [m.name for m in plan.models]
