@@ -25,7 +25,6 @@ capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,12 @@ from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.explain import cpu_term, tail_terms, weight_terms
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
+from codefleet.limits import Limits, dtype_bytes, engine_limits
 from codefleet.manifest import LoadedManifest
 from codefleet.plans import Autoscale, Estimate, FleetPlan, ReplicaPlan, Term
 from codefleet.resolve import ResolvedModel, resolve
 from codefleet.sizing import (
     BLOCK_TOKENS,
-    DTYPE_BYTES,
-    KV_DTYPE_BYTES,
     LOGIT_BYTES,
     RESERVE_FIXED_GIB,
     GiB,
@@ -56,56 +54,6 @@ from codefleet.sizing import (
     valid_tp,
     weight_bytes,
 )
-
-
-def engine_arg(args: dict[str, Any], name: str) -> Any:
-    """An ``engine_args`` value, however the manifest spelt the key (``max-num-seqs``, ``--max_num_seqs``)."""
-    for key, value in args.items():
-        if key.lstrip("-").replace("-", "_") == name:
-            return value
-    return None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The engine limits that change memory, each the manifest's or vLLM's default for the GPU."""
-
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    kv_cache_dtype: str
-    kv_dtype_bytes: int
-    cpu_offload_bytes: int
-    #: Where each came from (for ``plan --explain``).
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def engine_limits(m: ResolvedModel, gpu: Gpu) -> Limits:
-    args = m.spec.engine_args
-    default_tokens, default_seqs = gpu.batch_defaults()
-    vllm = f"vLLM's default on {gpu.name}"
-    seqs, tokens = engine_arg(args, "max_num_seqs"), engine_arg(args, "max_num_batched_tokens")
-    sources = {"max_num_seqs": "engine_args" if seqs else vllm,
-               "max_num_batched_tokens": "engine_args" if tokens else vllm}
-    if tokens is None:
-        tokens = default_tokens
-        if engine_arg(args, "enable_chunked_prefill") is False:
-            tokens = max(m.max_model_len, default_tokens)  # vLLM: a whole prompt in one step
-            sources["max_num_batched_tokens"] += " (no chunked prefill: at least max_model_len)"
-    kv_dtype = str(engine_arg(args, "kv_cache_dtype") or "auto")
-    if kv_dtype == "auto":
-        kv_bytes = _dtype_bytes(m)
-    elif kv_dtype in KV_DTYPE_BYTES:
-        kv_bytes = KV_DTYPE_BYTES[kv_dtype]
-    else:
-        raise PlanError(f"{m.spec.name}: engine_args.kv_cache_dtype {kv_dtype!r} is not one the planner sizes; "
-                        f"use auto or one of {', '.join(KV_DTYPE_BYTES)}")
-    sources["kv_cache_dtype"] = f"{kv_dtype} from engine_args" if kv_dtype != "auto" else f"auto: the model's {m.dtype}"
-    offload = float(engine_arg(args, "cpu_offload_gb") or 0)
-    return Limits(int(seqs or default_seqs), int(tokens), kv_dtype, kv_bytes, int(offload * GiB), sources)
-
-
-def _dtype_bytes(m: ResolvedModel) -> int:
-    return DTYPE_BYTES.get(m.dtype, 2)
 
 
 def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_tokens: int,
@@ -149,7 +97,7 @@ def plan_model(
     loaded_dir: Path | None = None,
 ) -> ReplicaPlan:
     s = m.shape
-    b = _dtype_bytes(m)
+    b = dtype_bytes(m)
     params = parameter_count(s)
     weights = weight_bytes(s, b, m.quant)
     accel = gpu_override or m.gpu
