@@ -30,8 +30,9 @@ from pathlib import Path
 from codefleet.engine import engine_command
 from codefleet.gpus import GPUS
 from codefleet.manifest import load
-from codefleet.planner import GiB, plan_fleet
+from codefleet.planner import plan_fleet
 from codefleet.procs import free_port, spawn, stop_group
+from codefleet.sizing import GiB
 
 KV_LINE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 AVAILABLE_LINE = re.compile(r"Available KV cache memory: ([\d.]+) GiB")

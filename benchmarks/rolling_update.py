@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import openai
 
-from codefleet.planner import FleetPlan
+from codefleet.plans import FleetPlan
 from codefleet.runtime.core import Fleet
 from codefleet.runtime.replica import State
 

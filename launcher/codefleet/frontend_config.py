@@ -20,7 +20,7 @@ from pydantic import Field
 
 from codefleet.gateway.config import DRAIN_S, Hold
 from codefleet.manifest import Defaults, Metrics, Router, Tenant, _Strict
-from codefleet.planner import Autoscale, FleetPlan
+from codefleet.plans import Autoscale, FleetPlan
 
 #: The chart's values spell a hold's fields so (models[].autoscaling.hold); frontend-config.yaml
 #: spells them back into ``Hold``'s (tests/helm checks the round trip).

@@ -22,7 +22,8 @@ from codefleet.errors import PlanError
 from codefleet.frontend_config import HOLD_VALUES, FrontendSettings, frontend_settings, hold_of
 from codefleet.manifest import LoadedManifest
 from codefleet.observability import autoscale_query, held_query
-from codefleet.planner import FleetPlan, GiB, ReplicaPlan
+from codefleet.plans import FleetPlan, ReplicaPlan
+from codefleet.sizing import GiB
 
 ENGINE_PORT = 8000
 #: NVIDIA GPU feature discovery's ``nvidia.com/gpu.product`` per planner GPU type.
@@ -87,7 +88,7 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         "args": flags_argv(spec.flags),
         "env": dict(sorted(env.items())),
         **({"moeConfig": moe_config} if moe_config else {}),
-        # CPUs: the plan's (planner.host_cpus, what Ray reserves too). Host memory: the weights pass
+        # CPUs: the plan's (sizing.host_cpus, what Ray reserves too). Host memory: the weights pass
         # through it while loading, plus the API server and tokenizer.
         "resources": {
             "requests": {"cpu": str(p.host_cpus),

@@ -20,7 +20,7 @@ import yaml
 
 from codefleet.gateway import metrics as gateway_metrics
 from codefleet.manifest import LoadedManifest
-from codefleet.planner import FleetPlan
+from codefleet.plans import FleetPlan
 
 _REQUESTS = gateway_metrics.total(gateway_metrics.REQUESTS)
 

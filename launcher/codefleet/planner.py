@@ -25,323 +25,35 @@ capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from codefleet import moe
 from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
+from codefleet.explain import cpu_term, tail_terms, weight_terms
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
-from codefleet.manifest import LoadedManifest, Metrics, Router, Tenant
-from codefleet.quant import Quant
+from codefleet.limits import Limits, dtype_bytes, engine_limits
+from codefleet.manifest import LoadedManifest
+from codefleet.plans import Autoscale, Estimate, FleetPlan, ReplicaPlan, Term
 from codefleet.resolve import ResolvedModel, resolve
-from codefleet.shapes import ModelShape
-
-GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-#: vLLM's --kv-cache-dtype values the planner sizes ("auto": the model's dtype).
-KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1}
-RESERVE_FIXED_GIB = 1.0
-#: vLLM's KV-cache block (tokens); capacity is a whole number of blocks.
-BLOCK_TOKENS = 16
-#: Logits are float32 in vLLM's sampler.
-LOGIT_BYTES = 4
-
-
-def parameter_count(s: ModelShape) -> int:
-    """Every parameter, biases and norms included (all experts of an MoE)."""
-    h, kv_dim, q_dim = s.hidden_size, s.num_kv_heads * s.head_dim, s.num_heads * s.head_dim
-    attn = h * q_dim + 2 * h * kv_dim + q_dim * h
-    if s.qkv_bias:
-        attn += q_dim + 2 * kv_dim
-    if s.out_bias:
-        attn += h
-    n_mats = 3 if s.mlp_kind == "gated" else 2
-    mlp = n_mats * h * s.intermediate_size
-    if s.mlp_bias:
-        mlp += (2 * s.intermediate_size if s.mlp_kind == "gated" else s.intermediate_size) + h
-    if s.is_moe:
-        mlp = s.num_experts * mlp + h * s.num_experts  # experts + router
-    norm = 2 * h if s.norm_kind == "layer" else h
-    layer = attn + mlp + 2 * norm
-    embed = s.vocab_size * h
-    total = s.num_layers * layer + embed + norm
-    if not s.tie_word_embeddings:
-        total += embed
-    if s.learned_positions:
-        total += s.max_position * h
-    return total
-
-
-def active_parameter_count(s: ModelShape) -> int:
-    """Parameters read per token: for an MoE only the routed experts count."""
-    total = parameter_count(s)
-    if not s.is_moe:
-        return total
-    expert = 3 * s.hidden_size * s.intermediate_size
-    return total - s.num_layers * (s.num_experts - s.experts_per_token) * expert
-
-
-def linear_parameter_count(s: ModelShape) -> int:
-    """The weights of the attention and MLP matrices (every expert): what a quantized checkpoint
-    stores in fewer bits. Embeddings, the LM head, norms, biases and MoE routers are not."""
-    h, kv_dim, q_dim = s.hidden_size, s.num_kv_heads * s.head_dim, s.num_heads * s.head_dim
-    mlp = (3 if s.mlp_kind == "gated" else 2) * h * s.intermediate_size
-    return s.num_layers * (h * q_dim + 2 * h * kv_dim + q_dim * h + mlp * max(1, s.num_experts))
-
-
-def weight_bytes(s: ModelShape, dtype_bytes: int, quant: Quant | None = None) -> int:
-    params = parameter_count(s)
-    if quant is None:
-        return params * dtype_bytes
-    linear = linear_parameter_count(s)
-    return math.ceil(linear * quant.linear_bytes_per_param()) + (params - linear) * dtype_bytes
-
-
-def kv_heads_per_rank(s: ModelShape, tp: int) -> int:
-    return max(1, s.num_kv_heads // tp)
-
-
-def kv_bytes_per_token(s: ModelShape, dtype_bytes: int, tp: int = 1) -> int:
-    """KV-cache bytes per token on each GPU of a replica."""
-    return 2 * s.num_layers * kv_heads_per_rank(s, tp) * s.head_dim * dtype_bytes
-
-
-def activation_bytes(s: ModelShape, dtype_bytes: int, tp: int, batched_tokens: int) -> int:
-    """One scheduler step's activations at their peak in vLLM's profiling run."""
-    routed = max(1, s.experts_per_token) if s.is_moe else 1
-    per_token = (4 * s.hidden_size + 2 * routed * s.intermediate_size // tp) * dtype_bytes
-    return batched_tokens * per_token
-
-
-def sampler_bytes(s: ModelShape, max_num_seqs: int) -> int:
-    """The float32 logits of a full batch (vLLM's profiling run samples ``max_num_seqs`` sequences)."""
-    return max_num_seqs * s.vocab_size * LOGIT_BYTES
-
-
-def reserve_bytes(s: ModelShape, dtype_bytes: int, tp: int, batched_tokens: int = 8192,
-                  max_num_seqs: int = 256) -> int:
-    return (int(RESERVE_FIXED_GIB * GiB) + activation_bytes(s, dtype_bytes, tp, batched_tokens)
-            + sampler_bytes(s, max_num_seqs))
-
-
-def budget_bytes(gpu: Gpu, utilization: float) -> int:
-    """What vLLM may use on one GPU: ceil(CUDA's total x gpu_memory_utilization) (vLLM's request_memory)."""
-    return math.ceil(gpu.usable_gib * GiB * utilization)
-
-
-def valid_tp(s: ModelShape, group_size: int | None = None) -> list[int]:
-    return s.valid_tensor_parallel_sizes(group_size)
-
-
-def engine_arg(args: dict[str, Any], name: str) -> Any:
-    """An ``engine_args`` value, however the manifest spelt the key (``max-num-seqs``, ``--max_num_seqs``)."""
-    for key, value in args.items():
-        if key.lstrip("-").replace("-", "_") == name:
-            return value
-    return None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The engine limits that change memory, each the manifest's or vLLM's default for the GPU."""
-
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    kv_cache_dtype: str
-    kv_dtype_bytes: int
-    cpu_offload_bytes: int
-    #: Where each came from (for ``plan --explain``).
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def engine_limits(m: ResolvedModel, gpu: Gpu) -> Limits:
-    args = m.spec.engine_args
-    default_tokens, default_seqs = gpu.batch_defaults()
-    vllm = f"vLLM's default on {gpu.name}"
-    seqs, tokens = engine_arg(args, "max_num_seqs"), engine_arg(args, "max_num_batched_tokens")
-    sources = {"max_num_seqs": "engine_args" if seqs else vllm,
-               "max_num_batched_tokens": "engine_args" if tokens else vllm}
-    if tokens is None:
-        tokens = default_tokens
-        if engine_arg(args, "enable_chunked_prefill") is False:
-            tokens = max(m.max_model_len, default_tokens)  # vLLM: a whole prompt in one step
-            sources["max_num_batched_tokens"] += " (no chunked prefill: at least max_model_len)"
-    kv_dtype = str(engine_arg(args, "kv_cache_dtype") or "auto")
-    if kv_dtype == "auto":
-        kv_bytes = _dtype_bytes(m)
-    elif kv_dtype in KV_DTYPE_BYTES:
-        kv_bytes = KV_DTYPE_BYTES[kv_dtype]
-    else:
-        raise PlanError(f"{m.spec.name}: engine_args.kv_cache_dtype {kv_dtype!r} is not one the planner sizes; "
-                        f"use auto or one of {', '.join(KV_DTYPE_BYTES)}")
-    sources["kv_cache_dtype"] = f"{kv_dtype} from engine_args" if kv_dtype != "auto" else f"auto: the model's {m.dtype}"
-    offload = float(engine_arg(args, "cpu_offload_gb") or 0)
-    return Limits(int(seqs or default_seqs), int(tokens), kv_dtype, kv_bytes, int(offload * GiB), sources)
-
-
-@dataclass(frozen=True)
-class Term:
-    """One number of a model's plan, recorded where the plan computes it: ``plan --explain`` shows
-    these and recomputes none of them."""
-
-    name: str
-    value: float
-    unit: str
-    """``bytes`` (shown in GiB), ``count`` (thousands grouped), ``int`` (as is) or ``ratio`` (one decimal)."""
-    how: str
-    """How the number is made and where its inputs come from."""
-
-    @property
-    def shown(self) -> str:
-        if self.unit == "bytes":
-            return f"{self.value / GiB:,.2f} GiB"
-        if self.unit == "ratio":
-            return f"{self.value:.1f}"
-        if self.unit == "int":
-            return str(int(self.value))
-        return f"{int(self.value):,}"
-
-
-#: Host CPUs a replica reserves (Ray's bundle, the chart's CPU request): one core for each vLLM
-#: process that keeps one busy: the API server (HTTP, tokenizer, detokenizer), the engine core's
-#: scheduler loop, and one worker per GPU (each prepares its rank's inputs and spins on the
-#: broadcast queue). Fewer and the scheduler and workers share a core, which shows up as time
-#: to first token and between tokens; a reservation, not a cap (the chart sets no CPU limit).
-HOST_CPUS_BESIDES_WORKERS = 2
-
-
-def host_cpus(accelerator: str, tp: int) -> int:
-    """CPUs one replica reserves on its host; on the CPU (gpu: cpu) each rank computes on its own."""
-    return tp if accelerator == "cpu" else HOST_CPUS_BESIDES_WORKERS + tp
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Roofline upper bounds, not measurements."""
-
-    decode_tokens_per_s_batch1: float
-    decode_tokens_per_s_max_batch: float
-    max_batch: int
-    prefill_seconds: float
-    prefill_prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class ReplicaPlan:
-    """One model's plan; every replica of it is the same."""
-
-    name: str
-    source: str
-    model_ref: str
-    family: str
-    accelerator: str
-    dtype: str
-    tensor_parallel_size: int
-    replicas: int
-    max_model_len: int
-    gpu_memory_utilization: float
-    chat_template: Path
-    parameters: int
-    weight_bytes: int
-    weight_bytes_per_gpu: int
-    kv_bytes_per_token_per_gpu: int
-    reserve_bytes_per_gpu: int
-    kv_bytes_per_gpu: int
-    kv_tokens: int
-    full_length_sequences: float
-    replicas_per_node: int
-    nodes: int
-    cpu_kv_cache_gib: int
-    estimate: Estimate | None
-    #: Sampling defaults for --override-generation-config.
-    sampling_defaults: dict[str, Any] = field(default_factory=dict)
-    stop_tokens: tuple[str, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    revision: str | None = None
-    demo: str | None = None
-    #: Drain budget (seconds) of a replica leaving service; vLLM's --shutdown-timeout.
-    drain_seconds: int = 120
-    #: None: ``replicas`` is fixed; else replicas follow load and ``replicas`` is the starting count.
-    autoscale: Autoscale | None = None
-    #: Overload shedding threshold (the engines' waiting requests); None: no shedding.
-    max_waiting: int | None = None
-    #: The engine limits the plan assumed (the manifest's engine_args or vLLM's defaults for the GPU).
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    kv_cache_dtype: str = "auto"
-    #: e.g. "awq (4-bit, group 128; ...)"; None: the weights are in ``dtype``.
-    quantization: str | None = None
-    #: What CUDA reports as the GPU's memory (the base of gpu_memory_utilization), bytes.
-    gpu_usable_bytes: int = 0
-    #: The fused-MoE kernel config vLLM looks for, and where it was found ("" : nowhere).
-    moe_config: str | None = None
-    moe_config_found: str = ""
-    #: A folder of tuned fused-MoE configs (VLLM_TUNED_CONFIG_FOLDER), from the manifest.
-    moe_config_dir: str | None = None
-    #: What the plan cannot account for or the operator should act on, said before launch.
-    warnings: tuple[str, ...] = ()
-    #: Host CPUs one replica reserves (``host_cpus``): Ray's bundle and the chart's CPU request.
-    host_cpus: int = 0
-    #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it.
-    #: (ReplicaPlan stays flat: its numbers above are the same values, set from the same variables.)
-    budget: tuple[Term, ...] = ()
-
-    @property
-    def max_replicas(self) -> int:
-        return self.autoscale.max_replicas if self.autoscale else self.replicas
-
-    @property
-    def gpus_per_replica(self) -> int:
-        return 0 if self.accelerator == "cpu" else self.tensor_parallel_size
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["chat_template"] = str(self.chat_template)
-        out["gpus_per_replica"] = self.gpus_per_replica
-        return out
-
-
-@dataclass(frozen=True)
-class Autoscale:
-    """A model's autoscaling, resolved (the manifest's ``Autoscaling`` with its defaults filled in)."""
-
-    min_replicas: int
-    max_replicas: int
-    signal: str
-    target: float
-    """Per replica: waiting requests, KV-cache fraction, or seconds of p95 TTFT (target x SLO)."""
-    scale_up_window_seconds: float
-    scale_down_delay_seconds: float
-    idle_seconds_before_zero: float
-    hold_requests: int
-    hold_timeout_seconds: float
-    cold_start_seconds: float
-
-    def clamp(self, n: int) -> int:
-        return max(self.min_replicas, min(self.max_replicas, n))
-
-
-@dataclass(frozen=True)
-class FleetPlan:
-    models: list[ReplicaPlan]
-    gpus_per_node: int
-    router: Router = field(default_factory=Router)
-    metrics: Metrics = field(default_factory=Metrics)
-    manifest_dir: Path = field(default_factory=Path.cwd)
-    """Relative paths in the manifest (an API-key file) are relative to this."""
-    tenants: dict[str, Tenant] = field(default_factory=dict)
-
-    @property
-    def total_gpus(self) -> int:
-        return sum(m.gpus_per_replica * m.replicas for m in self.models)
-
-
-def _dtype_bytes(m: ResolvedModel) -> int:
-    return DTYPE_BYTES.get(m.dtype, 2)
+from codefleet.sizing import (
+    BLOCK_TOKENS,
+    LOGIT_BYTES,
+    RESERVE_FIXED_GIB,
+    GiB,
+    activation_bytes,
+    active_parameter_count,
+    budget_bytes,
+    host_cpus,
+    kv_bytes_per_token,
+    kv_heads_per_rank,
+    parameter_count,
+    reserve_bytes,
+    sampler_bytes,
+    valid_tp,
+    weight_bytes,
+)
 
 
 def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_tokens: int,
@@ -385,7 +97,7 @@ def plan_model(
     loaded_dir: Path | None = None,
 ) -> ReplicaPlan:
     s = m.shape
-    b = _dtype_bytes(m)
+    b = dtype_bytes(m)
     params = parameter_count(s)
     weights = weight_bytes(s, b, m.quant)
     accel = gpu_override or m.gpu
@@ -435,7 +147,7 @@ def plan_model(
         cpu_kv_tok = kv_bytes_per_token(s, b, tp)
         kv_bytes = int(m.cpu_kv_cache_gib * GiB)
         kv_tokens = kv_bytes // cpu_kv_tok
-        terms = [*_weight_terms(m, params, weights, b),
+        terms = [*weight_terms(m, params, weights, b),
                  Term("weights per rank", weights // tp, "bytes", f"weights / TP {tp}"),
                  Term("KV cache per rank", kv_bytes, "bytes",
                       f"cpu_kv_cache_gib {m.cpu_kv_cache_gib} (VLLM_CPU_KVCACHE_SPACE)"),
@@ -443,8 +155,8 @@ def plan_model(
                       f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x "
                       f"head_dim {s.head_dim} x {b} bytes"),
                  Term("KV tokens", kv_tokens, "count", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')"),
-                 *_tail_terms(m, kv_tokens, None, None),
-                 _cpu_term("cpu", tp)]
+                 *tail_terms(m, kv_tokens, None, None),
+                 cpu_term("cpu", tp)]
         return ReplicaPlan(
             **common,
             tensor_parallel_size=tp,
@@ -499,7 +211,7 @@ def plan_model(
     routed = max(1, s.experts_per_token) if s.is_moe else 1
     offload = f" - cpu_offload_gb {lim.cpu_offload_bytes / GiB:g}" if lim.cpu_offload_bytes else ""
     terms = [
-        *_weight_terms(m, params, weights, b),
+        *weight_terms(m, params, weights, b),
         Term("usable memory", gpu.usable_gib * GiB, "bytes",
              f"what CUDA reports on {gpu.name} (marketed {gpu.memory_gib:g} GB): {gpu.usable_source}"),
         Term("budget", budget, "bytes",
@@ -523,8 +235,8 @@ def plan_model(
              f"the smallest of {', '.join(map(str, valid_tp(s, group)))} that leaves KV room for max_model_len "
              f"{m.max_model_len} x min_concurrent_sequences {m.min_concurrent_sequences}"
              if spec.tensor_parallel_size is None else "set in the manifest"),
-        *_tail_terms(m, kv_tokens, estimate, lim.max_num_seqs),
-        _cpu_term(accel, tp),
+        *tail_terms(m, kv_tokens, estimate, lim.max_num_seqs),
+        cpu_term(accel, tp),
     ]
     return ReplicaPlan(
         **common,
@@ -549,33 +261,6 @@ def plan_model(
         warnings=(*notes, *([moe_warning] if moe_warning else [])),
     )
 
-
-def _weight_terms(m: ResolvedModel, params: int, weights: int, b: int) -> list[Term]:
-    s = m.shape
-    out = [Term("parameters", params, "count", "layers x (attention + MLP + norms) + embeddings (+ LM head unless "
-                                               "tied); planner.parameter_count")]
-    if m.quant:
-        linear = linear_parameter_count(s)
-        out.append(Term("weights", weights, "bytes",
-                        f"linear {linear:,} x {m.quant.linear_bytes_per_param():.4f} bytes ({m.quant.describe()}, "
-                        f"from {m.quant.source}) + the other {params - linear:,} x {b} bytes ({m.dtype})"))
-    else:
-        out.append(Term("weights", weights, "bytes", f"parameters x {b} bytes ({m.dtype})"))
-    return out
-
-
-def _tail_terms(m: ResolvedModel, kv_tokens: int, estimate: Estimate | None, max_num_seqs: int | None) -> list[Term]:
-    out = [Term("full-length seqs", kv_tokens / m.max_model_len, "ratio", f"KV tokens / max_model_len {m.max_model_len}")]
-    if estimate:
-        out.append(Term("batch ceiling", estimate.max_batch, "int",
-                        f"min(full-length seqs, max_num_seqs {max_num_seqs})"))
-    return out
-
-
-def _cpu_term(accel: str, tp: int) -> Term:
-    how = (f"TP {tp}: the ranks compute on the host" if accel == "cpu" else
-           f"{HOST_CPUS_BESIDES_WORKERS} (API server, engine core) + TP {tp} (one per GPU worker)")
-    return Term("host CPUs", host_cpus(accel, tp), "int", how + "; Ray's bundle and the chart's CPU request")
 
 
 def moe_kernel_config(m: ResolvedModel, gpu: Gpu, tp: int, manifest_dir: Path | None) -> tuple[
@@ -659,22 +344,3 @@ def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[s
     return errors
 
 
-def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
-    """The whole arithmetic of one model's plan, every term with its source (``plan --explain``):
-    the terms the plan recorded (``ReplicaPlan.budget``), none computed again here."""
-    s = m.shape
-    where = "catalog" if m.catalog else ("demo checkpoint" if m.demo else "config.json")
-    head = [f"{p.name} on {p.accelerator}: tensor_parallel_size {p.tensor_parallel_size}, {p.replicas} replica(s)",
-            f"shape ({where}: {p.source}): hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads / "
-            f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, MLP width {s.intermediate_size}"
-            + (f" x {s.num_experts} experts ({s.experts_per_token} routed)" if s.is_moe else "")
-            + f", vocab {s.vocab_size}"]
-    rows = [(t.name, t.shown, t.how) for t in p.budget]
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    lines = head + [f"  {n:<{width}}  {v:>{vwidth}}  {h}" for n, v, h in rows]
-    if p.moe_config:
-        lines.append(f"fused-MoE kernel config {p.moe_config}: "
-                     + (f"found ({p.moe_config_found})" if p.moe_config_found else "not found (see the warning)"))
-    lines += [f"warning: {w}" for w in p.warnings]
-    return "\n".join(lines)

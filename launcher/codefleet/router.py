@@ -28,7 +28,7 @@ from codefleet.errors import RuntimeStartError, SecretError
 from codefleet.frontend_config import FrontendSettings, frontend_settings
 from codefleet.gateway.config import DEFAULT_TENANT, DRAIN_S, UPSTREAM_KEY_ENV, GatewayConfig, Hold
 from codefleet.manifest import TENANT_NAME, ApiKeys, Metrics, Router, Tenant
-from codefleet.planner import FleetPlan
+from codefleet.plans import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
 
 Say = Callable[[str], None]

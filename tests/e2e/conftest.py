@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from codefleet.manifest import load
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan
 from codefleet.procs import group_alive
 from codefleet.runtime.local import LocalFleet
 

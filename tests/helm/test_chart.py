@@ -19,7 +19,8 @@ from codefleet.engine import VLLM_MODULE, engine_command
 from codefleet.errors import PlanError
 from codefleet.helm import ENGINE_PORT, helm_values
 from codefleet.manifest import load
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "codefleet"

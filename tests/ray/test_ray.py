@@ -64,7 +64,7 @@ def test_placement(tmp_path: Path) -> None:
     assert "cannot be placed" in out["fourth"]["strict_placement"]
     assert "without another replica of the model" in out["fourth"]["strict_placement"]
     assert "no Ray node can hold one replica" in out["tp8"]["error"]
-    assert out["bundle_codefuse"] == {"GPU": 2.0, "CPU": 4.0}  # planner.host_cpus: 2 + TP
+    assert out["bundle_codefuse"] == {"GPU": 2.0, "CPU": 4.0}  # sizing.host_cpus: 2 + TP
 
 
 def test_real_engine_in_ray_actors(tmp_path: Path) -> None:

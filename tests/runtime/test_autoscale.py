@@ -14,7 +14,8 @@ import pytest
 
 from benchmarks.autoscale import Registrations, Timeline, burst, ramp
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan
 from codefleet.runtime.local import LocalFleet
 
 pytestmark = pytest.mark.e2e

@@ -22,7 +22,8 @@ import pytest
 
 from benchmarks.rolling_update import rollout
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan
 from codefleet.procs import group_alive
 from codefleet.runtime import core
 from codefleet.runtime.local import LocalFleet

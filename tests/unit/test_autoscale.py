@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from codefleet.planner import Autoscale
+from codefleet.plans import Autoscale
 from codefleet.runtime.autoscale import Autoscaler, Sample, bucket_delta, engine_look, held_requests, histogram_quantile
 
 

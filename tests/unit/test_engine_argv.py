@@ -10,7 +10,8 @@ import pytest
 
 from codefleet.engine import MIDDLEWARE, VLLM_MODULE, cpu_binding, engine_command, engine_spec, flags_argv
 from codefleet.manifest import parse
-from codefleet.planner import ReplicaPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import ReplicaPlan
 
 CODEFUSE = "codefuse-ai/CodeFuse-CodeLlama-34B"
 

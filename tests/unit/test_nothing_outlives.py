@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from codefleet.cli import _pid_alive
+from codefleet.cli_fleet import _pid_alive
 from codefleet.procs import group_alive
 
 PARENT = """

@@ -9,7 +9,8 @@ import pytest
 
 from codefleet.errors import PlanError
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan
 from codefleet.runtime.changes import PlanDiff, diff_plans, follow
 from codefleet.runtime.replica import plan_generations
 

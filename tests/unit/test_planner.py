@@ -8,8 +8,9 @@ import pytest
 from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.manifest import parse
-from codefleet.planner import GiB, kv_bytes_per_token, parameter_count, plan_fleet
+from codefleet.planner import plan_fleet
 from codefleet.shapes import ModelShape
+from codefleet.sizing import GiB, kv_bytes_per_token, parameter_count
 
 GRANITE_CODE = "ibm-granite/granite-3b-code-instruct-128k"
 GRANITE_MOE = "ibm-granite/granite-3.0-1b-a400m-instruct"
@@ -18,7 +19,7 @@ STARCODER = "GeorgiaTechResearchInstitute/starcoder-gpteacher-code-instruct"
 CODEFUSE = "codefuse-ai/CodeFuse-CodeLlama-34B"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the demo fleet\'s trained model
 
-# Parameters counted by hand from each config.json (see planner.parameter_count's terms).
+# Parameters counted by hand from each config.json (see sizing.parameter_count's terms).
 PARAMETERS = {
     GRANITE_CODE: 3_482_503_680,
     GRANITE_MOE: 1_334_628_352,
@@ -206,7 +207,8 @@ def test_budget_terms_are_the_plans_numbers() -> None:
 def test_explain_shows_the_recorded_terms_and_computes_none() -> None:
     import dataclasses
 
-    from codefleet.planner import Term, explain
+    from codefleet.explain import explain
+    from codefleet.plans import Term
     from codefleet.resolve import resolve
 
     loaded, plan = _fleet_plan("h100-80gb")
@@ -222,7 +224,7 @@ def test_explain_shows_the_recorded_terms_and_computes_none() -> None:
 
 @pytest.mark.parametrize(("gpu", "tp", "cpus"), [("h100-80gb", 1, 3), ("h100-80gb", 2, 4), ("cpu", 2, 2)])
 def test_host_cpus_are_decided_by_the_plan(gpu: str, tp: int, cpus: int) -> None:
-    from codefleet.planner import host_cpus
+    from codefleet.sizing import host_cpus
     assert host_cpus(gpu, tp) == cpus
 
 

@@ -13,10 +13,13 @@ import pytest
 
 from codefleet.catalog import CATALOG
 from codefleet.errors import ManifestError, PlanError
+from codefleet.explain import explain
 from codefleet.gpus import GPUS
 from codefleet.manifest import parse
-from codefleet.planner import GiB, ReplicaPlan, explain, linear_parameter_count, parameter_count, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import ReplicaPlan
 from codefleet.resolve import resolve
+from codefleet.sizing import GiB, linear_parameter_count, parameter_count
 
 GRANITE_CODE = "ibm-granite/granite-3b-code-instruct-128k"
 GRANITE_MOE = "ibm-granite/granite-3.0-1b-a400m-instruct"
@@ -311,8 +314,8 @@ def test_activation_reserve_is_the_size_vllm_logs_for_an_8b_llama() -> None:
     """Published vLLM V1 logs on H100 (Llama-3-8B, bf16, max_num_batched_tokens 8192): "PyTorch
     activation peak memory takes 1.19GiB" .. "1.24GiB". The planner's activation + logits terms
     for that shape at vLLM's H100 defaults come within 5% of it."""
-    from codefleet.planner import activation_bytes, sampler_bytes
     from codefleet.shapes import ModelShape
+    from codefleet.sizing import activation_bytes, sampler_bytes
 
     llama8b = ModelShape("LlamaForCausalLM", hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                          num_kv_heads=8, head_dim=128, vocab_size=128256, max_position=8192, tie_word_embeddings=False)

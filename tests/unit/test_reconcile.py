@@ -10,7 +10,8 @@ import pytest
 
 from codefleet.errors import PlanError
 from codefleet.manifest import parse
-from codefleet.planner import FleetPlan, ReplicaPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.runtime import core
 from codefleet.runtime.backend import Seen
 from codefleet.runtime.core import Fleet

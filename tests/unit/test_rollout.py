@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from codefleet.manifest import parse
-from codefleet.planner import ReplicaPlan, plan_fleet
+from codefleet.planner import plan_fleet
+from codefleet.plans import ReplicaPlan
 from codefleet.runtime.replica import Replica, State
 from codefleet.runtime.rollout import Step, converge_step
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from codefleet.gateway import metrics as gateway_metrics
-from codefleet.planner import Autoscale
+from codefleet.plans import Autoscale
 from codefleet.status import EngineLook, engine_look
 
 __all__ = ["Autoscaler", "Decision", "EngineLook", "Sample", "engine_look"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from codefleet.planner import FleetPlan
+from codefleet.plans import FleetPlan
 from codefleet.router import Frontend
 from codefleet.runtime.replica import Replica
 

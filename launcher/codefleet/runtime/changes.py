@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from codefleet.errors import PlanError
-from codefleet.planner import FleetPlan, ReplicaPlan
+from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.runtime.autoscale import Autoscaler
 
 

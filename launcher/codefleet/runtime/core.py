@@ -15,7 +15,7 @@ from codefleet import demo_models
 from codefleet.errors import RuntimeStartError
 from codefleet.metrics import FleetMetrics
 from codefleet.observability import write_engine_targets
-from codefleet.planner import FleetPlan, ReplicaPlan
+from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.procs import tail
 from codefleet.router import Frontend
 from codefleet.runtime.autoscale import Autoscaler, Decision, EngineLook, engine_look, held_requests, sample_of

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from codefleet.engine import engine_command
-from codefleet.planner import FleetPlan
+from codefleet.plans import FleetPlan
 from codefleet.procs import free_port, group_alive, spawn, stop_group
 from codefleet.runtime.backend import Host, Say, Seen
 from codefleet.runtime.core import Fleet

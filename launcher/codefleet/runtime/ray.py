@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from codefleet import demo_models
 from codefleet.engine import engine_command
 from codefleet.errors import PlanError
-from codefleet.planner import FleetPlan, ReplicaPlan
+from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.runtime.backend import Host, Say, Seen
 from codefleet.runtime.core import Fleet
@@ -41,7 +41,7 @@ NODE_LABEL = "ray.io/node-id"
 
 
 def bundle(p: ReplicaPlan) -> dict[str, float]:
-    """One replica's resources, all on one node; its CPUs are the plan's (``planner.host_cpus``)."""
+    """One replica's resources, all on one node; its CPUs are the plan's (``sizing.host_cpus``)."""
     if p.accelerator == "cpu":
         return {"CPU": float(p.host_cpus)}
     return {"GPU": float(p.tensor_parallel_size), "CPU": float(p.host_cpus)}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from codefleet.engine import engine_spec
-from codefleet.planner import FleetPlan, ReplicaPlan
+from codefleet.plans import FleetPlan, ReplicaPlan
 
 
 class State(enum.Enum):
