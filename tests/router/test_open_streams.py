@@ -1,6 +1,6 @@
 """The endpoint holds 1,000 concurrent open streaming connections (fake upstream with slow tokens).
 
-Bounded: three waves of 1,000 streams of 30 s each; every stream must finish with [DONE], at least
+Bounded: three waves of 1,000 streams of 20 s each; every stream must finish with [DONE], at least
 995 of them open at the same time (see LATE_ALLOWED); the
 router's, gateway's and launcher's peak RSS stays within 256 KiB per open stream above their
 baseline in every wave, and the last wave costs no more than the one before it (no per-connection
@@ -21,12 +21,12 @@ import pytest
 
 from tests.router.conftest import KEY, start_fakes
 
-# three 30 s waves of 1,000 streams: slow
+# three 20 s waves of 1,000 streams: slow
 pytestmark = pytest.mark.e2e
 
 STREAMS = 1000
-TOKENS = 30
-TOKEN_DELAY_MS = 1000  # a 30 s stream: all 1,000 are open at once
+TOKENS = 20
+TOKEN_DELAY_MS = 1000  # a 20 s stream: all 1,000 are open at once
 # vllm-router 0.1.17 itself, now and then, holds one request of a burst of 1,000 streams until
 # another stream ends before it forwards it: traced with unique prompts and the fake's arrival times
 # (tests/router/trace_late_opens.py), request 889 of one wave sent straight to the router (no

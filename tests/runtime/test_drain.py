@@ -143,7 +143,7 @@ def test_scale_down_while_streaming_cuts_nothing(fleet: LocalFleet, tmp_path: Pa
     leaving = max(fleet.replicas, key=lambda r: r.index)
     assert leaving.proc is not None
     pgid = leaving.proc.pid
-    with streams(fleet, 8, LONG // 2) as running:
+    with streams(fleet, 8, LONG // 4) as running:
         busy_replica(fleet, leaving.name)  # the leaving replica has streams in flight
         t0 = time.monotonic()
         assert fleet.apply(plan(tmp_path, 1)) == [f"{MODEL}: 2 -> 1 replicas"]
@@ -182,7 +182,7 @@ def test_drain_budget_exceeded_ends_streams_with_an_error_event(fleet: LocalFlee
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget of 0 and no grace: SIGTERM and SIGKILL on the loop's next pass, while the streams run.
     monkeypatch.setattr(core, "KILL_GRACE_S", 0.0)
-    with streams(fleet, 16, LONG) as running:
+    with streams(fleet, 16, LONG // 4) as running:  # in flight at the kill; the survivors end sooner
         victim = busy_replica(fleet)
         fleet.drain(victim, budget=0.0)
         results = [f.result() for f in running]
@@ -198,7 +198,7 @@ def test_drain_budget_exceeded_ends_streams_with_an_error_event(fleet: LocalFlee
 
 
 def test_draining_stop_finishes_every_stream_and_refuses_new_requests(fleet: LocalFleet) -> None:
-    with streams(fleet, 16, LONG // 2) as running, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with streams(fleet, 16, LONG // 4) as running, concurrent.futures.ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         stopping = pool.submit(fleet.stop)  # what `codefleet down` and Ctrl-C do
         time.sleep(1.5)

@@ -76,10 +76,26 @@ def test_demo_manifest_serves_it_as_trained_chatml() -> None:
 
 
 def test_a_changed_conversion_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trained_model, "WEIGHTS_SHA256", "0" * 64)
-    with pytest.raises(trained_model.DemoModelError, match="converted weights' sha256"):
+    # The real conversion runs (and passes this check) whenever the demo models are built, e.g. by
+    # the e2e fleet of `make test`; here: other weights than the recipe's are refused, and nothing
+    # half-built is left behind.
+    def converted_differently(out: Path, say: object) -> None:
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights of another conversion")
+        trained_model.check_weights(out)
+
+    monkeypatch.setattr(trained_model, "build", converted_differently)
+    with pytest.raises(trained_model.DemoModelError, match="converted weights' sha256 is [0-9a-f]{64}, expected"):
         trained_model.ensure(tmp_path, say=lambda s: None)
-    assert not list(tmp_path.iterdir())  # nothing half-built is left
+    assert not list(tmp_path.iterdir())
+    assert not trained_model.model_dir(tmp_path).exists()
+
+
+def test_the_built_model_passes_the_check() -> None:
+    built = trained_model.model_dir(demo_models.cache_root())
+    if not (built / "config.json").exists():
+        pytest.skip("the trained demo model is not built yet (the e2e fleet builds it)")
+    trained_model.check_weights(built)
 
 
 def test_the_wheel_is_locked_with_its_hash() -> None:
