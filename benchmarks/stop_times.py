@@ -94,6 +94,7 @@ def one_stop(manifest: Path, method: str, streams: int, workdir: Path) -> dict[s
         model = next((n for n in names if "smollm2" in n), names[0])
         threads = _streams(str(state.endpoint), model, streams, ends)
         time.sleep(3)
+    log_at = (workdir / "up.log").stat().st_size
     t1 = time.monotonic()
     if method == "down":
         subprocess.run([sys.executable, "-m", "codefleet.cli", "down"], env=env, capture_output=True, timeout=600)
@@ -117,8 +118,11 @@ def one_stop(manifest: Path, method: str, streams: int, workdir: Path) -> dict[s
         os.killpg(g, signal.SIGKILL)
     print(f"  {method}: stopped in {stopped:.1f} s; streams {sorted(ends)}; left running: {left or 'nothing'}",
           flush=True)
+    with open(workdir / "up.log", "rb") as f:  # what the launcher said while it stopped
+        f.seek(log_at)
+        said = [line for line in f.read().decode(errors="replace").splitlines() if line.startswith("  ")][:80]
     return {"method": method, "stop_s": round(stopped, 2), "streams": ends, "left_running": left,
-            "exit_status": up.returncode}
+            "exit_status": up.returncode, "stop_log": said}
 
 
 def main(argv: list[str] | None = None) -> int:
