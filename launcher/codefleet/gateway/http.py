@@ -404,6 +404,7 @@ class Client(asyncio.Protocol):
         if rej is not None:
             self.refuse(rej)
             return
+        self.gw.reusable(self, False)  # a request is in progress from here (its key was accepted)
         encoding = req.header(b"transfer-encoding")
         if length or encoding is not None:
             self._arm("body", self.limits.body_timeout_s)
