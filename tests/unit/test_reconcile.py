@@ -28,6 +28,7 @@ class FakeBackend:
         self.launched: list[str] = []
         self.terminated: list[str] = []
         self.killed: list[str] = []
+        self.signalled: list[str] = []
         self.exit: dict[str, int] = {}
         self.healthy: set[str] = set()
 
@@ -52,6 +53,9 @@ class FakeBackend:
 
     def kill(self, r: Replica, grace: float) -> None:
         self.killed.append(r.name)
+
+    def signal_kill(self, r: Replica) -> None:
+        self.signalled.append(r.name)
 
     def close(self) -> None: ...
 
@@ -231,7 +235,34 @@ def test_drain_budget_spent_then_killed(fleet: tuple[Fleet, FakeBackend], monkey
     f._drain_step(r, term + core.KILL_GRACE_S - 1)
     assert not b.killed
     f._drain_step(r, term + core.KILL_GRACE_S + 0.1)
-    assert b.killed == ["m-1"] and r.state is State.STOPPED
+    assert b.signalled == ["m-1"] and not b.killed and r.state is State.DRAINING  # SIGKILL, not yet gone
+    f._drain_step(r, term + core.KILL_GRACE_S + 0.1 + core.KILL_WAIT_S + 0.1)
+    assert b.killed == ["m-1"] and r.state is State.STOPPED  # reaped and forgotten after the wait
+
+
+def test_late_engines_are_killed_together_not_one_by_one(fleet: tuple[Fleet, FakeBackend]) -> None:
+    # Two idle engines hung in their shutdown: both get SIGKILL in the same pass, and each is done
+    # with as soon as it is gone (a blocking kill per engine cost ~2 s each on this machine).
+    f, b = fleet
+    f.reconcile()
+    b.healthy |= {"m-0", "m-1"}
+    f.reconcile()
+    gone: set[str] = set()
+    b.stopped = lambda r: r.name in gone  # type: ignore[method-assign]
+    for r in f.replicas:
+        f.drain(r)
+    t0 = max(r.drain_started for r in f.replicas)
+    for r in list(f.replicas):
+        f._drain_step(r, t0 + core.ROUTER_QUIET_S + 0.1)  # idle: SIGTERM
+    assert sorted(b.terminated) == ["m-0", "m-1"] and all(r.terminated_idle for r in f.replicas)
+    late = t0 + core.ROUTER_QUIET_S + 0.1 + core.IDLE_STOP_GRACE_S + 0.1
+    for r in list(f.replicas):
+        f._drain_step(r, late)
+    assert sorted(b.signalled) == ["m-0", "m-1"] and not b.killed
+    gone |= {"m-0", "m-1"}
+    for r in list(f.replicas):
+        f._drain_step(r, late + 0.2)
+    assert sorted(b.killed) == ["m-0", "m-1"] and not f.replicas
 
 
 def test_apply_refuses_model_set_changes(fleet: tuple[Fleet, FakeBackend], tmp_path: Path) -> None:

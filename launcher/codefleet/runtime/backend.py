@@ -58,6 +58,10 @@ class Backend(Protocol):
     def kill(self, r: Replica, grace: float) -> None:
         """SIGTERM what is left of the engine, SIGKILL after ``grace`` seconds, free its resources."""
         ...
+    def signal_kill(self, r: Replica) -> None:
+        """SIGKILL what is left of the engine now, without waiting for it to be gone (``stopped``
+        says when): several late engines are killed in one pass, and exit together."""
+        ...
     def close(self) -> None: ...
     def node_of(self, r: Replica) -> str | None:
         """The node ``r`` runs on, to show; None when every engine is on this host."""

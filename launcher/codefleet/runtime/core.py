@@ -48,6 +48,9 @@ KILL_GRACE_S = 5.0
 #: after SIGTERM (measured 2026-12-03); six stopping at once on 2 cores take longer, and an idle
 #: engine has nothing to lose, so the grace is short.
 IDLE_STOP_GRACE_S = 5.0
+#: After SIGKILL, how long the loop waits for an engine's processes to be gone before it reaps
+#: and forgets it anyway (the kernel frees a GiB-sized address space in a second or two).
+KILL_WAIT_S = 5.0
 #: How often the autoscaler reads its models' engines and the gateway's held requests.
 AUTOSCALE_INTERVAL_S = 1.0
 
@@ -356,11 +359,20 @@ class Fleet:
             late = now >= r.terminated_at + IDLE_STOP_GRACE_S or self.abort_drain.is_set()
         else:
             late = now >= max(r.drain_deadline, r.terminated_at) + KILL_GRACE_S or self.abort_drain.is_set()
-        if self.backend.stopped(r) or late:
-            self.backend.kill(r, grace=0)  # it had SIGTERM and its grace already
+        stopped = self.backend.stopped(r)
+        if late and not stopped:
+            if r.killed_at is None:  # it had SIGTERM and its grace already; the others late now go too
+                self.backend.signal_kill(r)
+                r.killed_at = now
+                return
+            if now < r.killed_at + KILL_WAIT_S:
+                return
+        if stopped or late:
+            self.backend.kill(r, grace=0)  # reaps it (at once when it is gone) and frees its resources
             r.state = State.STOPPED
             self.replicas.remove(r)
-            self.say(f"  stop   {r.name} ({'killed' if late else 'drained'} in {now - r.drain_started:.1f} s)")
+            how = "drained" if r.killed_at is None and not late else "killed"
+            self.say(f"  stop   {r.name} ({how} in {now - r.drain_started:.1f} s)")
 
     def _idle(self, r: Replica) -> bool:
         """Nothing running or waiting in the engine (its own /metrics). An engine too busy to
@@ -460,10 +472,16 @@ class Fleet:
                         left = [r.name for r in self.replicas if r.state is State.DRAINING]
                         self.say(f"  [{last - t0:4.0f} s] draining: {', '.join(left)}")
                     time.sleep(0.2)
-            for r in self.replicas:  # not drained (stop now, or no frontend): SIGTERM all, then stop each
-                self.backend.terminate(r)
+            for r in self.replicas:  # not drained (stop now, or no frontend): SIGTERM all, 5 s for
+                self.backend.terminate(r)  # all of them together, SIGKILL what is left, then reap each
+            deadline = time.monotonic() + KILL_GRACE_S
+            while time.monotonic() < deadline and not all(self.backend.stopped(r) for r in self.replicas):
+                time.sleep(0.1)
+            for r in self.replicas:
+                if not self.backend.stopped(r):
+                    self.backend.signal_kill(r)
             for r in list(self.replicas):
-                self.backend.kill(r, grace=5)
+                self.backend.kill(r, grace=0)
             self.replicas.clear()
             if self.frontend is not None:
                 self.frontend.stop()

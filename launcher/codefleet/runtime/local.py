@@ -79,6 +79,13 @@ class LocalBackend:
             except subprocess.TimeoutExpired:
                 pass
 
+    def signal_kill(self, r: Replica) -> None:
+        if r.proc is not None:
+            try:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def close(self) -> None:
         pass
 

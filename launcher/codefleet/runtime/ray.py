@@ -219,6 +219,9 @@ class RayBackend:
         r.handle.pop("actor", None)
         r.handle.pop("pg", None)
 
+    def signal_kill(self, r: Replica) -> None:
+        self.kill(r, grace=0)  # the actor and its placement group go at once
+
     def close(self) -> None:
         pass
 

@@ -59,6 +59,8 @@ class Replica:
     terminated_at: float | None = None
     #: SIGTERM was sent once the engine was seen idle: it gets a short grace, not the drain budget.
     terminated_idle: bool = False
+    killed_at: float | None = None
+    """When what was left of its engine got SIGKILL (the loop then waits for it with the others)."""
 
     @property
     def name(self) -> str:
