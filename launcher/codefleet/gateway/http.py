@@ -165,11 +165,15 @@ class Client(asyncio.Protocol):
         self._arm("head", self.limits.header_timeout_s)
 
     def evict(self) -> None:
-        """Closed at the connection cap to admit a new connection (it had no request in progress)."""
+        """Closed at the connection cap to admit a new connection (it had no request in progress);
+        what it was still sending of an earlier answer is flushed first (the send timeout bounds it)."""
         if self.admitted:
             self.admitted = False
             self.gw.closed(self)
-        self.abort()
+        self._disarm()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -215,6 +219,11 @@ class Client(asyncio.Protocol):
             self._arm("body", self.limits.body_timeout_s)
             if self._chunked and not self._scan_chunks(data):
                 return
+            done = self._completed
+            self._feed(data)
+            if self._completed != done:
+                self._chunked = False  # a pipelined message's head in this read: its framing is not followed
+            return
         self._feed(data)
 
     def _body_in_time(self, arriving: int) -> bool:
@@ -258,19 +267,21 @@ class Client(asyncio.Protocol):
                 continue
             end = data.find(b"\n", i)
             line = self._chunk_line + (data[i:] if end < 0 else data[i:end])
+            if len(line) > 64:  # a long extension: leave the message to llhttp
+                self._chunked = False
+                return True
             if end < 0:
-                self._chunk_line = line[-64:]  # a size line is short; llhttp refuses a long one
+                self._chunk_line = line
                 return True
             self._chunk_line = b""
             i = end + 1
             text = line.split(b";", 1)[0].strip()
             if not text:
                 continue  # the CRLF after a chunk's data
-            try:
-                size = int(text, 16)
-            except ValueError:
-                self._chunked = False  # not a size line: leave it to llhttp
+            if len(text) > 16 or text.lstrip(b"0123456789abcdefABCDEF"):
+                self._chunked = False  # not a size line (int() would take "-4", "0x4", "4_0"): llhttp's to refuse
                 return True
+            size = int(text, 16)
             if size == 0:
                 self._chunked = False  # the last chunk: trailers follow
                 return True
@@ -500,7 +511,9 @@ class Client(asyncio.Protocol):
             self._linger()
             return
         self.busy = False
-        if not self.queue:
+        if self.closed:
+            return
+        if not self.queue and self._in_head:  # not while a pipelined request's body is arriving
             self.gw.reusable(self, True)
         if self._pending_continue and not self.queue:
             self._pending_continue = False

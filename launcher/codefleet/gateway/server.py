@@ -180,12 +180,14 @@ class Gateway:
     # -- http.Handler: connections -------------------------------------------------------------
 
     def opened(self, client: Client) -> bool:
-        if self.connections >= self.max_connections:
+        while self.connections >= self.max_connections:
             if not self.idle:
                 return False
             victim = next(iter(self.idle))
-            self.metrics.evicted.inc()
-            victim.evict()  # frees its slot now (closed() below)
+            del self.idle[victim]
+            if victim.admitted and not victim.closed:
+                self.metrics.evicted.inc()
+                victim.evict()  # frees its slot now (closed() below)
         self.connections += 1
         return True
 
@@ -195,7 +197,8 @@ class Gateway:
 
     def reusable(self, client: Client, idle: bool) -> None:
         if idle:
-            self.idle[client] = None
+            if client.admitted and not client.closed:
+                self.idle[client] = None
         else:
             self.idle.pop(client, None)
 

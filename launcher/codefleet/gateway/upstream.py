@@ -135,6 +135,7 @@ class Exchange:
 
     def start(self) -> None:
         if self.client.closed:
+            self.end()  # left while it waited (a tenant's slot is freed)
             return
         self.client.exchange = self
         conn = self.gw.pool.take()
