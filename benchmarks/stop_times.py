@@ -83,6 +83,11 @@ def one_stop(manifest: Path, method: str, streams: int, workdir: Path) -> dict[s
         if up.poll() is not None or time.monotonic() - t0 > 900:
             raise SystemExit(f"the fleet did not start; see {workdir / 'up.log'}")
         time.sleep(0.5)
+    # ... and has said so (after the demo's first question and answer): the fleet a user sees idle
+    while b"changes the running fleet" not in (workdir / "up.log").read_bytes():
+        if up.poll() is not None or time.monotonic() - t0 > 900:
+            raise SystemExit(f"the launcher did not report the fleet ready; see {workdir / 'up.log'}")
+        time.sleep(0.2)
     state = read_state(home / "run")
     if state is None:
         raise SystemExit(f"the fleet's state file went away; see {workdir / 'up.log'}")

@@ -26,20 +26,29 @@ from codefleet.runtime.local import LocalFleet
 from codefleet.runtime.state import read_state, remove_state, state_dir
 
 
-def _show_first_answer(url: str, plan: FleetPlan) -> None:
-    """A real question and answer through the endpoint, when the fleet serves a trained demo model."""
+def _show_first_answer(url: str, plan: FleetPlan, stop: threading.Event) -> None:
+    """A real question and answer through the endpoint, when the fleet serves a trained demo model.
+    Asked from a thread: Ctrl-C while the model answers stops the fleet at once, not after it."""
     from codefleet.smoke import FIRST_QUESTION, first_answer
 
     trained = [m.name for m in plan.models if m.demo and demo_models.is_trained(m.demo) and m.replicas]
     if not trained or plan.router.api_keys is not None:
         return
     print(f"\nasking {trained[0]} through the endpoint (greedy): {FIRST_QUESTION}", flush=True)
-    try:
-        answer = first_answer(url, trained[0])
-    except openai.APIError as exc:  # the fleet is up; a failed demo question must not stop it
-        print(f"  (no answer: {exc})")
-        return
-    print("\n".join("  | " + line for line in answer.splitlines()))
+    got: list[str] = []
+
+    def ask() -> None:
+        try:
+            got.append("\n".join("  | " + line for line in first_answer(url, trained[0]).splitlines()))
+        except openai.APIError as exc:  # the fleet is up; a failed demo question must not stop it
+            got.append(f"  (no answer: {exc})")
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    while asking.is_alive() and not stop.is_set():
+        asking.join(0.2)
+    if got:
+        print(got[0], flush=True)
 
 
 class _Signals:
@@ -107,9 +116,9 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"http://{m.host}:{fe.gateway_metrics_port}/metrics, router http://{m.host}:{fe.router_metrics_port}/metrics")
     if plan.router.api_keys is not None:
         print("API keys are on: send 'Authorization: Bearer <key>'.")
-    _show_first_answer(fleet.url, plan)
+    _show_first_answer(fleet.url, plan, signals.stop)
     print("\n`codefleet apply MANIFEST` changes the running fleet; Ctrl-C (or `codefleet down`) drains and stops it,\n"
-          "a second Ctrl-C (or `codefleet down --now`) stops at once.")
+          "a second Ctrl-C (or `codefleet down --now`) stops at once.", flush=True)
     try:
         while not signals.stop.wait(0.5):
             fleet.reconcile()
