@@ -62,7 +62,9 @@ def ready_replicas(f: Fakes) -> dict[str, Any]:
 
 
 def test_held_requests_go_when_a_replica_registers(fakes: Fakes) -> None:
-    # /v1/models says which models have no replica (what `codefleet smoke` skips rather than wakes)
+    # /v1/models says which models have no replica (what `codefleet smoke` skips rather than wakes),
+    # once the gateway has read the router's worker list (every 0.2 s until the router first answers)
+    wait_for(lambda: ready_replicas(fakes)["cold"] is not None, "the gateway's first look at the router", 10)
     assert ready_replicas(fakes)["cold"] == 0
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = []
