@@ -117,7 +117,8 @@ class Router(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     """Port of the endpoint; 0 picks a free one."""
     policy: RoutingPolicy = "cache_aware"
-    """vllm-router policy; cache_aware weighs both load and prefix reuse."""
+    """vllm-router policy. cache_aware weighs load and prefix reuse where the router gets token
+    ids; with vLLM 0.32's engines as started here it gets none and routes on load (docs/endpoint.md)."""
     api_keys: ApiKeys | None = None
     """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
     max_body_mib: int = Field(32, ge=1, le=1024)

@@ -62,11 +62,7 @@ class LocalBackend:
         return Seen(running=code is None, url=r.url, incarnation=r.proc.pid, exit_status=code)
 
     def terminate(self, r: Replica) -> None:
-        if r.proc is not None:
-            try:
-                os.killpg(r.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _signal_group(r, signal.SIGTERM)
 
     def stopped(self, r: Replica) -> bool:
         return r.proc is None or (r.proc.poll() is not None and not group_alive(r.proc.pid))
@@ -80,17 +76,22 @@ class LocalBackend:
                 pass
 
     def signal_kill(self, r: Replica) -> None:
-        if r.proc is not None:
-            try:
-                os.killpg(r.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal_group(r, signal.SIGKILL)
 
     def close(self) -> None:
         pass
 
     def node_of(self, r: Replica) -> str | None:
         return None  # every engine on this host
+
+
+def _signal_group(r: Replica, sig: signal.Signals) -> None:
+    """Signal the engine's whole process group (API server, engine core, workers)."""
+    if r.proc is not None:
+        try:
+            os.killpg(r.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 class LocalFleet(Fleet):
