@@ -77,13 +77,13 @@ def main() -> int:
     for m in plan.models:
         if args.models and m.name not in args.models:
             continue
-        if m.tensor_parallel_size > count:
-            print(f"{m.name}: TP {m.tensor_parallel_size} needs more than the {count} GPUs here; skipped")
+        if m.placement.tensor_parallel_size > count:
+            print(f"{m.name}: TP {m.placement.tensor_parallel_size} needs more than the {count} GPUs here; skipped")
             continue
         cmd = engine_command(m, host="127.0.0.1", port=free_port())
         argv = cmd.argv + ([] if args.real_weights else ["--load-format", "dummy"])
         log = Path(f"/tmp/gpu_kv_check-{m.name.replace('/', '_')}.log")
-        print(f"{m.name}: starting vLLM (TP {m.tensor_parallel_size}) ...", flush=True)
+        print(f"{m.name}: starting vLLM (TP {m.placement.tensor_parallel_size}) ...", flush=True)
         proc = spawn(argv, {**os.environ, **cmd.env}, log)
         try:
             tokens, available = logged_capacity(log, lambda p=proc: p.poll() is None, args.timeout)
@@ -92,9 +92,10 @@ def main() -> int:
         if tokens is None:
             print(f"{m.name}: vLLM gave no KV cache size; see {log}")
             continue
-        rows.append({"model": m.name, "gpu": args.gpu, "tp": m.tensor_parallel_size, "planner_kv_tokens": m.kv_tokens,
-                     "vllm_kv_tokens": tokens, "ratio": m.kv_tokens / tokens,
-                     "planner_kv_gib": round(m.kv_bytes_per_gpu / GiB, 2), "vllm_available_kv_gib": available,
+        rows.append({"model": m.name, "gpu": args.gpu, "tp": m.placement.tensor_parallel_size,
+                     "planner_kv_tokens": m.memory.kv_tokens,
+                     "vllm_kv_tokens": tokens, "ratio": m.memory.kv_tokens / tokens,
+                     "planner_kv_gib": round(m.memory.kv_bytes_per_gpu / GiB, 2), "vllm_available_kv_gib": available,
                      "weights": "real" if args.real_weights else "dummy"})
     print(f"\n{'model':<36} {'TP':>2} {'planner KV':>12} {'vLLM KV':>12} {'ratio':>7}")
     for r in rows:

@@ -75,7 +75,7 @@ def _with_fleet(manifest: Path, group: list[dict[str, Any]], bench: list[str], r
         fe = fleet.frontend
         assert fe is not None
         cores = sorted(os.sched_getaffinity(0))
-        if sum(m.tensor_parallel_size * m.replicas for m in plan.models) == 1 and len(cores) > 1:
+        if sum(m.placement.tensor_parallel_size * m.placement.replicas for m in plan.models) == 1 and len(cores) > 1:
             # One single-rank engine computes on core 0: keep the client, router and gateway off it
             # (as on a GPU host, where they do not share the engine's CPU).
             # this process itself (not its children: the engine is one, bound to its core by

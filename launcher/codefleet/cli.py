@@ -58,7 +58,8 @@ def cmd_helm_values(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output} ({plan.total_gpus} GPUs: "
-              + ", ".join(f"{m.name} {m.replicas}x TP{m.tensor_parallel_size}" for m in plan.models) + ")")
+              + ", ".join(f"{m.name} {m.placement.replicas}x TP{m.placement.tensor_parallel_size}"
+                          for m in plan.models) + ")")
     else:
         print(text, end="")
     return 0

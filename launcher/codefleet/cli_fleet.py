@@ -31,7 +31,7 @@ def _show_first_answer(url: str, plan: FleetPlan, stop: threading.Event) -> None
     Asked from a thread: Ctrl-C while the model answers stops the fleet at once, not after it."""
     from codefleet.smoke import FIRST_QUESTION, first_answer
 
-    trained = [m.name for m in plan.models if m.demo and demo_models.is_trained(m.demo) and m.replicas]
+    trained = [m.name for m in plan.models if m.demo and demo_models.is_trained(m.demo) and m.placement.replicas]
     if not trained or plan.router.api_keys is not None:
         return
     print(f"\nasking {trained[0]} through the endpoint (greedy): {FIRST_QUESTION}", flush=True)
@@ -99,7 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         fleet = LocalFleet(plan, enforce_eager=args.enforce_eager)
         where = f"(logs in {fleet.run_dir / 'logs'})"
     signals = _Signals(fleet)
-    print(f"starting {sum(m.replicas for m in plan.models)} engines {where} ...")
+    print(f"starting {sum(m.placement.replicas for m in plan.models)} engines {where} ...")
     try:
         fleet.start(timeout=args.timeout)
     except KeyboardInterrupt:

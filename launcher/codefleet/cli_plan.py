@@ -20,12 +20,12 @@ def plan_from_args(args: argparse.Namespace) -> FleetPlan:
 def cmd_validate(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     print(f"{args.manifest}: valid; {len(plan.models)} models, "
-          f"{sum(m.replicas for m in plan.models)} replicas")
+          f"{sum(m.placement.replicas for m in plan.models)} replicas")
     return 0
 
 
 def replicas(m: ReplicaPlan) -> str:
-    return f"{m.autoscale.min_replicas}-{m.autoscale.max_replicas}" if m.autoscale else str(m.replicas)
+    return f"{m.autoscale.min_replicas}-{m.autoscale.max_replicas}" if m.autoscale else str(m.placement.replicas)
 
 
 def format_plan(plan: FleetPlan) -> str:
@@ -36,22 +36,24 @@ def format_plan(plan: FleetPlan) -> str:
         est = m.estimate
         tps = (f"{est.decode_tokens_per_s_batch1:,.0f} | {est.decode_tokens_per_s_max_batch:,.0f} (b={est.max_batch})"
                if est else "n/a on cpu")
+        at, mem = m.placement, m.memory
         rows.append(
-            f"{m.name:<34} {m.accelerator:<10} {m.tensor_parallel_size:>2} {replicas(m):>5} {m.max_model_len:>7} "
-            f"{m.weight_bytes_per_gpu / GiB:>8.2f} {m.kv_bytes_per_gpu / GiB:>9.2f} {m.kv_tokens:>10,} "
-            f"{m.full_length_sequences:>9.1f} {m.drain_seconds:>7} {tps:>28}"
+            f"{m.name:<34} {at.accelerator:<10} {at.tensor_parallel_size:>2} {replicas(m):>5} {m.engine.max_model_len:>7} "
+            f"{mem.weight_bytes_per_gpu / GiB:>8.2f} {mem.kv_bytes_per_gpu / GiB:>9.2f} {mem.kv_tokens:>10,} "
+            f"{mem.full_length_sequences:>9.1f} {m.drain_seconds:>7} {tps:>28}"
         )
-    at_max = sum(m.gpus_per_replica * m.max_replicas for m in plan.models)
+    at_max = sum(m.placement.gpus_per_replica * m.max_replicas for m in plan.models)
     rows.append(f"GPUs: {plan.total_gpus} ({plan.gpus_per_node} per node)"
                 + (f", {at_max} at max_replicas" if at_max != plan.total_gpus else "")
                 + ". Decode figures are roofline upper bounds from memory bandwidth, full-length sequences.")
     if any(m.autoscale for m in plan.models):
         rows.append("repl: autoscaled models show min-max (start at the first number unless `replicas` is set).")
     for m in plan.models:
-        if m.accelerator != "cpu":
-            extra = [f"kv cache {m.kv_cache_dtype}"] if m.kv_cache_dtype != "auto" else []
-            extra += [f"weights {m.quantization}"] if m.quantization else []
-            rows.append(f"  {m.name}: max_num_seqs {m.max_num_seqs}, max_num_batched_tokens {m.max_num_batched_tokens}"
+        if m.placement.accelerator != "cpu":
+            e = m.engine
+            extra = [f"kv cache {e.kv_cache_dtype}"] if e.kv_cache_dtype != "auto" else []
+            extra += [f"weights {e.quantization}"] if e.quantization else []
+            rows.append(f"  {m.name}: max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}"
                         + "".join(f", {e}" for e in extra))
     rows += [f"warning: {w}" for m in plan.models for w in m.warnings]
     return "\n".join(rows)

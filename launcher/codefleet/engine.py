@@ -83,40 +83,44 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
     among the host's single-rank engines; they are bound to one core each, round robin, instead
     of vLLM's "auto", which puts every one of them on core 0.
     """
-    flags: dict[str, Any] = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "revision": plan.revision,
+    gen = plan.generation
+    flags: dict[str, Any] = {"dtype": plan.engine.dtype, "max_model_len": plan.engine.max_model_len,
+                             "revision": plan.revision,
                              # on SIGTERM vLLM finishes its requests for up to this long ("drain")
                              "shutdown_timeout": plan.drain_seconds}
     # Not --enable-scale-out, on purpose: with it vllm-router's cache_aware gets token ids from the
     # engine's render endpoints (vLLM 0.32 answers them 403 without it, and the router falls back to
     # matching prompt text) and then sends every conversation sharing a system prompt to one replica:
     # multi-turn TTFT p50 1.2 s instead of 0.15 s (benchmarks/scenarios/routing-policies/README.md).
-    if plan.accelerator != "cpu":
-        flags["gpu_memory_utilization"] = f"{plan.gpu_memory_utilization:g}"
-    if plan.sampling_defaults:
-        flags["override_generation_config"] = dict(sorted(plan.sampling_defaults.items()))
+    if plan.placement.accelerator != "cpu":
+        flags["gpu_memory_utilization"] = f"{plan.engine.gpu_memory_utilization:g}"
+    if gen.sampling_defaults:
+        flags["override_generation_config"] = dict(sorted(gen.sampling_defaults.items()))
     env: dict[str, str] = {}
-    if plan.stop_tokens or plan.stop_strings:
+    if gen.stop_tokens or gen.stop_strings:
         flags["middleware"] = MIDDLEWARE
-        env[DEFAULTS_ENV] = json.dumps({"stop_tokens": list(plan.stop_tokens), "stop": list(plan.stop_strings)})
+        env[DEFAULTS_ENV] = json.dumps({"stop_tokens": list(gen.stop_tokens), "stop": list(gen.stop_strings)})
     if enforce_eager and "enforce_eager" not in plan.engine_args:
         flags["enforce_eager"] = True
     flags.update(plan.engine_args)
-    if plan.accelerator == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
+    if plan.placement.accelerator == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.memory.cpu_kv_cache_gib)
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0, 1]
-        if plan.tensor_parallel_size > 1:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(plan.tensor_parallel_size, cores)
+        tp = plan.placement.tensor_parallel_size
+        if tp > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp, cores)
         elif cpu_slot is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[cpu_slot % len(cores)])
     if plan.demo is not None:
         env["HF_HUB_OFFLINE"] = "1"
-    if plan.moe_config_dir is not None:
-        env[MOE_CONFIG_ENV] = plan.moe_config_dir  # the chart mounts the folder's files elsewhere
+    if plan.moe.config_dir is not None:
+        env[MOE_CONFIG_ENV] = plan.moe.config_dir  # the chart mounts the folder's files elsewhere
     if loopback:
         env["VLLM_HOST_IP"] = "127.0.0.1"
     env.update(plan.env)
-    return EngineSpec(model=plan.model_ref, served_model_name=plan.name, tensor_parallel_size=plan.tensor_parallel_size,
-                      chat_template=plan.chat_template, flags=flags, env=env)
+    return EngineSpec(model=plan.model_ref, served_model_name=plan.name,
+                      tensor_parallel_size=plan.placement.tensor_parallel_size, chat_template=gen.chat_template,
+                      flags=flags, env=env)
 
 
 def engine_command(

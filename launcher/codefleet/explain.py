@@ -39,7 +39,8 @@ def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
     the terms the plan recorded (``ReplicaPlan.budget``), none computed again here."""
     s = m.shape
     where = "catalog" if m.catalog else ("demo checkpoint" if m.demo else "config.json")
-    head = [f"{p.name} on {p.accelerator}: tensor_parallel_size {p.tensor_parallel_size}, {p.replicas} replica(s)",
+    at = p.placement
+    head = [f"{p.name} on {at.accelerator}: tensor_parallel_size {at.tensor_parallel_size}, {at.replicas} replica(s)",
             f"shape ({where}: {p.source}): hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads / "
             f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, MLP width {s.intermediate_size}"
             + (f" x {s.num_experts} experts ({s.experts_per_token} routed)" if s.is_moe else "")
@@ -48,8 +49,8 @@ def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = head + [f"  {n:<{width}}  {v:>{vwidth}}  {h}" for n, v, h in rows]
-    if p.moe_config:
-        lines.append(f"fused-MoE kernel config {p.moe_config}: "
-                     + (f"found ({p.moe_config_found})" if p.moe_config_found else "not found (see the warning)"))
+    if p.moe.config:
+        lines.append(f"fused-MoE kernel config {p.moe.config}: "
+                     + (f"found ({p.moe.found})" if p.moe.found else "not found (see the warning)"))
     lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)

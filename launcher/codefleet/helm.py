@@ -52,23 +52,23 @@ def model_key(name: str) -> str:
 
 
 def startup_failure_threshold(p: ReplicaPlan) -> int:
-    seconds = STARTUP_FIXED_S + STARTUP_S_PER_GIB * p.weight_bytes / GiB
+    seconds = STARTUP_FIXED_S + STARTUP_S_PER_GIB * p.memory.weight_bytes / GiB
     return math.ceil(seconds / STARTUP_PERIOD_S)
 
 
 def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
-    if p.accelerator == "cpu":
+    if p.placement.accelerator == "cpu":
         raise PlanError(f"{p.name}: the chart serves GPU plans; plan with --gpu TYPE (one of {', '.join(GPU_PRODUCT)})")
     if p.demo is not None:
         raise PlanError(f"{p.name}: source {p.source} is a generated demo checkpoint that exists only on this "
                         f"machine; the chart needs a Hugging Face id or a path inside the image")
     spec = engine_spec(p, loopback=False)
-    weights_gib = p.weight_bytes_per_gpu / GiB
+    weights_gib = p.memory.weight_bytes_per_gpu / GiB
     env = dict(spec.env)
     moe_config: dict[str, str] = {}
-    if p.moe_config_dir is not None and p.moe_config and p.moe_config_found == p.moe_config_dir:
+    if p.moe.config_dir is not None and p.moe.config and p.moe.found == p.moe.config_dir:
         # the tuned kernel config travels in the values; the pod reads it from a ConfigMap
-        moe_config = {"file": p.moe_config, "json": (Path(p.moe_config_dir) / p.moe_config).read_text()}
+        moe_config = {"file": p.moe.config, "json": (Path(p.moe.config_dir) / p.moe.config).read_text()}
         env[MOE_CONFIG_ENV] = MOE_CONFIG_MOUNT
     else:
         env.pop(MOE_CONFIG_ENV, None)
@@ -76,7 +76,7 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         "name": p.name,
         "key": model_key(p.name),
         "model": spec.model,
-        "replicas": p.replicas,
+        "replicas": p.placement.replicas,
         "tensorParallelSize": spec.tensor_parallel_size,
         "drainSeconds": p.drain_seconds,
         "chatTemplate": spec.chat_template.name,
@@ -84,27 +84,27 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         "family": p.family,
         **({"revision": p.revision} if p.revision else {}),
         # a per-pod weight cache (modelCache.type perPod) is sized for the weights, with room to spare
-        "cacheGiB": math.ceil(p.weight_bytes / GiB * 1.2 + 10),
+        "cacheGiB": math.ceil(p.memory.weight_bytes / GiB * 1.2 + 10),
         "args": flags_argv(spec.flags),
         "env": dict(sorted(env.items())),
         **({"moeConfig": moe_config} if moe_config else {}),
         # CPUs: the plan's (sizing.host_cpus, what Ray reserves too). Host memory: the weights pass
         # through it while loading, plus the API server and tokenizer.
         "resources": {
-            "requests": {"cpu": str(p.host_cpus),
-                         "memory": f"{math.ceil(weights_gib * p.tensor_parallel_size + 16)}Gi"},
-            "limits": {"memory": f"{math.ceil(weights_gib * p.tensor_parallel_size * 1.5 + 32)}Gi"},
+            "requests": {"cpu": str(p.placement.host_cpus),
+                         "memory": f"{math.ceil(weights_gib * p.placement.tensor_parallel_size + 16)}Gi"},
+            "limits": {"memory": f"{math.ceil(weights_gib * p.placement.tensor_parallel_size * 1.5 + 32)}Gi"},
         },
-        "shmSize": f"{max(2, 2 * p.tensor_parallel_size)}Gi" if p.tensor_parallel_size > 1 else "1Gi",
-        "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.accelerator]},
+        "shmSize": f"{max(2, 2 * p.placement.tensor_parallel_size)}Gi" if p.placement.tensor_parallel_size > 1 else "1Gi",
+        "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.placement.accelerator]},
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
         **({"maxWaiting": front.shed[p.name]} if p.name in front.shed else {}),
         "plan": {
-            "gpu": p.accelerator,
+            "gpu": p.placement.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),
-            "kvCacheTokens": p.kv_tokens,
-            "fullLengthSequences": round(p.full_length_sequences, 1),
+            "kvCacheTokens": p.memory.kv_tokens,
+            "fullLengthSequences": round(p.memory.full_length_sequences, 1),
         },
     }
     return values
@@ -144,15 +144,15 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
         raise PlanError(f"model names map to the same Kubernetes name {dup[0]!r}; rename one of them")
     templates: dict[str, str] = {}
     for p in plan.models:
-        name = p.chat_template.name
-        if templates.setdefault(name, p.chat_template.read_text()) != p.chat_template.read_text():
+        name = p.generation.chat_template.name
+        if templates.setdefault(name, p.generation.chat_template.read_text()) != p.generation.chat_template.read_text():
             raise PlanError(f"two models use different chat templates named {name!r}; rename one of the files")
     values["chatTemplates"] = dict(sorted(templates.items()))
     return values
 
 
 def helm_values_yaml(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = API_KEYS_SECRET) -> str:
-    gpus = ", ".join(f"{m.name} {m.replicas}x{m.gpus_per_replica}" for m in plan.models)
+    gpus = ", ".join(f"{m.name} {m.placement.replicas}x{m.placement.gpus_per_replica}" for m in plan.models)
     head = (f"# Generated by `codefleet helm-values {loaded.file.name}` from the manifest and its plan.\n"
             f"# GPUs: {plan.total_gpus} in all ({gpus}).\n")
     if plan.router.api_keys is not None:

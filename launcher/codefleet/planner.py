@@ -35,7 +35,18 @@ from codefleet.explain import cpu_term, tail_terms, weight_terms
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
 from codefleet.limits import Limits, dtype_bytes, engine_limits
 from codefleet.manifest import LoadedManifest
-from codefleet.plans import Autoscale, Estimate, FleetPlan, ReplicaPlan, Term
+from codefleet.plans import (
+    Autoscale,
+    EngineLimits,
+    Estimate,
+    FleetPlan,
+    Generation,
+    Memory,
+    MoeKernel,
+    Placement,
+    ReplicaPlan,
+    Term,
+)
 from codefleet.resolve import ResolvedModel, resolve
 from codefleet.sizing import (
     BLOCK_TOKENS,
@@ -120,18 +131,8 @@ def plan_model(
         source=spec.source,
         model_ref=m.model_ref,
         family=m.family.name,
-        accelerator=accel,
-        dtype=m.dtype,
-        replicas=replicas,
-        max_model_len=m.max_model_len,
-        gpu_memory_utilization=m.gpu_memory_utilization,
-        chat_template=m.chat_template,
-        parameters=params,
-        weight_bytes=weights,
-        cpu_kv_cache_gib=m.cpu_kv_cache_gib,
-        sampling_defaults=_sampling_defaults(m),
-        stop_tokens=m.family.stop_tokens,
-        stop_strings=m.family.stop_strings,
+        generation=Generation(chat_template=m.chat_template, sampling_defaults=_sampling_defaults(m),
+                              stop_tokens=m.family.stop_tokens, stop_strings=m.family.stop_strings),
         engine_args=dict(spec.engine_args),
         env=dict(spec.env),
         revision=spec.revision,
@@ -139,9 +140,9 @@ def plan_model(
         drain_seconds=m.drain_seconds,
         autoscale=auto,
         max_waiting=spec.max_waiting,
-        quantization=m.quant.describe() if m.quant else None,
-        moe_config_dir=str(m.moe_config_dir) if m.moe_config_dir else None,
     )
+    quantization = m.quant.describe() if m.quant else None
+    moe_dir = str(m.moe_config_dir) if m.moe_config_dir else None
     if accel == "cpu":
         tp = spec.tensor_parallel_size or 1
         cpu_kv_tok = kv_bytes_per_token(s, b, tp)
@@ -159,17 +160,16 @@ def plan_model(
                  cpu_term("cpu", tp)]
         return ReplicaPlan(
             **common,
-            tensor_parallel_size=tp,
-            host_cpus=host_cpus("cpu", tp),
+            placement=Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=1,
+                                nodes=replicas, host_cpus=host_cpus("cpu", tp)),
+            memory=Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights // tp,
+                          kv_bytes_per_token_per_gpu=cpu_kv_tok, reserve_bytes_per_gpu=0, kv_bytes_per_gpu=kv_bytes,
+                          kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
+                          cpu_kv_cache_gib=m.cpu_kv_cache_gib),
+            engine=EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len,
+                                gpu_memory_utilization=m.gpu_memory_utilization, quantization=quantization),
+            moe=MoeKernel(config_dir=moe_dir),
             budget=tuple(terms),
-            weight_bytes_per_gpu=weights // tp,
-            kv_bytes_per_token_per_gpu=cpu_kv_tok,
-            reserve_bytes_per_gpu=0,
-            kv_bytes_per_gpu=kv_bytes,
-            kv_tokens=kv_tokens,
-            full_length_sequences=kv_tokens / m.max_model_len,
-            replicas_per_node=1,
-            nodes=replicas,
             estimate=None,
             warnings=tuple(notes),
         )
@@ -240,27 +240,20 @@ def plan_model(
     ]
     return ReplicaPlan(
         **common,
-        tensor_parallel_size=tp,
-        host_cpus=host_cpus(accel, tp),
+        placement=Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=per_node,
+                            nodes=math.ceil(replicas / per_node) if replicas else 0, host_cpus=host_cpus(accel, tp)),
+        memory=Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights_per_gpu,
+                      kv_bytes_per_token_per_gpu=kv_tok(tp), reserve_bytes_per_gpu=reserve(tp), kv_bytes_per_gpu=kv_bytes,
+                      kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
+                      gpu_usable_bytes=int(gpu.usable_gib * GiB), cpu_kv_cache_gib=m.cpu_kv_cache_gib),
+        engine=EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len, gpu_memory_utilization=m.gpu_memory_utilization,
+                            max_num_seqs=lim.max_num_seqs, max_num_batched_tokens=lim.max_num_batched_tokens,
+                            kv_cache_dtype=lim.kv_cache_dtype, quantization=quantization),
+        moe=MoeKernel(config=moe_name, found=moe_found, config_dir=moe_dir),
         budget=tuple(terms),
-        weight_bytes_per_gpu=weights_per_gpu,
-        kv_bytes_per_token_per_gpu=kv_tok(tp),
-        reserve_bytes_per_gpu=reserve(tp),
-        kv_bytes_per_gpu=kv_bytes,
-        kv_tokens=kv_tokens,
-        full_length_sequences=kv_tokens / m.max_model_len,
-        replicas_per_node=per_node,
-        nodes=math.ceil(replicas / per_node) if replicas else 0,
         estimate=estimate,
-        max_num_seqs=lim.max_num_seqs,
-        max_num_batched_tokens=lim.max_num_batched_tokens,
-        kv_cache_dtype=lim.kv_cache_dtype,
-        gpu_usable_bytes=int(gpu.usable_gib * GiB),
-        moe_config=moe_name,
-        moe_config_found=moe_found,
         warnings=(*notes, *([moe_warning] if moe_warning else [])),
     )
-
 
 
 def moe_kernel_config(m: ResolvedModel, gpu: Gpu, tp: int, manifest_dir: Path | None) -> tuple[
@@ -333,12 +326,13 @@ def _capacity_errors(loaded: LoadedManifest, plans: list[ReplicaPlan]) -> list[s
         if accel not in GPUS:
             errors.append(f"{loc}: {unknown_gpu_message(accel)}")
             continue
-        on = [p for p in plans if p.accelerator == accel]
-        need = sum(p.gpus_per_replica * p.max_replicas for p in on)
+        on = [p for p in plans if p.placement.accelerator == accel]
+        need = sum(p.placement.gpus_per_replica * p.max_replicas for p in on)
         if need > have:
-            terms = " + ".join(f"{p.name} {p.max_replicas} x TP{p.tensor_parallel_size}" for p in on)
-            worst = max(on, key=lambda p: p.gpus_per_replica * p.max_replicas)
-            fit = max(0, (have - need + worst.gpus_per_replica * worst.max_replicas) // worst.gpus_per_replica)
+            terms = " + ".join(f"{p.name} {p.max_replicas} x TP{p.placement.tensor_parallel_size}" for p in on)
+            worst = max(on, key=lambda p: p.placement.gpus_per_replica * p.max_replicas)
+            per = worst.placement.gpus_per_replica
+            fit = max(0, (have - need + per * worst.max_replicas) // per)
             errors.append(f"{loc}: at max_replicas the models on {accel} need {need} GPUs ({terms}) but capacity "
                           f"is {have}; e.g. {worst.name} fits at most {fit} replica(s) beside the others")
     return errors

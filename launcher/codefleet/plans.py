@@ -46,20 +46,28 @@ class Estimate:
 
 
 @dataclass(frozen=True)
-class ReplicaPlan:
-    """One model's plan; every replica of it is the same."""
+class Placement:
+    """Where a model's replicas run and how many there are."""
 
-    name: str
-    source: str
-    model_ref: str
-    family: str
     accelerator: str
-    dtype: str
+    """A GPU type of gpus.py, or ``cpu``."""
     tensor_parallel_size: int
+    #: The replica count; with ``ReplicaPlan.autoscale`` the starting count.
     replicas: int
-    max_model_len: int
-    gpu_memory_utilization: float
-    chat_template: Path
+    replicas_per_node: int
+    nodes: int
+    #: Host CPUs one replica reserves (``sizing.host_cpus``): Ray's bundle and the chart's CPU request.
+    host_cpus: int = 0
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return 0 if self.accelerator == "cpu" else self.tensor_parallel_size
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One replica's memory budget, per GPU (per rank on the CPU); ``ReplicaPlan.budget`` shows how each is made."""
+
     parameters: int
     weight_bytes: int
     weight_bytes_per_gpu: int
@@ -68,57 +76,87 @@ class ReplicaPlan:
     kv_bytes_per_gpu: int
     kv_tokens: int
     full_length_sequences: float
-    replicas_per_node: int
-    nodes: int
-    cpu_kv_cache_gib: int
-    estimate: Estimate | None
-    #: Sampling defaults for --override-generation-config.
-    sampling_defaults: dict[str, Any] = field(default_factory=dict)
-    stop_tokens: tuple[str, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    revision: str | None = None
-    demo: str | None = None
-    #: Drain budget (seconds) of a replica leaving service; vLLM's --shutdown-timeout.
-    drain_seconds: int = 120
-    #: None: ``replicas`` is fixed; else replicas follow load and ``replicas`` is the starting count.
-    autoscale: Autoscale | None = None
-    #: Overload shedding threshold (the engines' waiting requests); None: no shedding.
-    max_waiting: int | None = None
+    #: What CUDA reports as the GPU's memory (the base of gpu_memory_utilization), bytes; 0 on the CPU.
+    gpu_usable_bytes: int = 0
+    #: The CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE), GiB.
+    cpu_kv_cache_gib: int = 0
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine is told or assumed to run with: the weights' dtype and the scheduler's limits."""
+
+    dtype: str
+    max_model_len: int
+    gpu_memory_utilization: float
     #: The engine limits the plan assumed (the manifest's engine_args or vLLM's defaults for the GPU).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     kv_cache_dtype: str = "auto"
     #: e.g. "awq (4-bit, group 128; ...)"; None: the weights are in ``dtype``.
     quantization: str | None = None
-    #: What CUDA reports as the GPU's memory (the base of gpu_memory_utilization), bytes.
-    gpu_usable_bytes: int = 0
-    #: The fused-MoE kernel config vLLM looks for, and where it was found ("" : nowhere).
-    moe_config: str | None = None
-    moe_config_found: str = ""
-    #: A folder of tuned fused-MoE configs (VLLM_TUNED_CONFIG_FOLDER), from the manifest.
-    moe_config_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the model's answers are made: its chat template and the request defaults the engine applies."""
+
+    chat_template: Path
+    #: Sampling defaults for --override-generation-config.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    stop_tokens: tuple[str, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MoeKernel:
+    """The fused-MoE kernel config vLLM looks for (None: not an MoE, or none applies), where it was
+    found ("": nowhere), and the manifest's folder of tuned configs (VLLM_TUNED_CONFIG_FOLDER)."""
+
+    config: str | None = None
+    found: str = ""
+    config_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One model's plan; every replica of it is the same."""
+
+    name: str
+    source: str
+    model_ref: str
+    family: str
+    placement: Placement
+    memory: Memory
+    engine: EngineLimits
+    generation: Generation
+    moe: MoeKernel
+    estimate: Estimate | None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None
+    demo: str | None = None
+    #: Drain budget (seconds) of a replica leaving service; vLLM's --shutdown-timeout.
+    drain_seconds: int = 120
+    #: None: ``placement.replicas`` is fixed; else replicas follow load and that is the starting count.
+    autoscale: Autoscale | None = None
+    #: Overload shedding threshold (the engines' waiting requests); None: no shedding.
+    max_waiting: int | None = None
     #: What the plan cannot account for or the operator should act on, said before launch.
     warnings: tuple[str, ...] = ()
-    #: Host CPUs one replica reserves (``host_cpus``): Ray's bundle and the chart's CPU request.
-    host_cpus: int = 0
-    #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it.
-    #: (ReplicaPlan stays flat: its numbers above are the same values, set from the same variables.)
+    #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it;
+    #: the numbers of ``memory`` and ``placement`` are the same values, set from the same variables.
     budget: tuple[Term, ...] = ()
 
     @property
     def max_replicas(self) -> int:
-        return self.autoscale.max_replicas if self.autoscale else self.replicas
-
-    @property
-    def gpus_per_replica(self) -> int:
-        return 0 if self.accelerator == "cpu" else self.tensor_parallel_size
+        return self.autoscale.max_replicas if self.autoscale else self.placement.replicas
 
     def to_json(self) -> dict[str, Any]:
+        """The plan as ``codefleet plan --json`` prints it: the same nesting as the dataclasses."""
         out = asdict(self)
-        out["chat_template"] = str(self.chat_template)
-        out["gpus_per_replica"] = self.gpus_per_replica
+        out["generation"]["chat_template"] = str(self.generation.chat_template)
+        out["placement"]["gpus_per_replica"] = self.placement.gpus_per_replica
         return out
 
 
@@ -154,5 +192,5 @@ class FleetPlan:
 
     @property
     def total_gpus(self) -> int:
-        return sum(m.gpus_per_replica * m.replicas for m in self.models)
+        return sum(m.placement.gpus_per_replica * m.placement.replicas for m in self.models)
 

@@ -38,7 +38,7 @@ def replica(fleet: LocalFleet, model: str) -> Any:
 
 def test_fleet_shape(fleet: LocalFleet) -> None:
     assert sorted(fleet.endpoints()) == sorted(MODELS)
-    archs = {r.plan.family: r.plan.tensor_parallel_size for r in fleet.replicas}
+    archs = {r.plan.family: r.plan.placement.tensor_parallel_size for r in fleet.replicas}
     assert archs["codefuse"] == 2
 
 
@@ -101,7 +101,7 @@ def test_family_stop_token_ends_generation(fleet: LocalFleet, model: str) -> Non
     """Force each stop token of the family with logit_bias: the server must stop on it."""
     r = replica(fleet, model)
     tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
-    for token in r.plan.stop_tokens:
+    for token in r.plan.generation.stop_tokens:
         token_id = tokenizer.convert_tokens_to_ids(token)
         out = client(fleet, model).chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
@@ -142,7 +142,7 @@ def test_kv_capacity_matches_the_plan(fleet: LocalFleet, model: str) -> None:
     match = re.search(r"KV cache size: ([\d,]+) tokens", r.log.read_text())
     assert match, "vLLM did not log its KV cache size"
     reported = int(match.group(1).replace(",", ""))
-    assert reported == pytest.approx(r.plan.kv_tokens, rel=0.01)
+    assert reported == pytest.approx(r.plan.memory.kv_tokens, rel=0.01)
 
 
 def test_smoke_passes_on_the_demo_fleet(fleet: LocalFleet) -> None:

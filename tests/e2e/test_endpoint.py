@@ -110,9 +110,9 @@ def test_engines_refuse_requests_that_go_around_the_router(fleet: LocalFleet) ->
 def test_launcher_metrics(fleet: LocalFleet) -> None:
     m = scrape(f"http://127.0.0.1:{fleet.metrics_port}/metrics")
     for p in fleet.plan.models:
-        assert m[f'codefleet_replicas_desired{{model="{p.name}"}}'] == p.replicas
-        assert m[f'codefleet_replicas_ready{{model="{p.name}"}}'] == p.replicas
-        assert m[f'codefleet_router_registrations_total{{action="add",model="{p.name}"}}'] >= p.replicas
+        assert m[f'codefleet_replicas_desired{{model="{p.name}"}}'] == p.placement.replicas
+        assert m[f'codefleet_replicas_ready{{model="{p.name}"}}'] == p.placement.replicas
+        assert m[f'codefleet_router_registrations_total{{action="add",model="{p.name}"}}'] >= p.placement.replicas
     assert any(k.startswith("codefleet_replica_startup_seconds{") and v > 0 for k, v in m.items())
 
 

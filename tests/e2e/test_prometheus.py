@@ -123,7 +123,7 @@ def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-unt
 
 
 def test_every_target_up(prometheus: str, fleet: LocalFleet) -> None:
-    want = sum(p.replicas for p in fleet.plan.models) + 3  # engines + launcher, gateway, router
+    want = sum(p.placement.replicas for p in fleet.plan.models) + 3  # engines + launcher, gateway, router
 
     def missing() -> list[str]:
         targets = httpx.get(prometheus + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
@@ -134,7 +134,7 @@ def test_every_target_up(prometheus: str, fleet: LocalFleet) -> None:
     wait_until(missing, 60, "targets not all up")
     engines = query(prometheus, 'up{job="vllm"}')
     labels = {(str(s["metric"]["model"]), str(s["metric"]["replica"])) for s in engines}  # type: ignore[index]
-    assert labels == {(p.name, str(i)) for p in fleet.plan.models for i in range(p.replicas)}
+    assert labels == {(p.name, str(i)) for p in fleet.plan.models for i in range(p.placement.replicas)}
     assert all("node" in s["metric"] for s in engines)  # type: ignore[operator]
 
 
@@ -182,7 +182,7 @@ def test_status_shows_live_figures(fleet: LocalFleet, traffic: None, capsys: pyt
     for p in fleet.plan.models:
         line = next(ln for ln in out.splitlines() if ln.startswith(p.name + " "))
         ready, running, waiting, kv = line.split()[1:5]
-        assert ready == f"{p.replicas}/{p.replicas}", line
+        assert ready == f"{p.placement.replicas}/{p.placement.replicas}", line
         assert running.isdigit() and waiting.isdigit(), line
         assert kv.endswith("%"), line
 

@@ -135,7 +135,7 @@ def test_fleet_is_complete(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> Non
     services = by_kind(objs, "Service")
     for p in plan.models:
         d = deployed[p.name]
-        assert d["spec"]["replicas"] == p.replicas
+        assert d["spec"]["replicas"] == p.placement.replicas
         svc = services[d["metadata"]["name"]]
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
@@ -151,11 +151,11 @@ def test_gpus_equal_tensor_parallel_size(fleet: tuple[FleetPlan, list[dict[str, 
     deployed = engines(objs)
     for p in plan.models:
         (c,) = deployed[p.name]["spec"]["template"]["spec"]["containers"]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == p.tensor_parallel_size
-        assert c["resources"]["requests"]["nvidia.com/gpu"] == p.tensor_parallel_size
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == p.placement.tensor_parallel_size
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == p.placement.tensor_parallel_size
         args = c["args"]
-        assert args[args.index("--tensor-parallel-size") + 1] == str(p.tensor_parallel_size)
-    assert sum(p.tensor_parallel_size * p.replicas for p in plan.models) == plan.total_gpus
+        assert args[args.index("--tensor-parallel-size") + 1] == str(p.placement.tensor_parallel_size)
+    assert sum(p.placement.tensor_parallel_size * p.placement.replicas for p in plan.models) == plan.total_gpus
 
 
 def flag_groups(argv: list[str]) -> list[tuple[str, ...]]:
@@ -177,7 +177,7 @@ def test_engine_command_is_the_local_runners(fleet: tuple[FleetPlan, list[dict[s
         (c,) = deployed[p.name]["spec"]["template"]["spec"]["containers"]
         want = engine_command(p, host="0.0.0.0", port=ENGINE_PORT, python="python3")
         argv = want.argv[:]
-        argv[argv.index("--chat-template") + 1] = f"/etc/codefleet/chat-templates/{p.chat_template.name}"
+        argv[argv.index("--chat-template") + 1] = f"/etc/codefleet/chat-templates/{p.generation.chat_template.name}"
         assert c["command"] == argv[:3] == ["python3", "-m", VLLM_MODULE]
         assert flag_groups(c["args"]) == flag_groups(argv[3:])
         env = {e["name"]: e.get("value") for e in c["env"]}
@@ -195,7 +195,7 @@ def test_chat_template_mounted_and_passed(fleet: tuple[FleetPlan, list[dict[str,
         mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
         volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
         assert volume["configMap"]["name"] == cm["metadata"]["name"]
-        assert cm["data"][Path(path).name] == p.chat_template.read_text().rstrip("\n")
+        assert cm["data"][Path(path).name] == p.generation.chat_template.read_text().rstrip("\n")
 
 
 def test_probes_and_shm(fleet: tuple[FleetPlan, list[dict[str, Any]]]) -> None:

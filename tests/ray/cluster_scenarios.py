@@ -58,13 +58,13 @@ def placement() -> None:
             fleet = RayFleet(plan, address=c.address, strict_spread=strict, placement_timeout=5, say=say)
             placed: dict[str, list[dict[str, Any]]] = {}
             for p in plan.models[-2:]:  # starcoder (TP 1) and codefuse-34b (TP 2)
-                for i in range(p.replicas):
+                for i in range(p.placement.replicas):
                     pg = fleet.place_group(p, i)
                     table = ray.util.placement_group_table(pg)
                     placed.setdefault(p.name, []).append({"node": table["bundles_to_node_id"][0],
                                                           "bundle": table["bundles"][0]})
             out["models"]["strict" if strict else "spread"] = placed
-            out.setdefault("tp", {}).update({p.name: p.tensor_parallel_size for p in plan.models[-2:]})
+            out.setdefault("tp", {}).update({p.name: p.placement.tensor_parallel_size for p in plan.models[-2:]})
             # A third replica of codefuse-34b (TP 2): spread puts it on the third node; strict too.
             p = plan.models[-1]
             pg = fleet.place_group(p, 2)

@@ -63,7 +63,7 @@ def test_scenarios_are_complete(path: Path) -> None:
         build_parser().parse_args(argv)  # the bench arguments are valid
         if "manifest" in run:
             plan = plan_fleet(load(path.parent / run["manifest"]))
-            assert all(m.accelerator == "cpu" for m in plan.models)
+            assert all(m.placement.accelerator == "cpu" for m in plan.models)
         else:
             assert run["base_url_env"]
 
@@ -79,7 +79,7 @@ def _multiturn_scenario_is_complete(path: Path, spec: dict) -> None:
     for replicas in spec["replicas"]:
         text = manifest("round_robin", replicas, spec.get("max_model_len", 4096), spec.get("engine_args"))
         plan = plan_fleet(parse(text, path.parent / "fleet.yaml"))
-        assert all(m.accelerator == "cpu" for m in plan.models) and plan.models[0].replicas == replicas
+        assert all(m.placement.accelerator == "cpu" for m in plan.models) and plan.models[0].placement.replicas == replicas
     rows = json.loads((path.parent / "results" / "summary.json").read_text())
     measured = {(r["policy"], r["replicas"], r["workload"]) for r in rows}
     for policy in spec["policies"]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,9 @@ TP_CHOICES = {
 def test_tp_choice(tmp_path: Path, gpu: str, hf_id: str) -> None:
     plan = _plan(tmp_path, _one(hf_id), gpu=gpu)
     m = plan.models[0]
-    assert m.tensor_parallel_size == TP_CHOICES[gpu][hf_id]
-    assert m.kv_tokens >= m.max_model_len
-    assert m.gpus_per_replica == m.tensor_parallel_size
+    assert m.placement.tensor_parallel_size == TP_CHOICES[gpu][hf_id]
+    assert m.memory.kv_tokens >= m.engine.max_model_len
+    assert m.placement.gpus_per_replica == m.placement.tensor_parallel_size
     assert m.estimate is not None and m.estimate.decode_tokens_per_s_batch1 > 0
 
 
@@ -123,7 +124,7 @@ def test_codefuse_on_a100_40gb_at_tp1_names_the_fix(tmp_path: Path) -> None:
 
 def test_more_sequences_need_more_gpus(tmp_path: Path) -> None:
     plan = _plan(tmp_path, _one(CODEFUSE, "    min_concurrent_sequences: 8\n"), gpu="a100-40gb")
-    assert plan.models[0].tensor_parallel_size == 4
+    assert plan.models[0].placement.tensor_parallel_size == 4
 
 
 def test_impossible_everywhere(tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_impossible_everywhere(tmp_path: Path) -> None:
 def test_replicas_per_node_and_nodes(tmp_path: Path) -> None:
     plan = _plan(tmp_path, _one(CODEFUSE, "    min_concurrent_sequences: 8\n    replicas: 3\n"), gpu="a100-40gb")
     m = plan.models[0]
-    assert (m.replicas_per_node, m.nodes) == (2, 2)
+    assert (m.placement.replicas_per_node, m.placement.nodes) == (2, 2)
     assert plan.total_gpus == 12
 
 
@@ -144,18 +145,31 @@ def test_cpu_plan_kv_tokens(tmp_path: Path) -> None:
                  "    tensor_parallel_size: 2\n"))
     m = plan.models[0]
     # 2 layers * (2 KV heads / 2 ranks) * 64 * 2 (K,V) * 4 bytes = 1024 bytes per token per rank.
-    assert m.kv_bytes_per_token_per_gpu == 1024
-    assert m.kv_tokens == GiB // 1024
-    assert m.gpus_per_replica == 0
+    assert m.memory.kv_bytes_per_token_per_gpu == 1024
+    assert m.memory.kv_tokens == GiB // 1024
+    assert m.placement.gpus_per_replica == 0
+
+
+def test_plan_json_is_nested_by_concern(tmp_path: Path) -> None:
+    """``codefleet plan --json``: the plan's groups as objects, the chat template as a path string."""
+    m = _plan(tmp_path, "defaults: {gpu: cpu, cpu_kv_cache_gib: 1}\n" + _one("demo://codefuse")).models[0]
+    out = json.loads(json.dumps(m.to_json()))
+    assert {"placement", "memory", "engine", "generation", "moe", "estimate", "budget"} <= set(out)
+    assert out["placement"]["tensor_parallel_size"] == m.placement.tensor_parallel_size
+    assert out["placement"]["gpus_per_replica"] == 0
+    assert out["memory"]["kv_tokens"] == m.memory.kv_tokens
+    assert out["engine"]["max_model_len"] == m.engine.max_model_len
+    assert out["generation"]["chat_template"] == str(m.generation.chat_template)
+    assert "kv_tokens" not in out and "replicas" not in out  # no flat copies
 
 
 def test_autoscaled_model_starts_at_min_replicas_unless_replicas_is_set(tmp_path: Path) -> None:
     auto = "    autoscaling: {min_replicas: 0, max_replicas: 3, signal: ttft, target: 0.5}\n    ttft_slo_seconds: 4\n"
     p = _plan(tmp_path, _one(STABLE, auto)).models[0]
-    assert (p.replicas, p.max_replicas, p.nodes) == (0, 3, 0)
+    assert (p.placement.replicas, p.max_replicas, p.placement.nodes) == (0, 3, 0)
     assert p.autoscale is not None and p.autoscale.target == 2.0  # 0.5 of the 4 s SLO
     p = _plan(tmp_path, _one(STABLE, "    replicas: 2\n" + auto)).models[0]
-    assert p.replicas == 2
+    assert p.placement.replicas == 2
 
 
 def test_capacity_refuses_max_replicas_that_cannot_fit(tmp_path: Path) -> None:
@@ -192,14 +206,14 @@ def test_budget_terms_are_the_plans_numbers() -> None:
     _, plan = _fleet_plan("h100-80gb")
     for p in plan.models:
         t = {term.name: term.value for term in p.budget}
-        assert t["weights"] == p.weight_bytes and t["parameters"] == p.parameters
-        assert t["weights per GPU"] == p.weight_bytes_per_gpu
-        assert t["KV cache"] == p.kv_bytes_per_gpu and t["KV tokens"] == p.kv_tokens
-        assert t["KV bytes per token"] == p.kv_bytes_per_token_per_gpu
-        assert t["fixed reserve"] + t["activations"] + t["sampler logits"] == p.reserve_bytes_per_gpu
-        assert t["budget"] - t["weights per GPU"] - p.reserve_bytes_per_gpu == p.kv_bytes_per_gpu
-        assert t["TP choice"] == p.tensor_parallel_size and t["host CPUs"] == p.host_cpus
-        assert t["full-length seqs"] == p.full_length_sequences
+        assert t["weights"] == p.memory.weight_bytes and t["parameters"] == p.memory.parameters
+        assert t["weights per GPU"] == p.memory.weight_bytes_per_gpu
+        assert t["KV cache"] == p.memory.kv_bytes_per_gpu and t["KV tokens"] == p.memory.kv_tokens
+        assert t["KV bytes per token"] == p.memory.kv_bytes_per_token_per_gpu
+        assert t["fixed reserve"] + t["activations"] + t["sampler logits"] == p.memory.reserve_bytes_per_gpu
+        assert t["budget"] - t["weights per GPU"] - p.memory.reserve_bytes_per_gpu == p.memory.kv_bytes_per_gpu
+        assert t["TP choice"] == p.placement.tensor_parallel_size and t["host CPUs"] == p.placement.host_cpus
+        assert t["full-length seqs"] == p.memory.full_length_sequences
         assert t["batch ceiling"] == p.estimate.max_batch
         assert all(term.how for term in p.budget)
 
@@ -236,8 +250,8 @@ def test_ray_and_the_chart_reserve_the_plans_cpus() -> None:
     values = {m["name"]: m for m in helm_values(loaded, plan)["models"]}
     tps = set()
     for p in plan.models:
-        tps.add(p.tensor_parallel_size)
-        assert p.host_cpus == 2 + p.tensor_parallel_size
-        assert bundle(p)["CPU"] == p.host_cpus
-        assert values[p.name]["resources"]["requests"]["cpu"] == str(p.host_cpus)
+        tps.add(p.placement.tensor_parallel_size)
+        assert p.placement.host_cpus == 2 + p.placement.tensor_parallel_size
+        assert bundle(p)["CPU"] == p.placement.host_cpus
+        assert values[p.name]["resources"]["requests"]["cpu"] == str(p.placement.host_cpus)
     assert tps == {1, 2}

@@ -62,20 +62,20 @@ def test_budget_is_utilisation_of_what_cuda_reports(tmp_path: Path) -> None:
     weights = parameter_count(CATALOG[STABLE].shape) * 2
     s = CATALOG[STABLE].shape
     reserve = GiB + 2048 * (4 * s.hidden_size + 2 * s.intermediate_size) * 2 + 256 * s.vocab_size * 4
-    assert (p.max_num_batched_tokens, p.max_num_seqs) == (2048, 256)  # vLLM's A100 defaults
-    assert p.reserve_bytes_per_gpu == reserve
-    assert p.kv_bytes_per_gpu == budget - weights - reserve
-    assert p.kv_tokens == p.kv_bytes_per_gpu // (327_680 * 16) * 16  # whole blocks of 16 tokens
-    assert p.gpu_usable_bytes == int(39.49 * GiB)
+    assert (p.engine.max_num_batched_tokens, p.engine.max_num_seqs) == (2048, 256)  # vLLM's A100 defaults
+    assert p.memory.reserve_bytes_per_gpu == reserve
+    assert p.memory.kv_bytes_per_gpu == budget - weights - reserve
+    assert p.memory.kv_tokens == p.memory.kv_bytes_per_gpu // (327_680 * 16) * 16  # whole blocks of 16 tokens
+    assert p.memory.gpu_usable_bytes == int(39.49 * GiB)
 
 
 def test_h100_defaults_and_the_batch_ceiling(tmp_path: Path) -> None:
     (h100,) = plan(tmp_path, one(GRANITE_MOE), gpu="h100-80gb")
     (a100,) = plan(tmp_path, one(GRANITE_MOE), gpu="a100-80gb")
-    assert (h100.max_num_batched_tokens, h100.max_num_seqs) == (8192, 1024)
-    assert (a100.max_num_batched_tokens, a100.max_num_seqs) == (2048, 256)  # "a100" keeps the small ones
+    assert (h100.engine.max_num_batched_tokens, h100.engine.max_num_seqs) == (8192, 1024)
+    assert (a100.engine.max_num_batched_tokens, a100.engine.max_num_seqs) == (2048, 256)  # "a100" keeps the small ones
     assert a100.estimate is not None and a100.estimate.max_batch == 256  # the KV cache holds more
-    assert a100.full_length_sequences > 256
+    assert a100.memory.full_length_sequences > 256
 
 
 # -- engine args that change memory -------------------------------------------------------------
@@ -83,40 +83,40 @@ def test_h100_defaults_and_the_batch_ceiling(tmp_path: Path) -> None:
 def test_fp8_kv_cache_moves_granite_128k_to_one_a100_40gb(tmp_path: Path) -> None:
     (bf16,) = plan(tmp_path, one(GRANITE_CODE), gpu="a100-40gb")
     (fp8,) = plan(tmp_path, one(GRANITE_CODE, "engine_args: {kv_cache_dtype: fp8}"), gpu="a100-40gb")
-    assert bf16.tensor_parallel_size == 2 and fp8.tensor_parallel_size == 1
-    assert fp8.kv_bytes_per_token_per_gpu == 2 * 32 * 32 * 80 * 1 == 163_840
-    assert fp8.kv_cache_dtype == "fp8"
+    assert bf16.placement.tensor_parallel_size == 2 and fp8.placement.tensor_parallel_size == 1
+    assert fp8.memory.kv_bytes_per_token_per_gpu == 2 * 32 * 32 * 80 * 1 == 163_840
+    assert fp8.engine.kv_cache_dtype == "fp8"
 
 
 def test_max_num_batched_tokens_moves_the_reserve(tmp_path: Path) -> None:
     (base,) = plan(tmp_path, one(CODEFUSE, "max_model_len: 16384"), gpu="h100-80gb")
     (big,) = plan(tmp_path, one(CODEFUSE, "max_model_len: 16384\nengine_args: {max_num_batched_tokens: 65536}"),
                   gpu="h100-80gb")
-    assert (base.tensor_parallel_size, big.tensor_parallel_size) == (1, 2)  # the plan moves
+    assert (base.placement.tensor_parallel_size, big.placement.tensor_parallel_size) == (1, 2)  # the plan moves
     s = CATALOG[CODEFUSE].shape
     at_tp2 = "max_model_len: 16384\ntensor_parallel_size: 2"
     (base,) = plan(tmp_path, one(CODEFUSE, at_tp2), gpu="h100-80gb")
     (big,) = plan(tmp_path, one(CODEFUSE, at_tp2 + "\nengine_args: {max_num_batched_tokens: 65536}"),
                   gpu="h100-80gb")
     per_token = (4 * s.hidden_size + 2 * s.intermediate_size // 2) * 2
-    assert big.reserve_bytes_per_gpu - base.reserve_bytes_per_gpu == (65536 - 8192) * per_token
-    assert base.kv_bytes_per_gpu - big.kv_bytes_per_gpu == (65536 - 8192) * per_token
-    assert big.max_num_batched_tokens == 65536
+    assert big.memory.reserve_bytes_per_gpu - base.memory.reserve_bytes_per_gpu == (65536 - 8192) * per_token
+    assert base.memory.kv_bytes_per_gpu - big.memory.kv_bytes_per_gpu == (65536 - 8192) * per_token
+    assert big.engine.max_num_batched_tokens == 65536
 
 
 def test_max_num_seqs_moves_the_logits_reserve_and_caps_the_batch(tmp_path: Path) -> None:
     (base,) = plan(tmp_path, one(GRANITE_MOE), gpu="h100-80gb")
     (few,) = plan(tmp_path, one(GRANITE_MOE, "engine_args: {max-num-seqs: 64}"), gpu="h100-80gb")
     vocab = CATALOG[GRANITE_MOE].shape.vocab_size
-    assert base.reserve_bytes_per_gpu - few.reserve_bytes_per_gpu == (1024 - 64) * vocab * 4
-    assert few.estimate is not None and few.estimate.max_batch == 64 and few.max_num_seqs == 64
+    assert base.memory.reserve_bytes_per_gpu - few.memory.reserve_bytes_per_gpu == (1024 - 64) * vocab * 4
+    assert few.estimate is not None and few.estimate.max_batch == 64 and few.engine.max_num_seqs == 64
 
 
 def test_cpu_offload_frees_that_much_per_gpu(tmp_path: Path) -> None:
     (base,) = plan(tmp_path, one(STARCODER), gpu="a100-40gb")
     (off,) = plan(tmp_path, one(STARCODER, "engine_args: {cpu_offload_gb: 10}"), gpu="a100-40gb")
-    assert base.weight_bytes_per_gpu - off.weight_bytes_per_gpu == 10 * GiB
-    assert off.kv_bytes_per_gpu - base.kv_bytes_per_gpu == 10 * GiB
+    assert base.memory.weight_bytes_per_gpu - off.memory.weight_bytes_per_gpu == 10 * GiB
+    assert off.memory.kv_bytes_per_gpu - base.memory.kv_bytes_per_gpu == 10 * GiB
 
 
 def local_model(tmp_path: Path, name: str, **config: Any) -> str:
@@ -140,12 +140,12 @@ def test_awq_checkpoint_is_planned_at_its_bits(tmp_path: Path) -> None:
     (p16,) = plan(tmp_path, one(src16, "family: codefuse"), gpu="a100-40gb")
     params = 6_738_415_616  # Llama-2-7B, counted the same way as the seed models
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
-    assert p16.weight_bytes == params * 2
-    assert p.weight_bytes == math.ceil(linear * (0.5 + 2.5 / 128)) + (params - linear) * 2
-    assert p.quantization is not None and p.quantization.startswith("awq (4-bit, group 128")
+    assert p16.memory.weight_bytes == params * 2
+    assert p.memory.weight_bytes == math.ceil(linear * (0.5 + 2.5 / 128)) + (params - linear) * 2
+    assert p.engine.quantization is not None and p.engine.quantization.startswith("awq (4-bit, group 128")
     # the same through engine_args on an unquantized config is the same count
     (q,) = plan(tmp_path, one(src16, "family: codefuse\nengine_args: {quantization: awq}"), gpu="a100-40gb")
-    assert q.weight_bytes == p.weight_bytes
+    assert q.memory.weight_bytes == p.memory.weight_bytes
 
 
 def test_fp8_weights_and_an_unknown_method(tmp_path: Path) -> None:
@@ -153,10 +153,10 @@ def test_fp8_weights_and_an_unknown_method(tmp_path: Path) -> None:
     (p,) = plan(tmp_path, one(src, "family: codefuse"), gpu="h100-80gb")
     s = resolve(parse(f"version: 1\nmodels:\n{one(src, 'family: codefuse')}", tmp_path / "m.yaml"))[0].shape
     linear = linear_parameter_count(s)
-    assert p.weight_bytes == linear * 1 + (parameter_count(s) - linear) * 2
+    assert p.memory.weight_bytes == linear * 1 + (parameter_count(s) - linear) * 2
     src = local_model(tmp_path, "llama-odd", **LLAMA_7B, quantization_config={"quant_method": "hqq"})
     (p,) = plan(tmp_path, one(src, "family: codefuse"), gpu="h100-80gb")
-    assert p.weight_bytes == parameter_count(s) * 2
+    assert p.memory.weight_bytes == parameter_count(s) * 2
     assert any("quantization 'hqq'" in w and "overstates" in w for w in p.warnings)
 
 
@@ -172,7 +172,7 @@ def test_mlp_width_not_divisible_by_tp_is_refused_with_the_valid_values(tmp_path
     assert "valid values: 1, 2, 4, 8, 16" not in msg
     # unset, the planner only picks valid sizes
     (p,) = plan(tmp_path, one(src, "family: codefuse"), gpu="h100-80gb")
-    assert 11000 % p.tensor_parallel_size == 0
+    assert 11000 % p.placement.tensor_parallel_size == 0
 
 
 def test_quantization_groups_must_split_evenly(tmp_path: Path) -> None:
@@ -204,15 +204,15 @@ def test_replicas_zero_and_unknown_gpu_are_said(tmp_path: Path) -> None:
 
 def test_granite_moe_warns_without_a_tuned_config(tmp_path: Path) -> None:
     (p,) = plan(tmp_path, one(GRANITE_MOE), gpu="h100-80gb")
-    assert p.moe_config == "E=32,N=512,device_name=NVIDIA_H100_80GB_HBM3.json" and p.moe_config_found == ""
+    assert p.moe.config == "E=32,N=512,device_name=NVIDIA_H100_80GB_HBM3.json" and p.moe.found == ""
     (w,) = [w for w in p.warnings if "fused-MoE" in w]
     assert "vLLM ships no tuned fused-MoE config E=32,N=512,device_name=NVIDIA_H100_80GB_HBM3.json" in w
     assert ("python benchmarks/kernels/benchmark_moe.py --model ibm-granite/granite-3.0-1b-a400m-instruct "
             "--tp-size 1 --dtype auto --tune") in w
     (tp2,) = plan(tmp_path, one(GRANITE_MOE, "tensor_parallel_size: 2"), gpu="a100-80gb")
-    assert tp2.moe_config == "E=32,N=256,device_name=NVIDIA_A100-SXM4-80GB.json"  # N: the width per rank
+    assert tp2.moe.config == "E=32,N=256,device_name=NVIDIA_A100-SXM4-80GB.json"  # N: the width per rank
     (dense,) = plan(tmp_path, one(STABLE), gpu="h100-80gb")
-    assert dense.moe_config is None and not dense.warnings
+    assert dense.moe.config is None and not dense.warnings
 
 
 def test_a_shipped_config_means_no_warning(tmp_path: Path) -> None:
@@ -226,8 +226,8 @@ def test_a_shipped_config_means_no_warning(tmp_path: Path) -> None:
                       num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=4096,
                       tie_word_embeddings=False, torch_dtype="bfloat16")
     (p,) = plan(tmp_path, one(src, "family: granite"), gpu="h200-141gb")
-    assert p.moe_config == "E=8,N=14336,device_name=NVIDIA_H200.json"
-    assert p.moe_config_found == "shipped with vLLM" and not p.warnings
+    assert p.moe.config == "E=8,N=14336,device_name=NVIDIA_H200.json"
+    assert p.moe.found == "shipped with vLLM" and not p.warnings
 
 
 def test_a_tuned_config_folder_silences_the_warning_and_reaches_every_runtime(tmp_path: Path) -> None:
@@ -242,7 +242,7 @@ def test_a_tuned_config_folder_silences_the_warning_and_reaches_every_runtime(tm
     loaded = parse(text, tmp_path / "m.yaml")
     fleet = plan_fleet(loaded, gpu="h100-80gb")
     moe, dense = fleet.models
-    assert moe.moe_config_found == str(tuned) and not moe.warnings
+    assert moe.moe.found == str(tuned) and not moe.warnings
     # local and Ray engines: vLLM's variable, pointing at the folder
     assert engine_spec(moe, loopback=True).env["VLLM_TUNED_CONFIG_FOLDER"] == str(tuned)
     assert "VLLM_TUNED_CONFIG_FOLDER" not in engine_spec(dense, loopback=True).env
@@ -267,7 +267,7 @@ def test_explain_shows_every_term_and_they_add_up(tmp_path: Path) -> None:
     for term in ("usable memory", "79.11 GiB", "budget", "ceil(usable x gpu_memory_utilization 0.90)",
                  "weights per GPU", "fixed reserve", "activations", "max_num_batched_tokens 8192 (vLLM's default "
                  "on h100-80gb)", "sampler logits", "max_num_seqs 1024", "KV cache", "KV bytes per token",
-                 "kv_cache_dtype auto: the model's bfloat16", f"{p.kv_tokens:,}", "TP choice",
+                 "kv_cache_dtype auto: the model's bfloat16", f"{p.memory.kv_tokens:,}", "TP choice",
                  "E=32,N=512,device_name=NVIDIA_H100_80GB_HBM3.json: not found", "warning:"):
         assert term in text, term
     gib = {line.split()[0]: float(line.split("GiB")[0].split()[-1]) for line in text.splitlines()
@@ -306,8 +306,8 @@ def vllm_formula_kv_tokens(hf_id: str, gpu: str, tp: int) -> int:
 @pytest.mark.parametrize("hf_id", list(CONFIGS))
 def test_kv_capacity_within_2_percent_of_vllms_formula(tmp_path: Path, gpu: str, hf_id: str) -> None:
     (p,) = plan(tmp_path, one(hf_id, "max_model_len: 4096"), gpu=gpu)
-    independent = vllm_formula_kv_tokens(hf_id, gpu, p.tensor_parallel_size)
-    assert p.kv_tokens == pytest.approx(independent, rel=0.02), (p.kv_tokens, independent)
+    independent = vllm_formula_kv_tokens(hf_id, gpu, p.placement.tensor_parallel_size)
+    assert p.memory.kv_tokens == pytest.approx(independent, rel=0.02), (p.memory.kv_tokens, independent)
 
 
 def test_activation_reserve_is_the_size_vllm_logs_for_an_8b_llama() -> None:

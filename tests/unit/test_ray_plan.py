@@ -26,7 +26,7 @@ def plans():  # type: ignore[no-untyped-def]
 
 def test_bundle_is_the_planned_tensor_parallel_size(plans) -> None:  # type: ignore[no-untyped-def]
     for p in plans.values():
-        assert bundle(p) == {"GPU": float(p.tensor_parallel_size), "CPU": float(p.host_cpus)}
+        assert bundle(p) == {"GPU": float(p.placement.tensor_parallel_size), "CPU": float(p.placement.host_cpus)}
     assert bundle(plans["codefuse-codellama-34b"])["GPU"] == 2
 
 

@@ -23,7 +23,7 @@ class ModelChange:
 
     @property
     def replicas_changed(self) -> bool:
-        return self.old.replicas != self.new.replicas
+        return self.old.placement.replicas != self.new.placement.replicas
 
     @property
     def autoscale_changed(self) -> bool:
@@ -78,19 +78,19 @@ def follow(diff: PlanDiff, desired: Mapping[str, int], autoscalers: Mapping[str,
     changes: list[str] = []
     for c in diff.models:
         old, m = c.old, c.new
-        before = desired.get(old.name, old.replicas)
+        before = desired.get(old.name, old.placement.replicas)
         if m.autoscale is None:
             out_autoscalers.pop(m.name, None)
-            out_desired[m.name] = m.replicas
+            out_desired[m.name] = m.placement.replicas
         elif c.autoscale_changed or m.name not in out_autoscalers:
-            start = m.replicas if c.replicas_changed else before
+            start = m.placement.replicas if c.replicas_changed else before
             out_autoscalers[m.name] = Autoscaler(m.autoscale, start, now)
             out_desired[m.name] = out_autoscalers[m.name].desired
             a = m.autoscale
             changes.append(f"{m.name}: autoscaling {a.min_replicas}..{a.max_replicas} on {a.signal} "
                            f"(target {a.target:g}); now {out_desired[m.name]}")
         elif c.replicas_changed:
-            out_autoscalers[m.name].set(m.replicas, now)
+            out_autoscalers[m.name].set(m.placement.replicas, now)
             out_desired[m.name] = out_autoscalers[m.name].desired
         if c.replace:
             changes.append(f"{m.name}: rolling replace of {before} replica(s) (then {out_desired[m.name]})")

@@ -100,12 +100,12 @@ class Fleet:
             self.python = sys.executable
         now = time.monotonic()
         for p in self.plan.models:
-            self.desired[p.name] = p.replicas
+            self.desired[p.name] = p.placement.replicas
             if p.autoscale is not None:
-                self.autoscalers[p.name] = Autoscaler(p.autoscale, p.replicas, now)
+                self.autoscalers[p.name] = Autoscaler(p.autoscale, p.placement.replicas, now)
 
     def want(self, p: ReplicaPlan) -> int:
-        return self.desired.get(p.name, p.replicas)
+        return self.desired.get(p.name, p.placement.replicas)
 
     def generations(self) -> dict[str, str]:
         """Each model's generation in the current plan, computed once per plan."""

@@ -32,7 +32,7 @@ class LocalBackend:
 
     def launch(self, fleet: Host, r: Replica) -> None:
         # Single-rank CPU engines are bound one core each, round robin over the live ones.
-        single = [x for x in fleet.replicas if x.plan.tensor_parallel_size == 1 and x.live]
+        single = [x for x in fleet.replicas if x.plan.placement.tensor_parallel_size == 1 and x.live]
         slot = single.index(r) if r in single else None
         port = free_port(self.host)
         cmd = engine_command(r.plan, host=self.host, port=port, python=fleet.python,

@@ -42,9 +42,9 @@ NODE_LABEL = "ray.io/node-id"
 
 def bundle(p: ReplicaPlan) -> dict[str, float]:
     """One replica's resources, all on one node; its CPUs are the plan's (``sizing.host_cpus``)."""
-    if p.accelerator == "cpu":
-        return {"CPU": float(p.host_cpus)}
-    return {"GPU": float(p.tensor_parallel_size), "CPU": float(p.host_cpus)}
+    if p.placement.accelerator == "cpu":
+        return {"CPU": float(p.placement.host_cpus)}
+    return {"GPU": float(p.placement.tensor_parallel_size), "CPU": float(p.placement.host_cpus)}
 
 
 def fits(node: dict[str, Any], need: dict[str, float]) -> bool:
@@ -61,7 +61,8 @@ def check_feasible(p: ReplicaPlan, replicas: int, strict: bool, nodes: list[dict
     if not ok:
         biggest = max((n.get("Resources", {}).get("GPU" if "GPU" in need else "CPU", 0) for n in alive), default=0)
         raise PlanError(f"{p.name}: no Ray node can hold one replica ({wanted} on one node; tensor_parallel_size "
-                        f"{p.tensor_parallel_size} needs its GPUs on a single node); the largest node has {biggest:g}")
+                        f"{p.placement.tensor_parallel_size} needs its GPUs on a single node); the largest node has "
+                        f"{biggest:g}")
     if strict and len(ok) < replicas:
         raise PlanError(f"{p.name}: runtime.strict_spread needs {replicas} nodes with {wanted} each, one replica per "
                         f"node; the cluster has {len(ok)} ({len(alive)} nodes alive)")
@@ -79,7 +80,7 @@ class EngineReplica:
         cmd = engine_command(plan, host=self.host, port=self.port, python=sys.executable, enforce_eager=enforce_eager)
         log = Path(log_dir) / f"{plan.name}-{index}.log"
         full_env = {**cmd.env, **env}
-        if plan.accelerator == "cpu":
+        if plan.placement.accelerator == "cpu":
             full_env.pop("CUDA_VISIBLE_DEVICES", None)
         # A previous incarnation of this actor (killed, or OOM-killed by Ray) may have left its engine
         # running: its process group is recorded on this node, where the bundle keeps the replica.
