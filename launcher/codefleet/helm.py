@@ -63,6 +63,7 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         raise PlanError(f"{p.name}: source {p.source} is a generated demo checkpoint that exists only on this "
                         f"machine; the chart needs a Hugging Face id or a path inside the image")
     spec = engine_spec(p, loopback=False)
+    at, tp = p.placement, p.placement.tensor_parallel_size
     weights_gib = p.memory.weight_bytes_per_gpu / GiB
     env = dict(spec.env)
     moe_config: dict[str, str] = {}
@@ -76,7 +77,7 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         "name": p.name,
         "key": model_key(p.name),
         "model": spec.model,
-        "replicas": p.placement.replicas,
+        "replicas": at.replicas,
         "tensorParallelSize": spec.tensor_parallel_size,
         "drainSeconds": p.drain_seconds,
         "chatTemplate": spec.chat_template.name,
@@ -91,17 +92,16 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         # CPUs: the plan's (sizing.host_cpus, what Ray reserves too). Host memory: the weights pass
         # through it while loading, plus the API server and tokenizer.
         "resources": {
-            "requests": {"cpu": str(p.placement.host_cpus),
-                         "memory": f"{math.ceil(weights_gib * p.placement.tensor_parallel_size + 16)}Gi"},
-            "limits": {"memory": f"{math.ceil(weights_gib * p.placement.tensor_parallel_size * 1.5 + 32)}Gi"},
+            "requests": {"cpu": str(at.host_cpus), "memory": f"{math.ceil(weights_gib * tp + 16)}Gi"},
+            "limits": {"memory": f"{math.ceil(weights_gib * tp * 1.5 + 32)}Gi"},
         },
-        "shmSize": f"{max(2, 2 * p.placement.tensor_parallel_size)}Gi" if p.placement.tensor_parallel_size > 1 else "1Gi",
-        "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[p.placement.accelerator]},
+        "shmSize": f"{max(2, 2 * tp)}Gi" if tp > 1 else "1Gi",
+        "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT[at.accelerator]},
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
         **({"maxWaiting": front.shed[p.name]} if p.name in front.shed else {}),
         "plan": {
-            "gpu": p.placement.accelerator,
+            "gpu": at.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),
             "kvCacheTokens": p.memory.kv_tokens,
             "fullLengthSequences": round(p.memory.full_length_sequences, 1),
@@ -144,9 +144,9 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
         raise PlanError(f"model names map to the same Kubernetes name {dup[0]!r}; rename one of them")
     templates: dict[str, str] = {}
     for p in plan.models:
-        name = p.generation.chat_template.name
-        if templates.setdefault(name, p.generation.chat_template.read_text()) != p.generation.chat_template.read_text():
-            raise PlanError(f"two models use different chat templates named {name!r}; rename one of the files")
+        template = p.generation.chat_template
+        if templates.setdefault(template.name, template.read_text()) != template.read_text():
+            raise PlanError(f"two models use different chat templates named {template.name!r}; rename one of the files")
     values["chatTemplates"] = dict(sorted(templates.items()))
     return values
 

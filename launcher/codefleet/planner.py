@@ -126,21 +126,18 @@ def plan_model(
     if replicas == 0 and auto is None:
         notes.append(f"{spec.name}: replicas is 0: it is listed by /v1/models but answers 503 until `codefleet apply` "
                      f"gives it replicas (for replicas that follow load from zero, use autoscaling with min_replicas 0)")
-    common: dict[str, Any] = dict(
-        name=spec.name,
-        source=spec.source,
-        model_ref=m.model_ref,
-        family=m.family.name,
-        generation=Generation(chat_template=m.chat_template, sampling_defaults=_sampling_defaults(m),
-                              stop_tokens=m.family.stop_tokens, stop_strings=m.family.stop_strings),
-        engine_args=dict(spec.engine_args),
-        env=dict(spec.env),
-        revision=spec.revision,
-        demo=m.demo,
-        drain_seconds=m.drain_seconds,
-        autoscale=auto,
-        max_waiting=spec.max_waiting,
-    )
+    generation = Generation(chat_template=m.chat_template, sampling_defaults=_sampling_defaults(m),
+                            stop_tokens=m.family.stop_tokens, stop_strings=m.family.stop_strings)
+
+    def replica_plan(placement: Placement, memory: Memory, engine: EngineLimits, moe_kernel: MoeKernel,
+                     estimate: Estimate | None, terms: list[Term], warnings: list[str]) -> ReplicaPlan:
+        return ReplicaPlan(
+            name=spec.name, source=spec.source, model_ref=m.model_ref, family=m.family.name, placement=placement,
+            memory=memory, engine=engine, generation=generation, moe=moe_kernel, estimate=estimate,
+            engine_args=dict(spec.engine_args), env=dict(spec.env), revision=spec.revision, demo=m.demo,
+            drain_seconds=m.drain_seconds, autoscale=auto, max_waiting=spec.max_waiting, warnings=tuple(warnings),
+            budget=tuple(terms))
+
     quantization = m.quant.describe() if m.quant else None
     moe_dir = str(m.moe_config_dir) if m.moe_config_dir else None
     if accel == "cpu":
@@ -158,21 +155,16 @@ def plan_model(
                  Term("KV tokens", kv_tokens, "count", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')"),
                  *tail_terms(m, kv_tokens, None, None),
                  cpu_term("cpu", tp)]
-        return ReplicaPlan(
-            **common,
-            placement=Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=1,
-                                nodes=replicas, host_cpus=host_cpus("cpu", tp)),
-            memory=Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights // tp,
-                          kv_bytes_per_token_per_gpu=cpu_kv_tok, reserve_bytes_per_gpu=0, kv_bytes_per_gpu=kv_bytes,
-                          kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
-                          cpu_kv_cache_gib=m.cpu_kv_cache_gib),
-            engine=EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len,
-                                gpu_memory_utilization=m.gpu_memory_utilization, quantization=quantization),
-            moe=MoeKernel(config_dir=moe_dir),
-            budget=tuple(terms),
-            estimate=None,
-            warnings=tuple(notes),
-        )
+        return replica_plan(
+            Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=1,
+                      nodes=replicas, host_cpus=host_cpus("cpu", tp)),
+            Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights // tp,
+                   kv_bytes_per_token_per_gpu=cpu_kv_tok, reserve_bytes_per_gpu=0, kv_bytes_per_gpu=kv_bytes,
+                   kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
+                   cpu_kv_cache_gib=m.cpu_kv_cache_gib),
+            EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len, gpu_memory_utilization=m.gpu_memory_utilization,
+                         quantization=quantization),
+            MoeKernel(config_dir=moe_dir), estimate=None, terms=terms, warnings=notes)
     gpu = GPUS[accel]
     lim = engine_limits(m, gpu)
     group = m.quant.group_size if m.quant else None
@@ -238,22 +230,18 @@ def plan_model(
         *tail_terms(m, kv_tokens, estimate, lim.max_num_seqs),
         cpu_term(accel, tp),
     ]
-    return ReplicaPlan(
-        **common,
-        placement=Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=per_node,
-                            nodes=math.ceil(replicas / per_node) if replicas else 0, host_cpus=host_cpus(accel, tp)),
-        memory=Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights_per_gpu,
-                      kv_bytes_per_token_per_gpu=kv_tok(tp), reserve_bytes_per_gpu=reserve(tp), kv_bytes_per_gpu=kv_bytes,
-                      kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
-                      gpu_usable_bytes=int(gpu.usable_gib * GiB), cpu_kv_cache_gib=m.cpu_kv_cache_gib),
-        engine=EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len, gpu_memory_utilization=m.gpu_memory_utilization,
-                            max_num_seqs=lim.max_num_seqs, max_num_batched_tokens=lim.max_num_batched_tokens,
-                            kv_cache_dtype=lim.kv_cache_dtype, quantization=quantization),
-        moe=MoeKernel(config=moe_name, found=moe_found, config_dir=moe_dir),
-        budget=tuple(terms),
-        estimate=estimate,
-        warnings=(*notes, *([moe_warning] if moe_warning else [])),
-    )
+    return replica_plan(
+        Placement(accelerator=accel, tensor_parallel_size=tp, replicas=replicas, replicas_per_node=per_node,
+                  nodes=math.ceil(replicas / per_node) if replicas else 0, host_cpus=host_cpus(accel, tp)),
+        Memory(parameters=params, weight_bytes=weights, weight_bytes_per_gpu=weights_per_gpu,
+               kv_bytes_per_token_per_gpu=kv_tok(tp), reserve_bytes_per_gpu=reserve(tp), kv_bytes_per_gpu=kv_bytes,
+               kv_tokens=kv_tokens, full_length_sequences=kv_tokens / m.max_model_len,
+               gpu_usable_bytes=int(gpu.usable_gib * GiB), cpu_kv_cache_gib=m.cpu_kv_cache_gib),
+        EngineLimits(dtype=m.dtype, max_model_len=m.max_model_len, gpu_memory_utilization=m.gpu_memory_utilization,
+                     max_num_seqs=lim.max_num_seqs, max_num_batched_tokens=lim.max_num_batched_tokens,
+                     kv_cache_dtype=lim.kv_cache_dtype, quantization=quantization),
+        MoeKernel(config=moe_name, found=moe_found, config_dir=moe_dir),
+        estimate=estimate, terms=terms, warnings=[*notes, *([moe_warning] if moe_warning else [])])
 
 
 def moe_kernel_config(m: ResolvedModel, gpu: Gpu, tp: int, manifest_dir: Path | None) -> tuple[
