@@ -88,10 +88,11 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
                              "revision": plan.revision,
                              # on SIGTERM vLLM finishes its requests for up to this long ("drain")
                              "shutdown_timeout": plan.drain_seconds}
-    # Not --enable-scale-out, on purpose: with it vllm-router's cache_aware gets token ids from the
-    # engine's render endpoints (vLLM 0.32 answers them 403 without it, and the router falls back to
-    # matching prompt text) and then sends every conversation sharing a system prompt to one replica:
-    # multi-turn TTFT p50 1.2 s instead of 0.15 s (benchmarks/scenarios/routing-policies/README.md).
+    if plan.render_endpoints:
+        # vllm-router's cache_aware asks every worker's /v1/{chat/,}completions/render for the prompt's
+        # token ids; vLLM 0.32 answers those 403 unless this is set (vllm/entrypoints/scale_out/
+        # factories.py), and the router then routes on load alone (it has no /tokenize fallback).
+        flags["enable_scale_out"] = True
     if plan.placement.accelerator != "cpu":
         flags["gpu_memory_utilization"] = f"{plan.engine.gpu_memory_utilization:g}"
     if gen.sampling_defaults:

@@ -111,14 +111,36 @@ class Limits(_Strict):
     """Requests read ahead of their answers on one connection before reading pauses."""
 
 
+class CacheAware(_Strict):
+    """vllm-router's cache_aware settings (its flags of the same names). It matches a request's token
+    ids, which the router asks each engine's render endpoint for, against a tree of what it sent
+    where. With ``load = in-flight requests the router counts per worker``: when ``max - min >
+    balance_abs_threshold`` and ``max > balance_rel_threshold x min`` it routes on load alone
+    (``load_imbalance``); else to the least loaded of the best-matching workers when the best match
+    covers more than ``cache_threshold`` of the prompt (``prefix_hit``), else to the least loaded
+    (``prefix_miss``). The defaults here are codefleet's, chosen by measurement
+    (benchmarks/scenarios/prefix-routing/README.md); the router's own (0.3, 64, 1.5) let a shared
+    system prompt pull every conversation onto one replica."""
+
+    cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    balance_abs_threshold: int = Field(2, ge=0)
+    balance_rel_threshold: float = Field(1.5, ge=1.0)
+    max_tree_size: int = Field(2**25, ge=1024)
+    """Per worker, characters of the tree (the router keys it by hex-encoded token ids)."""
+    eviction_interval_s: int = Field(120, ge=0)
+
+
 class Router(_Strict):
     host: str = "127.0.0.1"
     """Address the one OpenAI endpoint listens on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port of the endpoint; 0 picks a free one."""
     policy: RoutingPolicy = "cache_aware"
-    """vllm-router policy. cache_aware weighs load and prefix reuse where the router gets token
-    ids; with vLLM 0.32's engines as started here it gets none and routes on load (docs/endpoint.md)."""
+    """vllm-router policy. cache_aware routes on the prompt's cached prefix and on load: its engines
+    start with ``--enable-scale-out`` so that the router gets the prompt's token ids from their render
+    endpoints (docs/endpoint.md, "Routing")."""
+    cache_aware: CacheAware = Field(default_factory=CacheAware)
+    """cache_aware's thresholds and tree size (ignored by the other policies)."""
     api_keys: ApiKeys | None = None
     """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
     max_body_mib: int = Field(32, ge=1, le=1024)

@@ -24,6 +24,7 @@ capacity is planned; vLLM logs the same number at start ("CPU KV cache size: N t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,8 @@ def plan_fleet(loaded: LoadedManifest, gpu: str | None = None, gpus_per_node: in
     errors += _capacity_errors(loaded, plans)
     if errors:
         raise PlanError("\n".join(errors))
+    if loaded.manifest.router.policy == "cache_aware":  # the router needs the prompts' token ids
+        plans = [dataclasses.replace(p, render_endpoints=True) for p in plans]
     return FleetPlan(models=plans, gpus_per_node=per_node, router=loaded.manifest.router,
                      metrics=loaded.manifest.metrics, manifest_dir=loaded.file.parent,
                      tenants=dict(loaded.manifest.tenants))

@@ -144,6 +144,9 @@ class ReplicaPlan:
     max_waiting: int | None = None
     #: What the plan cannot account for or the operator should act on, said before launch.
     warnings: tuple[str, ...] = ()
+    #: The engine serves vLLM's render endpoints (``--enable-scale-out``): vllm-router's cache_aware
+    #: asks them for each prompt's token ids (without them it routes on load alone).
+    render_endpoints: bool = False
     #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it;
     #: the numbers of ``memory`` and ``placement`` are the same values, set from the same variables.
     budget: tuple[Term, ...] = ()

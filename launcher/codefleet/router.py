@@ -27,7 +27,7 @@ import httpx
 from codefleet.errors import RuntimeStartError, SecretError
 from codefleet.frontend_config import FrontendSettings, frontend_settings
 from codefleet.gateway.config import DEFAULT_TENANT, DRAIN_S, UPSTREAM_KEY_ENV, GatewayConfig, Hold
-from codefleet.manifest import TENANT_NAME, ApiKeys, Metrics, Router, Tenant
+from codefleet.manifest import TENANT_NAME, ApiKeys, CacheAware, Metrics, Router, Tenant
 from codefleet.plans import FleetPlan
 from codefleet.procs import free_port, spawn, stop_group, tail
 
@@ -44,10 +44,17 @@ ROUTER_FLAGS = (
 )
 
 
-def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_port: int) -> list[str]:
-    return [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_port: int,
+                cache_aware: CacheAware | None = None) -> list[str]:
+    argv = [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
             "--policy", policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port),
             *ROUTER_FLAGS]
+    if policy == "cache_aware":
+        c = cache_aware or CacheAware()
+        argv += ["--cache-threshold", f"{c.cache_threshold:g}", "--balance-abs-threshold", str(c.balance_abs_threshold),
+                 "--balance-rel-threshold", f"{c.balance_rel_threshold:g}", "--max-tree-size", str(c.max_tree_size),
+                 "--eviction-interval-secs", str(c.eviction_interval_s)]
+    return argv
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ class Frontend:
 
     def _launch_router(self) -> None:
         argv = router_argv(self.python, self.router.policy, self.router_port, self.metrics.host,
-                           self.router_metrics_port)
+                           self.router_metrics_port, self.router.cache_aware)
         self.router_proc = spawn(argv, {}, self.run_dir / "logs" / "router.log")
 
     def _launch_gateway(self) -> None:

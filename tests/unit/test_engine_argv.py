@@ -30,7 +30,7 @@ def vllm_parse(argv: list[str]) -> dict[str, Any]:
 
 DECIDED = {"model", "served_model_name", "host", "port", "dtype", "tensor_parallel_size", "max_model_len",
            "chat_template", "gpu_memory_utilization", "override_generation_config", "middleware",
-           "enforce_eager", "revision", "shutdown_timeout"}
+           "enforce_eager", "revision", "shutdown_timeout", "enable_scale_out"}
 
 
 def test_argv_for_codefuse_on_a100(tmp_path: Path) -> None:
@@ -49,6 +49,17 @@ def test_argv_for_codefuse_on_a100(tmp_path: Path) -> None:
     assert args["middleware"] == [MIDDLEWARE]
     assert json.loads(cmd.env["CODEFLEET_REQUEST_DEFAULTS"]) == {"stop_tokens": ["</s>"], "stop": []}
     assert "VLLM_CPU_KVCACHE_SPACE" not in cmd.env and "VLLM_HOST_IP" not in cmd.env
+
+
+@pytest.mark.parametrize(("policy", "render"), [("cache_aware", True), ("round_robin", False),
+                                               ("power_of_two", False)])
+def test_render_endpoints_only_for_cache_aware(tmp_path: Path, policy: str, render: bool) -> None:
+    # cache_aware gets the prompts' token ids from the engines' render endpoints; vLLM 0.32 serves
+    # them only with --enable-scale-out (vllm/entrypoints/scale_out/factories.py)
+    plan = _plan(tmp_path, f"router: {{policy: {policy}}}\nmodels:\n  - name: cf\n    source: {CODEFUSE}\n",
+                 gpu="h100-80gb")
+    assert plan.render_endpoints is render
+    assert vllm_parse(engine_command(plan, host="h", port=1).argv[3:])["enable_scale_out"] is render
 
 
 def test_card_sampling_defaults_reach_vllm(tmp_path: Path) -> None:
