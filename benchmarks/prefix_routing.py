@@ -124,18 +124,22 @@ def send_all(base_url: str, key: str, model: str, requests: list[list[dict[str, 
     return asyncio.run(go())
 
 
-def router_counters(metrics_url: str) -> dict[str, float]:
-    """vllm-router's decisions by outcome and token inputs by result (cumulative)."""
+def router_counters(*metrics_urls: str) -> dict[str, float]:
+    """vllm-router's decisions by outcome and token inputs by result, and the gateway's prefix
+    affinity outcomes (cumulative)."""
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        for s in fam.samples:
-            if s.name == "vllm_router_prefix_routing_decisions_total":
-                k = f"decision:{s.labels.get('outcome')}"
-            elif s.name == "vllm_router_kv_routing_inputs_total":
-                k = f"inputs:{s.labels.get('result')}"
-            else:
-                continue
-            out[k] = out.get(k, 0.0) + s.value
+    for url in metrics_urls:
+        for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            for s in fam.samples:
+                if s.name == "vllm_router_prefix_routing_decisions_total":
+                    k = f"decision:{s.labels.get('outcome')}"
+                elif s.name == "vllm_router_kv_routing_inputs_total":
+                    k = f"inputs:{s.labels.get('result')}"
+                elif s.name == "codefleet_gateway_prefix_affinity_total":
+                    k = f"affinity:{s.labels.get('outcome')}"
+                else:
+                    continue
+                out[k] = out.get(k, 0.0) + s.value
     return out
 
 
@@ -189,9 +193,10 @@ def run_one(spec: dict[str, Any], variant: dict[str, Any], replicas: int, n: int
             fe = fleet.frontend
             assert fe is not None
             urls = [r.url for r in fleet.replicas if r.url]
-            router_metrics = f"http://{plan.metrics.host}:{fe.router_metrics_port}/metrics"
+            router_metrics = (f"http://{plan.metrics.host}:{fe.router_metrics_port}/metrics",
+                              f"http://{plan.metrics.host}:{fe.gateway_metrics_port}/metrics")
             for workload in spec.get("workloads", ["shared", "shared-sequential", "multiturn", "unique"]):
-                e0, r0 = engine_counters(urls), router_counters(router_metrics)
+                e0, r0 = engine_counters(urls), router_counters(*router_metrics)
                 print(f"   {workload} ...", flush=True)
                 if workload == "multiturn":
                     turns = multiturn_workload(fleet.url, key, model, shape, "multiturn")
@@ -202,7 +207,7 @@ def run_one(spec: dict[str, Any], variant: dict[str, Any], replicas: int, n: int
                     reqs = unique_requests(load) if workload == "unique" else shared_requests(load)
                     conc = 1 if workload.endswith("sequential") else load.users
                     base = summarize(send_all(fleet.url, key, model, reqs, conc, load.max_tokens))
-                e1, r1 = engine_counters(urls), router_counters(router_metrics)
+                e1, r1 = engine_counters(urls), router_counters(*router_metrics)
                 hits = sum(b[0] - a[0] for a, b in zip(e0, e1, strict=True))
                 queries = sum(b[1] - a[1] for a, b in zip(e0, e1, strict=True))
                 per_replica = [b[2] - a[2] for a, b in zip(e0, e1, strict=True)]
@@ -242,7 +247,8 @@ def compare(folder: Path, repeat: int, only: list[str] | None) -> list[dict[str,
 def table(rows: list[dict[str, Any]], workload: str) -> str:
     keys = sorted({(r["replicas"], r["variant"]) for r in rows if r["workload"] == workload})
     out = ["| replicas | variant | passes | prefix hits | requests per replica | TTFT p50 ms | TTFT p99 ms | "
-           "output tok/s | router decisions | router token inputs |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "output tok/s | router decisions | router token inputs / gateway keys |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for replicas, variant in keys:
         rs = [r for r in rows if (r["replicas"], r["variant"], r["workload"]) == (replicas, variant, workload)]
 
@@ -253,7 +259,7 @@ def table(rows: list[dict[str, Any]], workload: str) -> str:
         dec = " / ".join(", ".join(f"{k.split(':')[1]} {int(v)}" for k, v in sorted(r["router"].items())
                                    if k.startswith("decision:")) or "-" for r in rs)
         inp = " / ".join(", ".join(f"{k.split(':')[1]} {int(v)}" for k, v in sorted(r["router"].items())
-                                   if k.startswith("inputs:")) or "-" for r in rs)
+                                   if k.startswith(("inputs:", "affinity:"))) or "-" for r in rs)
         out.append(f"| {replicas} | {variant} | {len(rs)} | {f('prefix_hit_rate', '{:.0%}')} | {split} | "
                    f"{f('ttft_p50_ms')} | {f('ttft_p99_ms')} | {f('output_tokens_per_s')} | {dec} | {inp} |")
     return "\n".join(out)

@@ -36,6 +36,7 @@ DECIDED_FLAGS: dict[str, str] = {
 }
 
 RoutingPolicy = Literal[
+    "prefix_affinity",
     "cache_aware",
     "round_robin",
     "random",
@@ -130,6 +131,25 @@ class CacheAware(_Strict):
     eviction_interval_s: int = Field(120, ge=0)
 
 
+class PrefixAffinity(_Strict):
+    """codefleet's prefix affinity (launcher/codefleet/gateway/affinity.py): the gateway gives
+    requests that share a prompt prefix one session key, and vllm-router's sticky_least_loaded keeps
+    a key on one replica and puts a new key on the replica with the fewest."""
+
+    chunk_chars: int = Field(256, ge=16, le=65536)
+    """Prefixes are compared in chunks of this many bytes of the prompt's text."""
+    min_share: float = Field(0.5, ge=0.0, lt=1.0)
+    """A request keeps a known prefix's key when that prefix covers more than this share of its chunks."""
+    spill: float = Field(1.25, ge=1.0)
+    """A key with more requests in flight than this x the model's in flight per ready replica (and
+    at least 2) spills to a sibling key, which the router places on another replica."""
+    index_chunks: int = Field(200_000, ge=1000)
+    """Chunk hashes each gateway remembers (least recently used first out; about 100 bytes each)."""
+    session_seconds: int = Field(600, ge=10)
+    """The router forgets a key unused for this long (VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S; its
+    default is 2 hours, which holds every one-off prompt's key that long)."""
+
+
 class Router(_Strict):
     host: str = "127.0.0.1"
     """Address the one OpenAI endpoint listens on."""
@@ -141,6 +161,8 @@ class Router(_Strict):
     endpoints (docs/endpoint.md, "Routing")."""
     cache_aware: CacheAware = Field(default_factory=CacheAware)
     """cache_aware's thresholds and tree size (ignored by the other policies)."""
+    prefix_affinity: PrefixAffinity = Field(default_factory=PrefixAffinity)
+    """prefix_affinity's settings (ignored by the other policies)."""
     api_keys: ApiKeys | None = None
     """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
     max_body_mib: int = Field(32, ge=1, le=1024)

@@ -46,8 +46,10 @@ ROUTER_FLAGS = (
 
 def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_port: int,
                 cache_aware: CacheAware | None = None) -> list[str]:
+    # prefix_affinity: the gateway picks each request's session key; the router keeps a key on one replica
+    router_policy = "sticky_least_loaded" if policy == "prefix_affinity" else policy
     argv = [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--policy", policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port),
+            "--policy", router_policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port),
             *ROUTER_FLAGS]
     if policy == "cache_aware":
         c = cache_aware or CacheAware()
@@ -55,6 +57,20 @@ def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_
                  "--balance-rel-threshold", f"{c.balance_rel_threshold:g}", "--max-tree-size", str(c.max_tree_size),
                  "--eviction-interval-secs", str(c.eviction_interval_s)]
     return argv
+
+
+def router_env(router: Router) -> dict[str, str]:
+    """The router's environment (sticky_least_loaded reads its session lifetime from it)."""
+    if router.policy == "prefix_affinity":
+        return {"VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S": str(router.prefix_affinity.session_seconds)}
+    return {}
+
+
+def gateway_affinity(router: Router) -> dict[str, float] | None:
+    """What the gateway is told of prefix affinity (None: the policy is another)."""
+    if router.policy != "prefix_affinity":
+        return None
+    return router.prefix_affinity.model_dump(exclude={"session_seconds"})
 
 
 @dataclass(frozen=True)
@@ -241,13 +257,13 @@ class Frontend:
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
             drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
             tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
-            frontend_pods=self.frontend_pods, shed=self.shed,
+            frontend_pods=self.frontend_pods, shed=self.shed, affinity=gateway_affinity(r),
         )
 
     def _launch_router(self) -> None:
         argv = router_argv(self.python, self.router.policy, self.router_port, self.metrics.host,
                            self.router_metrics_port, self.router.cache_aware)
-        self.router_proc = spawn(argv, {}, self.run_dir / "logs" / "router.log")
+        self.router_proc = spawn(argv, router_env(self.router), self.run_dir / "logs" / "router.log")
 
     def _launch_gateway(self) -> None:
         cfg = self.run_dir / "gateway.json"

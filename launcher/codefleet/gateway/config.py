@@ -76,6 +76,8 @@ class GatewayConfig:
     """How many gateways share the tenants' limits: each enforces 1/frontend_pods of every rate."""
     shed: dict[str, int] = field(default_factory=dict)
     """Per model: shed new requests (429) while its engines hold more than this many waiting."""
+    affinity: dict[str, float] | None = None
+    """Prefix affinity's settings (gateway/affinity.py: ``Affinity``'s keywords); None: off."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

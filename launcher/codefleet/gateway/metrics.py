@@ -17,6 +17,7 @@ READY = "codefleet_gateway_ready_replicas"
 HOLD = "codefleet_gateway_hold"
 HOLD_SECONDS = "codefleet_gateway_hold_seconds"
 EVICTED = "codefleet_gateway_connections_evicted"
+AFFINITY = "codefleet_gateway_prefix_affinity"
 TENANT_REQUESTS = "codefleet_tenant_requests"
 TENANT_PROMPT_TOKENS = "codefleet_tenant_prompt_tokens"
 TENANT_COMPLETION_TOKENS = "codefleet_tenant_completion_tokens"
@@ -48,6 +49,9 @@ class GatewayMetrics:
                                      ["model", "outcome"], registry=r)
         self.hold_seconds = Histogram(HOLD_SECONDS, "How long released requests were held", ["model"], registry=r,
                                       buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
+        self.affinity = Counter(AFFINITY, "Session keys chosen by prompt prefix (policy prefix_affinity), by outcome: "
+                                          "prefix (a known prefix's key), new, spill (a hot key's sibling), none",
+                                ["model", "outcome"], registry=r)
         for m in held_models:
             self.held.labels(m).set(0)
         # tenants (labels: tenant names and models from the configuration only)
@@ -72,6 +76,9 @@ class GatewayMetrics:
         self.child(self.requests, model, status).inc()
         if tenant:
             self.child(self.tenant_requests, tenant, model, status).inc()
+
+    def affinity_outcome(self, model: str, outcome: str) -> None:
+        self.child(self.affinity, model, outcome).inc()
 
     def refused(self, reason: str) -> None:
         self.child(self.rejected, reason).inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import hashlib
 import os
@@ -27,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from codefleet.gateway import answers
 from codefleet.gateway.admission import Admission
+from codefleet.gateway.affinity import Affinity
 from codefleet.gateway.answers import Rejection
 from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
 from codefleet.gateway.hold import Holding
@@ -74,6 +76,8 @@ class Gateway:
         self.metrics = GatewayMetrics(config.hold)
         self.holding = Holding(config.hold, self.metrics, self._recheck_soon)
         self.shedding = Shedding(config.shed, self.admission)
+        self.affinity = (Affinity(**config.affinity, count=self.metrics.affinity_outcome)  # type: ignore[arg-type]
+                         if config.affinity is not None else None)
         self.workers = Workers(config.router_url, self.models, config.poll_s, self._workers_changed,
                                self.holding.any_held)
         self._models_body = self._list_models()
@@ -311,6 +315,10 @@ class Gateway:
                     payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
                     body = orjson.dumps(payload)
         exchange = Exchange(self, client, req, model, stream=stream)
+        if self.affinity is not None:
+            key = self.affinity.choose(model, payload, (self.workers.ready or {}).get(model, 1))
+            if key is not None:
+                exchange.session, exchange.on_end = key, functools.partial(self.affinity.done, model, key)
         if tenant and self.admission.enabled:
             exchange.admit(tenant, body)
         self.active.add(exchange)

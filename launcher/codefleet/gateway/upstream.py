@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import orjson
 
 from codefleet.gateway import answers
+from codefleet.gateway.affinity import SESSION_HEADER
 from codefleet.gateway.answers import Rejection
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.pool import Pool, Upstream
@@ -90,12 +91,18 @@ class Exchange:
         #: Held for a replica (scale from zero): since when, and the hold timeout's timer.
         self.held_at = 0.0
         self.hold_timer: asyncio.TimerHandle | None = None
+        #: Prefix affinity's session key (sent as x-session-id), and what to call when this ends.
+        self.session: bytes | None = None
+        self.on_end: Callable[[], None] | None = None
 
     def end(self) -> None:
         """Nothing more is written for this exchange; an admitted one is settled with its tenant."""
         if self.finished:
             return
         self.finished = True
+        if self.on_end is not None:
+            self.on_end()
+            self.on_end = None
         if self.admitted:
             self.admitted = False
             self.gw.settled(self)
@@ -127,8 +134,10 @@ class Exchange:
                  b"\r\nContent-Type: application/json\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         if gw.upstream_auth:
             parts += (b"Authorization: ", gw.upstream_auth, b"\r\n")
+        if self.session is not None:
+            parts += (SESSION_HEADER, b": ", self.session, b"\r\n")
         for name, value in req.headers:
-            if name not in HOP_BY_HOP:
+            if name not in HOP_BY_HOP and not (self.session is not None and name == SESSION_HEADER):
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"\r\n", body)
         return b"".join(parts)

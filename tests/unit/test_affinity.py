@@ -1,0 +1,92 @@
+"""Prefix affinity's keys (launcher/codefleet/gateway/affinity.py), without a router."""
+
+from __future__ import annotations
+
+import random
+import string
+
+from codefleet.gateway.affinity import Affinity, chunk_hashes, prompt_text
+
+SYSTEM = {"role": "system", "content": "You are a coding assistant. " * 20}  # ~560 bytes, 2 chunks
+
+
+def text(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_letters + " \n") for _ in range(n))
+
+
+def chat(*contents: str, system: bool = True) -> dict[str, object]:
+    msgs = [SYSTEM] if system else []
+    roles = ["user", "assistant"]
+    return {"messages": msgs + [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]}
+
+
+def test_requests_about_one_file_share_a_key_and_other_files_do_not() -> None:
+    a = Affinity()
+    file_a, file_b = text(1, 3000), text(2, 3000)
+    k1 = a.choose("m", chat(file_a + "\nexplain f"), 2)
+    a.done("m", k1)  # type: ignore[arg-type]
+    k2 = a.choose("m", chat(file_a + "\nwrite a test for g"), 2)
+    a.done("m", k2)  # type: ignore[arg-type]
+    k3 = a.choose("m", chat(file_b + "\nexplain f"), 2)
+    assert k1 is not None and k1 == k2 and k3 not in (None, k1)
+
+
+def test_a_shared_system_prompt_alone_does_not_tie_conversations_together() -> None:
+    a = Affinity()
+    keys = set()
+    for i in range(4):
+        k = a.choose("m", chat(text(10 + i, 800)), 2)
+        assert k is not None
+        a.done("m", k)
+        keys.add(k)
+    assert len(keys) == 4
+
+
+def test_a_conversation_keeps_its_key_turn_after_turn() -> None:
+    a = Affinity()
+    opener = text(3, 2000)
+    turns = [opener + "\nfirst question"]
+    k0 = a.choose("m", chat(*turns), 2)
+    for t in range(5):
+        assert k0 is not None
+        a.done("m", k0)
+        turns += [text(100 + t, 200), f"question {t}"]
+        assert a.choose("m", chat(*turns), 2) == k0
+
+
+def test_a_hot_prefix_spills_to_sibling_keys_and_comes_back() -> None:
+    a = Affinity(spill=1.25)
+    hot = text(4, 3000)
+    keys = [a.choose("m", chat(hot + f"\nq{i}"), 2) for i in range(8)]
+    assert all(k is not None for k in keys)
+    base = keys[0]
+    assert base is not None
+    # 8 in flight on 2 replicas: the bound is max(2, 1.25 x in flight / 2) at each choice
+    assert 2 <= keys.count(base) < 8
+    assert {k for k in keys if k != base} <= {base + b"~1", base + b"~2"}
+    for k in keys:
+        a.done("m", k)  # type: ignore[arg-type]
+    assert not a.in_flight and a.model_in_flight["m"] == 0
+    assert a.choose("m", chat(hot + "\nlater"), 2) == base
+
+
+def test_no_key_for_short_or_token_prompts_and_the_index_is_bounded() -> None:
+    outcomes: list[str] = []
+    a = Affinity(index_chunks=1000, count=lambda model, outcome: outcomes.append(outcome))
+    assert a.choose("m", {"prompt": "def f(x):"}, 2) is None
+    assert a.choose("m", {"prompt": [1, 2, 3] * 200}, 2) is None
+    for i in range(50):
+        k = a.choose("m", {"prompt": text(1000 + i, 256 * 40)}, 2)
+        a.done("m", k)  # type: ignore[arg-type]
+    assert len(a.index) <= 1000
+    assert outcomes[:2] == ["none", "none"] and set(outcomes[2:]) == {"new"}
+
+
+def test_the_index_is_per_model_and_text_is_cut_in_whole_chunks() -> None:
+    a = Affinity()
+    body = chat(text(5, 3000))
+    assert a.choose("m1", body, 2) == a.choose("m2", body, 2)  # same text, same key name ...
+    assert ("m1", chunk_hashes(prompt_text(body) or "", 256)[0]) in a.index  # ... indexed per model
+    assert len(chunk_hashes("x" * 511, 256)) == 1 and len(chunk_hashes("x" * 512, 256)) == 2
+    assert prompt_text({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) == "user\x1fhi\x1e"
