@@ -1,17 +1,21 @@
-"""Prefix routing through the endpoint, read from vllm-router's and the engines' own counters.
+"""Prefix routing on real engines, read from the gateway's, vllm-router's and the engines' own counters.
 
-The e2e fleet's default policy, cache_aware, gets each prompt's token ids from the engines' render
-endpoints (they start with ``--enable-scale-out``) and sends a prompt to the replica that already
-holds its prefix. Two ways it can silently stop, each a test here: the router gets no tokens (it
-then routes on load alone and, with sequential traffic, everything lands on one replica; the
-router counts such decisions ``missing_tokens``), or the balance thresholds let one replica take
-all the traffic while another idles.
+The e2e fleet's policy is the default, prefix_affinity: the gateway keys each request by its
+prompt's prefix and vllm-router's sticky_least_loaded keeps a key on one replica. Each way it can
+silently stop is a test here: requests sharing a prefix scattered over replicas (or all of them
+on one), and one replica taking all the traffic while another idles under concurrent load.
+cache_aware (token ids from the engines' render endpoints) is checked the same way through a
+second router in front of the same two replicas (they serve the render endpoints: fleet.yaml).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import random
+import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,6 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.workloads import code_context, shared_prefix_prompts
+from codefleet.procs import free_port, spawn, stop_group
+from codefleet.router import RouterAdmin, router_argv
 from codefleet.runtime.local import LocalFleet
 from codefleet.status import engine_look
 from tests.e2e.conftest import API_KEY
@@ -28,27 +34,72 @@ pytestmark = pytest.mark.e2e
 MODEL = "granite-code-tiny"
 
 
-def router_counts(fleet: LocalFleet) -> Counter[str]:
-    """The router's decisions by outcome, token inputs by result, requests by worker (cumulative)."""
-    fe = fleet.frontend
-    assert fe is not None
+def counts(*urls: str) -> Counter[str]:
+    """Cumulative: the router's requests by worker and decisions by outcome, the gateway's keys by outcome."""
     out: Counter[str] = Counter()
-    text = httpx.get(f"http://127.0.0.1:{fe.router_metrics_port}/metrics", timeout=10).text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "vllm_router_prefix_routing_decisions_total":
-                out[f"decision:{s.labels['outcome']}"] += s.value
-            elif s.name == "vllm_router_kv_routing_inputs_total":
-                out[f"inputs:{s.labels['result']}"] += s.value
-            elif s.name == "vllm_router_processed_requests_total":
-                out[f"worker:{s.labels['worker']}"] += s.value
+    for url in urls:
+        for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            for s in fam.samples:
+                if s.name == "vllm_router_processed_requests_total":
+                    out[f"worker:{s.labels['worker']}"] += s.value
+                elif s.name == "vllm_router_prefix_routing_decisions_total":
+                    out[f"decision:{s.labels['outcome']}"] += s.value
+                elif s.name == "vllm_router_kv_routing_inputs_total":
+                    out[f"inputs:{s.labels['result']}"] += s.value
+                elif s.name == "codefleet_gateway_prefix_affinity_total" and s.labels["model"] == MODEL:
+                    out[f"affinity:{s.labels['outcome']}"] += s.value
     return out
 
 
-def prefix_counters(fleet: LocalFleet) -> tuple[float, float]:
+def delta(before: Counter[str], after: Counter[str]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def hit_rate(fleet: LocalFleet) -> tuple[float, float]:
     urls = [r.url for r in fleet.replicas if r.plan.name == MODEL and r.url]
     looks = [engine_look(httpx.get(u + "/metrics", timeout=10).text) for u in urls]
     return sum(x.prefix_hits or 0.0 for x in looks), sum(x.prefix_queries or 0.0 for x in looks)
+
+
+class Front:
+    """Where requests go (base URL and key) and where the counters are read."""
+
+    def __init__(self, base: str, key: str, metrics: tuple[str, ...]) -> None:
+        self.base, self.key, self.metrics = base, key, metrics
+
+    def client(self, timeout: float = 60) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=self.key, max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def endpoint(fleet: LocalFleet) -> Front:
+    fe = fleet.frontend
+    assert fe is not None and fleet.plan.router.policy == "prefix_affinity"
+    return Front(fleet.url, API_KEY, (f"http://127.0.0.1:{fe.router_metrics_port}/metrics",
+                                      f"http://127.0.0.1:{fe.gateway_metrics_port}/metrics"))
+
+
+@pytest.fixture(scope="module")
+def cache_aware(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    """A cache_aware router (codefleet's thresholds) in front of the same two replicas."""
+    fe = fleet.frontend
+    assert fe is not None and fe.upstream_key
+    log: Path = tmp_path_factory.mktemp("cache-aware") / "router.log"
+    port, metrics = free_port(), free_port()
+    proc = spawn(router_argv(fleet.python, "cache_aware", port, "127.0.0.1", metrics), {}, log)
+    try:
+        admin = RouterAdmin(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        while not admin.healthy():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        for r in fleet.replicas:
+            if r.plan.name == MODEL and r.url:
+                admin.add(r.url, MODEL)
+        yield Front(admin.url, fe.upstream_key, (f"http://127.0.0.1:{metrics}/metrics",))
+        admin.close()
+    finally:
+        stop_group(proc.pid, grace=5)
 
 
 def served_by(before: Counter[str], after: Counter[str]) -> str:
@@ -57,48 +108,60 @@ def served_by(before: Counter[str], after: Counter[str]) -> str:
     return moved[0]
 
 
-def test_requests_sharing_a_prefix_go_where_it_is_cached(fleet: LocalFleet) -> None:
-    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    start = router_counts(fleet)
-    h0, q0 = prefix_counters(fleet)
+def place_shared_prefixes(front: Front, fleet: LocalFleet, seed: int) -> tuple[dict[int, list[str]], dict[str, float],
+                                                                                 float]:
+    """6 long prefixes x 4 requests, one after another: where each went, the counters' deltas, the hit rate."""
+    client = front.client()
+    start = counts(*front.metrics)
+    h0, q0 = hit_rate(fleet)
     where: dict[int, list[str]] = {}
-    for group, prompt in shared_prefix_prompts(groups=6, per_group=4, prefix_words=300, seed=303):
-        before = router_counts(fleet)
+    for group, prompt in shared_prefix_prompts(groups=6, per_group=4, prefix_words=300, seed=seed):
+        before = counts(*front.metrics)
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop")
-        where.setdefault(group, []).append(served_by(before, router_counts(fleet)))
-    end = router_counts(fleet)
-    h1, q1 = prefix_counters(fleet)
-    delta = {k: end[k] - start[k] for k in end if end[k] != start[k]}
-    print(f"\nrouter: {delta}\nplacement: {where}\nengine prefix hits {(h1 - h0) / (q1 - q0):.1%}")
-    # the router had every prompt's tokens and matched them against what it sent where
-    assert delta.get("inputs:preparation_rejected", 0) == 0 and delta.get("decision:missing_tokens", 0) == 0
-    assert delta.get("decision:prefix_hit", 0) >= 6 * 3  # every request after a prefix's first
-    # ... and each prefix stayed on the replica that first computed it
+        where.setdefault(group, []).append(served_by(before, counts(*front.metrics)))
+    h1, q1 = hit_rate(fleet)
+    d = delta(start, counts(*front.metrics))
+    print(f"\ncounters: {d}\nplacement: {where}\nengine prefix hits {(h1 - h0) / (q1 - q0):.1%}")
+    return where, d, (h1 - h0) / (q1 - q0)
+
+
+def test_prefix_affinity_keeps_each_prefix_where_it_is_cached(endpoint: Front, fleet: LocalFleet) -> None:
+    where, d, hits = place_shared_prefixes(endpoint, fleet, seed=303)
+    assert d.get("affinity:new") == 6 and d.get("affinity:prefix") == 18  # the gateway knew each prefix again
     for group, workers in where.items():
         assert len(set(workers)) == 1, f"prefix {group} went to {workers}"
-    # the engines' own counters: the 300-word prefixes were found in the cache
-    assert (h1 - h0) / (q1 - q0) > 0.5
+    # (where a new prefix goes depends on the sessions earlier tests left: fewest first)
+    assert hits > 0.5  # the engines' own counters: the 300-word prefixes were found in the cache
 
 
-def test_concurrent_load_reaches_every_replica(fleet: LocalFleet) -> None:
-    """Distinct prompts at once: the balance thresholds spread them (no replica idles while one queues)."""
-    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    import random
+def test_cache_aware_gets_tokens_and_keeps_each_prefix_where_it_is_cached(cache_aware: Front,
+                                                                           fleet: LocalFleet) -> None:
+    where, d, hits = place_shared_prefixes(cache_aware, fleet, seed=404)
+    # the router had every prompt's token ids (the engines' render endpoints answered) ...
+    assert d.get("inputs:preparation_rejected", 0) == 0 and d.get("decision:missing_tokens", 0) == 0
+    assert d.get("decision:prefix_hit", 0) >= 6 * 3  # ... and matched every request after a prefix's first
+    for group, workers in where.items():
+        assert len(set(workers)) == 1, f"prefix {group} went to {workers}"
+    assert hits > 0.5
 
+
+@pytest.mark.parametrize("which", ["endpoint", "cache_aware"])
+def test_concurrent_load_reaches_every_replica(which: str, request: pytest.FixtureRequest) -> None:
+    """Distinct prompts at once: no replica idles while the other queues."""
+    front: Front = request.getfixturevalue(which)
+    client = front.client(timeout=120)
     rng = random.Random(7)
-    prompts = [f"# job {i}\n{code_context(rng, 150)}" for i in range(24)]
-    before = router_counts(fleet)
+    prompts = [f"# job {i} {which}\n{code_context(rng, 150)}" for i in range(24)]
+    before = counts(*front.metrics)
 
     def ask(p: str) -> str | None:
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=48, temperature=0,
+                                      extra_body={"ignore_eos": True})
         return r.choices[0].finish_reason
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         assert all(f == "length" for f in pool.map(ask, prompts))
-    after = router_counts(fleet)
-    per_worker = {k: after[k] - before[k] for k in after if k.startswith("worker:")}
-    per_worker = {k: v for k, v in per_worker.items() if v}
-    print(f"\nper worker: {per_worker}")
-    assert len(per_worker) == 2, per_worker
-    assert min(per_worker.values()) >= 24 // 4, per_worker
+    per_worker = {k: v for k, v in delta(before, counts(*front.metrics)).items() if k.startswith("worker:")}
+    print(f"\n{which}: requests per worker {per_worker}")
+    assert len(per_worker) == 2 and min(per_worker.values()) >= 24 // 4, per_worker

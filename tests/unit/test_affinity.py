@@ -25,11 +25,11 @@ def test_requests_about_one_file_share_a_key_and_other_files_do_not() -> None:
     a = Affinity()
     file_a, file_b = text(1, 3000), text(2, 3000)
     k1 = a.choose("m", chat(file_a + "\nexplain f"), 2)
-    a.done("m", k1)  # type: ignore[arg-type]
+    a.done("m", k1)
     k2 = a.choose("m", chat(file_a + "\nwrite a test for g"), 2)
-    a.done("m", k2)  # type: ignore[arg-type]
+    a.done("m", k2)
     k3 = a.choose("m", chat(file_b + "\nexplain f"), 2)
-    assert k1 is not None and k1 == k2 and k3 not in (None, k1)
+    assert k1 == k2 and k3 != k1
 
 
 def test_a_shared_system_prompt_alone_does_not_tie_conversations_together() -> None:
@@ -66,21 +66,26 @@ def test_a_hot_prefix_spills_to_sibling_keys_and_comes_back() -> None:
     assert 2 <= keys.count(base) < 8
     assert {k for k in keys if k != base} <= {base + b"~1", base + b"~2"}
     for k in keys:
-        a.done("m", k)  # type: ignore[arg-type]
+        a.done("m", k)
     assert not a.in_flight and a.model_in_flight["m"] == 0
     assert a.choose("m", chat(hot + "\nlater"), 2) == base
 
 
-def test_no_key_for_short_or_token_prompts_and_the_index_is_bounded() -> None:
+def test_short_or_token_prompts_take_the_least_busy_spread_key_and_the_index_is_bounded() -> None:
     outcomes: list[str] = []
     a = Affinity(index_chunks=1000, count=lambda model, outcome: outcomes.append(outcome))
-    assert a.choose("m", {"prompt": "def f(x):"}, 2) is None
-    assert a.choose("m", {"prompt": [1, 2, 3] * 200}, 2) is None
+    short = [a.choose("m", {"prompt": "def f(x):"}, 2), a.choose("m", {"prompt": [1, 2, 3] * 200}, 2)]
+    more = [a.choose("m", {"prompt": "x"}, 2) for _ in range(6)]
+    assert len(set(short + more)) == 4  # 2 x replicas keys, each taken twice while all are in flight
+    assert all(k.startswith(b"~spread~") for k in short + more)
+    for k in short + more:
+        a.done("m", k)
+    assert not a.in_flight
     for i in range(50):
         k = a.choose("m", {"prompt": text(1000 + i, 256 * 40)}, 2)
-        a.done("m", k)  # type: ignore[arg-type]
+        a.done("m", k)
     assert len(a.index) <= 1000
-    assert outcomes[:2] == ["none", "none"] and set(outcomes[2:]) == {"new"}
+    assert outcomes[:8] == ["spread"] * 8 and set(outcomes[8:]) == {"new"}
 
 
 def test_the_index_is_per_model_and_text_is_cut_in_whole_chunks() -> None:

@@ -25,8 +25,14 @@ loads, Mirrokni et al. 2018):
   the router places elsewhere: a hot prefix is copied onto more replicas as its load grows.
 
 The key travels as ``x-session-id`` (the first header vllm-router's session lookup reads); a
-client's own ``x-session-id`` is replaced. Without a key (a prompt shorter than one chunk, token-id
-prompts) the router balances on its session counts.
+client's own ``x-session-id`` is replaced. A prompt with nothing to keep together (shorter than one
+chunk, or token ids) takes the least busy of ``2 x replicas`` spread keys: without a key
+sticky_least_loaded sends every such request to the same replica (measured with two fake
+upstreams), and a fresh key per request would fill the router's session table.
+
+Known limit: the router places a new key by its replicas' session counts, not their load, and the
+gateway does not know which replica a key landed on; a hot key spills, but two warm keys on one
+replica are not moved.
 """
 
 from __future__ import annotations
@@ -83,19 +89,21 @@ class Affinity:
         self.spill = spill
         self.index_chunks = index_chunks
         self.index: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
-        self.in_flight: collections.Counter[bytes] = collections.Counter()
+        self.in_flight: collections.Counter[tuple[str, bytes]] = collections.Counter()
         self.model_in_flight: collections.Counter[str] = collections.Counter()
         self.count = count or (lambda model, outcome: None)
         """Called per request with its outcome: ``prefix`` (an indexed prefix's key), ``new`` (a new
-        key), ``spill`` (a sibling of a hot key), ``none`` (no key)."""
+        key), ``spill`` (a sibling of a hot key), ``spread`` (no prefix to keep: a spread key)."""
 
-    def choose(self, model: str, payload: dict[str, Any], replicas: int) -> bytes | None:
-        """The request's session key (counted in flight until ``done``), or None."""
+    def choose(self, model: str, payload: dict[str, Any], replicas: int) -> bytes:
+        """The request's session key (counted in flight until ``done``)."""
         text = prompt_text(payload)
         hashes = chunk_hashes(text, self.chunk_chars) if text else []
-        if not hashes:
-            self.count(model, "none")
-            return None
+        if not hashes:  # nothing worth keeping together: the least busy of 2 x replicas spread keys
+            spread = min((b"~spread~%d" % i for i in range(2 * max(replicas, 1))),
+                         key=lambda k: self.in_flight[model, k])
+            self._take(model, spread, "spread")
+            return spread
         key: bytes | None = None
         matched = 0
         for h in hashes:
@@ -109,19 +117,22 @@ class Affinity:
             key, outcome = hashes[-1].hex().encode(), "new"
         base, n = key, 0
         bound = max(2.0, self.spill * (self.model_in_flight[model] + 1) / max(replicas, 1))
-        while self.in_flight[key] + 1 > bound and n < 64:
+        while self.in_flight[model, key] + 1 > bound and n < 64:
             n += 1
             key, outcome = base + b"~%d" % n, "spill"
         self._remember(model, hashes[matched:], key)
-        self.in_flight[key] += 1
-        self.model_in_flight[model] += 1
-        self.count(model, outcome)
+        self._take(model, key, outcome)
         return key
 
+    def _take(self, model: str, key: bytes, outcome: str) -> None:
+        self.in_flight[model, key] += 1
+        self.model_in_flight[model] += 1
+        self.count(model, outcome)
+
     def done(self, model: str, key: bytes) -> None:
-        self.in_flight[key] -= 1
-        if self.in_flight[key] <= 0:
-            del self.in_flight[key]
+        self.in_flight[model, key] -= 1
+        if self.in_flight[model, key] <= 0:
+            del self.in_flight[model, key]
         self.model_in_flight[model] -= 1
 
     def _remember(self, model: str, hashes: Iterable[bytes], key: bytes) -> None:

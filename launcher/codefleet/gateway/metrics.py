@@ -50,7 +50,8 @@ class GatewayMetrics:
         self.hold_seconds = Histogram(HOLD_SECONDS, "How long released requests were held", ["model"], registry=r,
                                       buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
         self.affinity = Counter(AFFINITY, "Session keys chosen by prompt prefix (policy prefix_affinity), by outcome: "
-                                          "prefix (a known prefix's key), new, spill (a hot key's sibling), none",
+                                          "prefix (a known prefix's key), new, spill (a hot key's sibling), "
+                                          "spread (nothing to keep together)",
                                 ["model", "outcome"], registry=r)
         for m in held_models:
             self.held.labels(m).set(0)

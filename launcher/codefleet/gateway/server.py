@@ -317,8 +317,7 @@ class Gateway:
         exchange = Exchange(self, client, req, model, stream=stream)
         if self.affinity is not None:
             key = self.affinity.choose(model, payload, (self.workers.ready or {}).get(model, 1))
-            if key is not None:
-                exchange.session, exchange.on_end = key, functools.partial(self.affinity.done, model, key)
+            exchange.session, exchange.on_end = key, functools.partial(self.affinity.done, model, key)
         if tenant and self.admission.enabled:
             exchange.admit(tenant, body)
         self.active.add(exchange)
