@@ -119,9 +119,10 @@ class CacheAware(_Strict):
     balance_abs_threshold`` and ``max > balance_rel_threshold x min`` it routes on load alone
     (``load_imbalance``); else to the least loaded of the best-matching workers when the best match
     covers more than ``cache_threshold`` of the prompt (``prefix_hit``), else to the least loaded
-    (``prefix_miss``). The defaults here are codefleet's, chosen by measurement
-    (benchmarks/scenarios/prefix-routing/README.md); the router's own (0.3, 64, 1.5) let a shared
-    system prompt pull every conversation onto one replica."""
+    (``prefix_miss``). The router's own defaults (0.3, 64, 1.5) were measured to pull every
+    conversation sharing a system prompt onto one replica (TTFT p50 1.2 s instead of 0.15 s:
+    benchmarks/scenarios/routing-policies/README.md); codefleet's (0.5, 2, 1.5) were measured once,
+    not searched (benchmarks/scenarios/prefix-routing/README.md)."""
 
     cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
     balance_abs_threshold: int = Field(2, ge=0)
@@ -155,10 +156,13 @@ class Router(_Strict):
     """Address the one OpenAI endpoint listens on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port of the endpoint; 0 picks a free one."""
-    policy: RoutingPolicy = "cache_aware"
-    """vllm-router policy. cache_aware routes on the prompt's cached prefix and on load: its engines
-    start with ``--enable-scale-out`` so that the router gets the prompt's token ids from their render
-    endpoints (docs/endpoint.md, "Routing")."""
+    policy: RoutingPolicy = "prefix_affinity"
+    """How requests are spread over a model's replicas (docs/endpoint.md, "Routing"). prefix_affinity
+    (codefleet's): the gateway keys requests by their prompt's prefix and vllm-router's
+    sticky_least_loaded keeps a key on one replica. cache_aware (vllm-router's): the router matches
+    token ids it asks the engines' render endpoints for (the engines then start with
+    ``--enable-scale-out``). The rest are vllm-router's policies as they are. Chosen by measurement
+    on the trained model: benchmarks/scenarios/prefix-routing/README.md."""
     cache_aware: CacheAware = Field(default_factory=CacheAware)
     """cache_aware's thresholds and tree size (ignored by the other policies)."""
     prefix_affinity: PrefixAffinity = Field(default_factory=PrefixAffinity)

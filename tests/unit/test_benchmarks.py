@@ -55,6 +55,9 @@ def test_scenarios_are_complete(path: Path) -> None:
     if "policies" in spec:  # a benchmarks.multiturn scenario: every policy x replicas measured
         _multiturn_scenario_is_complete(path, spec)
         return
+    if "variants" in spec:  # a benchmarks.prefix_routing scenario: every variant x replicas x workload
+        _prefix_routing_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -163,3 +166,23 @@ def test_multiturn_conversations_grow_with_each_answer() -> None:
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def _prefix_routing_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    from benchmarks.prefix_routing import Load, manifest
+    from codefleet.manifest import parse
+
+    assert spec["description"].strip() and spec["replicas"]
+    Load(**spec.get("load", {}))
+    rows = json.loads((path.parent / "results" / "summary.json").read_text())
+    measured = {(r["variant"], r["replicas"], r["workload"]) for r in rows}
+    for variant in spec["variants"]:
+        for replicas in spec["replicas"]:
+            text = manifest(spec["model"], spec["source"], variant, replicas, spec)
+            plan = plan_fleet(parse(text, path.parent / "fleet.yaml"))
+            assert plan.router.policy == variant["policy"] and plan.models[0].placement.replicas == replicas
+            for workload in spec["workloads"]:
+                assert (variant["name"], replicas, workload) in measured, (variant["name"], replicas, workload)
+    assert all(r["ok"] == r["requests"] for r in rows), "a recorded run has failed requests"
