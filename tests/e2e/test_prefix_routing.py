@@ -1,7 +1,7 @@
 """Prefix routing on real engines, read from the gateway's, vllm-router's and the engines' own counters.
 
 The e2e fleet's policy is the default, prefix_affinity: the gateway keys each request by its
-prompt's prefix and vllm-router's sticky_least_loaded keeps a key on one replica. Each way it can
+prompt's prefix and vllm-router's consistent_hash keeps a key on one replica. Each way it can
 silently stop is a test here: requests sharing a prefix scattered over replicas (or all of them
 on one), and one replica taking all the traffic while another idles under concurrent load.
 cache_aware (token ids from the engines' render endpoints) is checked the same way through a
@@ -131,7 +131,6 @@ def test_prefix_affinity_keeps_each_prefix_where_it_is_cached(endpoint: Front, f
     assert d.get("affinity:new") == 6 and d.get("affinity:prefix") == 18  # the gateway knew each prefix again
     for group, workers in where.items():
         assert len(set(workers)) == 1, f"prefix {group} went to {workers}"
-    # (where a new prefix goes depends on the sessions earlier tests left: fewest first)
     assert hits > 0.5  # the engines' own counters: the 300-word prefixes were found in the cache
 
 

@@ -75,8 +75,8 @@ def test_short_or_token_prompts_take_the_least_busy_spread_key_and_the_index_is_
     outcomes: list[str] = []
     a = Affinity(index_chunks=1000, count=lambda model, outcome: outcomes.append(outcome))
     short = [a.choose("m", {"prompt": "def f(x):"}, 2), a.choose("m", {"prompt": [1, 2, 3] * 200}, 2)]
-    more = [a.choose("m", {"prompt": "x"}, 2) for _ in range(6)]
-    assert len(set(short + more)) == 4  # 2 x replicas keys, each taken twice while all are in flight
+    more = [a.choose("m", {"prompt": "x"}, 2) for _ in range(30)]
+    assert len(set(short + more)) == 16  # 8 x replicas keys, each taken twice while all are in flight
     assert all(k.startswith(b"~spread~") for k in short + more)
     for k in short + more:
         a.done("m", k)
@@ -85,7 +85,7 @@ def test_short_or_token_prompts_take_the_least_busy_spread_key_and_the_index_is_
         k = a.choose("m", {"prompt": text(1000 + i, 256 * 40)}, 2)
         a.done("m", k)
     assert len(a.index) <= 1000
-    assert outcomes[:8] == ["spread"] * 8 and set(outcomes[8:]) == {"new"}
+    assert outcomes[:32] == ["spread"] * 32 and set(outcomes[32:]) == {"new"}
 
 
 def test_the_index_is_per_model_and_text_is_cut_in_whole_chunks() -> None:

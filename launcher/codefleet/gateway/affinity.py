@@ -1,7 +1,7 @@
-"""Prefix affinity: requests that share a long prompt prefix get the same session key, so that
-vllm-router's ``sticky_least_loaded`` sends them to the replica that already holds that prefix in
-its KV cache; a new prefix becomes a new session, which the router places on the replica with the
-fewest sessions.
+"""Prefix affinity: requests that share a long prompt prefix get the same key, so that
+vllm-router's ``consistent_hash`` sends them to the replica that already holds that prefix in its
+KV cache (a ring of 160 virtual nodes per replica: a key stays put while the replicas do, and a
+joining or leaving replica moves about 1/N of the keys).
 
 Why here and not in the router: vllm-router 0.1.17's ``cache_aware`` matches token ids, which it
 asks every replica's render endpoint for on every request (one render per replica per request,
@@ -21,18 +21,21 @@ loads, Mirrokni et al. 2018):
   than ``min_share`` of its chunks (a shared system prompt alone does not tie every conversation
   to one replica); else it starts a new key.
 * Bounded load: a key with more requests in flight than ``spill`` x the model's requests in flight
-  per ready replica (and at least 2) spills to a sibling key (``key~1``, ...), a new session that
-  the router places elsewhere: a hot prefix is copied onto more replicas as its load grows.
+  per ready replica (and at least 2) spills to a sibling key (``key~1``, ...), which the ring
+  places elsewhere with probability (N-1)/N: a hot prefix is copied onto more replicas as its
+  load grows.
 
-The key travels as ``x-session-id`` (the first header vllm-router's session lookup reads); a
-client's own ``x-session-id`` is replaced. A prompt with nothing to keep together (shorter than one
-chunk, or token ids) takes the least busy of ``2 x replicas`` spread keys: without a key
-sticky_least_loaded sends every such request to the same replica (measured with two fake
-upstreams), and a fresh key per request would fill the router's session table.
+The key travels as ``x-session-id`` (the first header vllm-router's key lookup reads; a client's
+own is replaced). A prompt with nothing to keep together (shorter than one chunk, or token ids)
+takes the least busy of ``8 x replicas`` spread keys, which the ring scatters over the replicas:
+load balancing by the gateway's own in-flight counts.
 
-Known limit: the router places a new key by its replicas' session counts, not their load, and the
-gateway does not know which replica a key landed on; a hot key spills, but two warm keys on one
-replica are not moved.
+Why consistent_hash and not sticky_least_loaded (which places a new key on the replica with the
+fewest keys): a replica that restarts or joins got no traffic from keys placed before it came
+(tests/e2e/test_fault.py failed so), and its session table grows with every one-off key.
+
+Known limit: the gateway does not know which replica a key is on, so balance is the ring's (keys
+scattered by hash) plus the spill of hot keys; two warm keys on one replica are not moved.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-#: The header vllm-router's sticky_least_loaded reads first.
+#: The header vllm-router's consistent_hash reads first (before x-user-id, ..., x-request-id).
 SESSION_HEADER = b"x-session-id"
 
 
@@ -99,8 +102,8 @@ class Affinity:
         """The request's session key (counted in flight until ``done``)."""
         text = prompt_text(payload)
         hashes = chunk_hashes(text, self.chunk_chars) if text else []
-        if not hashes:  # nothing worth keeping together: the least busy of 2 x replicas spread keys
-            spread = min((b"~spread~%d" % i for i in range(2 * max(replicas, 1))),
+        if not hashes:  # nothing worth keeping together: the least busy of 8 x replicas spread keys
+            spread = min((b"~spread~%d" % i for i in range(8 * max(replicas, 1))),
                          key=lambda k: self.in_flight[model, k])
             self._take(model, spread, "spread")
             return spread
