@@ -145,7 +145,7 @@ class PrefixAffinity(_Strict):
     """A key with more requests in flight than this x the model's in flight per ready replica (and
     at least 2) spills to a sibling key, which the router places on another replica."""
     index_chunks: int = Field(200_000, ge=1000)
-    """Chunk hashes each gateway remembers (least recently used first out; about 100 bytes each)."""
+    """Chunk hashes each gateway remembers (least recently used first out; about 175 bytes each)."""
 
 
 class Router(_Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httptools
 import httpx
@@ -33,6 +34,7 @@ class FakeRouter(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.n = 0
+        self.headers: list[tuple[bytes, bytes]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -43,6 +45,10 @@ class FakeRouter(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url = url
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
 
     def on_message_complete(self) -> None:
         assert self.transport is not None
@@ -59,12 +65,15 @@ def answer(t: asyncio.Transport, body: bytes = OK) -> None:
     t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
 
 
-async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
+async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient], Awaitable[None]],
+                       seen: list[Gateway] | None = None, **config: Any) -> None:
     loop = asyncio.get_running_loop()
     FakeRouter.connections = FakeRouter.reused = 0
     router = await loop.create_server(lambda: FakeRouter(behaviour), "127.0.0.1", 0)
     rport = router.sockets[0].getsockname()[1]
-    gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", models=("m",), port=0))
+    gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", models=("m",), port=0, **config))
+    if seen is not None:
+        seen.append(gw)
     await gw.open()
     server = await loop.create_server(lambda: Client(gw), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -154,3 +163,32 @@ def test_router_plain_text_errors_become_openai_errors(status: int) -> None:
             assert r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "model_unavailable"
 
     asyncio.run(with_gateway(behaviour, client))
+
+
+def test_prefix_affinity_sends_its_key_replaces_the_clients_and_frees_it_at_the_end() -> None:
+    sent: list[list[tuple[bytes, bytes]]] = []
+
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        sent.append(router.headers)
+        answer(t)
+
+    gateways: list[Gateway] = []
+    file_a = "def f(x):\n    return x\n" * 60  # about 1.4 KB: 5 chunks
+
+    async def client(c: httpx.AsyncClient) -> None:
+        for q in ("explain f", "test f"):
+            r = await c.post("/v1/completions", json={"model": "m", "prompt": file_a + q},
+                             headers={"X-Session-Id": "chosen-by-the-client"})
+            assert r.status_code == 200
+        for _ in range(3):
+            assert (await c.post("/v1/completions", json={"model": "m", "prompt": "x"})).status_code == 200
+
+    asyncio.run(with_gateway(behaviour, client, gateways,
+                             affinity={"chunk_chars": 256, "min_share": 0.5, "spill": 1.25, "index_chunks": 1000}))
+    keys = [[v for k, v in h if k == b"x-session-id"] for h in sent]
+    assert all(len(k) == 1 for k in keys), keys  # exactly one: ours, the client's is dropped
+    assert keys[0] == keys[1] and keys[0] != [b"chosen-by-the-client"]
+    assert len({k[0] for k in keys[2:]}) == 3 and all(k[0].startswith(b"~spread~") for k in keys[2:])
+    gw = gateways[0]
+    assert gw.affinity is not None and not gw.affinity.in_flight  # every request's key was released
+    assert not gw.active  # and every exchange left the in-flight set when it ended

@@ -70,12 +70,17 @@ def prompt_text(payload: dict[str, Any]) -> str | None:
     return None
 
 
+#: Chunks hashed per request at most (512 KiB at 256 bytes a chunk: more than a 128K-token context;
+#: a 32 MiB body would otherwise cost about 0.4 s of the gateway's one thread and flush the index).
+MAX_CHUNKS = 2048
+
+
 def chunk_hashes(text: str, chunk_chars: int) -> list[bytes]:
-    """One hash per whole chunk, each over the chunk and the hash before it."""
+    """One hash per whole chunk (of the first ``MAX_CHUNKS``), each over the chunk and the hash before it."""
     out: list[bytes] = []
     h = b""
-    data = text.encode("utf-8", "surrogatepass")
     step = chunk_chars  # bytes: the same cut for the same text, which is all that matters here
+    data = text[:step * MAX_CHUNKS].encode("utf-8", "surrogatepass")[:step * MAX_CHUNKS]
     for i in range(0, len(data) - step + 1, step):
         h = hashlib.blake2b(h + data[i:i + step], digest_size=12).digest()
         out.append(h)
@@ -94,6 +99,8 @@ class Affinity:
         self.index: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
         self.in_flight: collections.Counter[tuple[str, bytes]] = collections.Counter()
         self.model_in_flight: collections.Counter[str] = collections.Counter()
+        self.turn: collections.Counter[str] = collections.Counter()
+        """Per model: where the next look at the spread keys starts (ties go round)."""
         self.count = count or (lambda model, outcome: None)
         """Called per request with its outcome: ``prefix`` (an indexed prefix's key), ``new`` (a new
         key), ``spill`` (a sibling of a hot key), ``spread`` (no prefix to keep: a spread key)."""
@@ -103,8 +110,10 @@ class Affinity:
         text = prompt_text(payload)
         hashes = chunk_hashes(text, self.chunk_chars) if text else []
         if not hashes:  # nothing worth keeping together: the least busy of 8 x replicas spread keys
-            spread = min((b"~spread~%d" % i for i in range(8 * max(replicas, 1))),
-                         key=lambda k: self.in_flight[model, k])
+            n = 8 * max(replicas, 1)
+            start = self.turn[model] % n
+            self.turn[model] += 1
+            spread = min((b"~spread~%d" % ((start + i) % n) for i in range(n)), key=lambda k: self.in_flight[model, k])
             self._take(model, spread, "spread")
             return spread
         key: bytes | None = None
@@ -113,16 +122,18 @@ class Affinity:
             k = self.index.get((model, h))
             if k is None:
                 break
-            self.index.move_to_end((model, h))
             key, matched = k, matched + 1
+        for h in reversed(hashes[:matched]):  # the deepest first: a chain's root leaves the index last
+            self.index.move_to_end((model, h))
         outcome = "prefix"
         if key is None or matched / len(hashes) <= self.min_share:
             key, outcome = hashes[-1].hex().encode(), "new"
-        base, n = key, 0
         bound = max(2.0, self.spill * (self.model_in_flight[model] + 1) / max(replicas, 1))
-        while self.in_flight[model, key] + 1 > bound and n < 64:
-            n += 1
-            key, outcome = base + b"~%d" % n, "spill"
+        if self.in_flight[model, key] + 1 > bound:  # hot: the first of the key's family with room
+            root = key.split(b"~", 1)[0]
+            family = [root, *(root + b"~%d" % n for n in range(1, 64))]
+            key = next((k for k in family if self.in_flight[model, k] + 1 <= bound), family[-1])
+            outcome = "spill"
         self._remember(model, hashes[matched:], key)
         self._take(model, key, outcome)
         return key

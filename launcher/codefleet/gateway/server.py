@@ -84,7 +84,7 @@ class Gateway:
         self._session: ClientSession | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: Exchanges in flight (pruned as they finish); ``closing``: the process is stopping.
+        #: Exchanges in flight (each leaves when it ends); ``closing``: the process is stopping.
         self.active: set[Exchange] = set()
         self.closing = False
 

@@ -39,6 +39,8 @@ class Host(Protocol):
     pool: Pool
     upstream_host: bytes
     upstream_auth: bytes | None
+    active: set[Exchange]
+    """Exchanges in flight: an exchange leaves it when it ends."""
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -100,6 +102,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self.gw.active.discard(self)
         if self.on_end is not None:
             self.on_end()
             self.on_end = None
