@@ -224,15 +224,18 @@ def run_one(spec: dict[str, Any], variant: dict[str, Any], replicas: int, n: int
     return rows
 
 
-def compare(folder: Path, repeat: int, only: list[str] | None) -> list[dict[str, Any]]:
+def compare(folder: Path, repeat: int, only: list[str] | None, workloads: list[str] | None = None,
+            first_pass: int = 1, replica_counts: list[int] | None = None) -> list[dict[str, Any]]:
     spec = yaml.safe_load((folder / "scenario.yaml").read_text())
+    if workloads:
+        spec["workloads"] = workloads
     results = folder / "results"
     results.mkdir(exist_ok=True)
     os.environ.setdefault("CODEFLEET_SCENARIO_KEYS", "sk-scenario")
     summary_file = results / "summary.json"
     rows: list[dict[str, Any]] = json.loads(summary_file.read_text()) if summary_file.exists() else []
-    for n in range(1, repeat + 1):
-        for replicas in spec["replicas"]:
+    for n in range(first_pass, first_pass + repeat):
+        for replicas in replica_counts or spec["replicas"]:
             for variant in spec["variants"]:
                 if only and variant["name"] not in only:
                     continue
@@ -297,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("folder", type=Path)
     c.add_argument("--repeat", type=int, default=1)
     c.add_argument("--only", nargs="*", help="only these variants")
+    c.add_argument("--workloads", nargs="*", help="only these workloads")
+    c.add_argument("--replicas", nargs="*", type=int, help="only these replica counts")
+    c.add_argument("--pass", dest="first_pass", type=int, default=1, help="number the passes from this one")
     t = sub.add_parser("tables", help="print the README tables from results/summary.json")
     t.add_argument("folder", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "compare":
-        compare(args.folder, args.repeat, args.only)
+        compare(args.folder, args.repeat, args.only, args.workloads, args.first_pass, args.replicas)
     rows = json.loads((args.folder / "results" / "summary.json").read_text())
     for workload in sorted({r["workload"] for r in rows}):
         print(f"\n{workload}:\n{table(rows, workload)}")

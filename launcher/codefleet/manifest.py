@@ -134,8 +134,8 @@ class CacheAware(_Strict):
 
 class PrefixAffinity(_Strict):
     """codefleet's prefix affinity (launcher/codefleet/gateway/affinity.py): the gateway gives
-    requests that share a prompt prefix one key, and vllm-router's consistent_hash keeps a key on
-    one replica."""
+    requests that share a prompt prefix one key, and vllm-router's sticky_least_loaded keeps a key
+    on one replica and places a new key on the replica with the fewest."""
 
     chunk_chars: int = Field(256, ge=16, le=65536)
     """Prefixes are compared in chunks of this many bytes of the prompt's text."""
@@ -146,6 +146,9 @@ class PrefixAffinity(_Strict):
     at least 2) spills to a sibling key, which the router places on another replica."""
     index_chunks: int = Field(200_000, ge=1000)
     """Chunk hashes each gateway remembers (least recently used first out; about 175 bytes each)."""
+    session_seconds: int = Field(600, ge=10)
+    """The router forgets a key unused for this long (VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S; its
+    default is 2 hours, which would keep every one-off prompt's key that long)."""
 
 
 class Router(_Strict):
@@ -156,7 +159,7 @@ class Router(_Strict):
     policy: RoutingPolicy = "prefix_affinity"
     """How requests are spread over a model's replicas (docs/endpoint.md, "Routing"). prefix_affinity
     (codefleet's): the gateway keys requests by their prompt's prefix and vllm-router's
-    consistent_hash keeps a key on one replica. cache_aware (vllm-router's): the router matches
+    sticky_least_loaded keeps a key on one replica. cache_aware (vllm-router's): the router matches
     token ids it asks the engines' render endpoints for (the engines then start with
     ``--enable-scale-out``). The rest are vllm-router's policies as they are. Chosen by measurement
     on the trained model: benchmarks/scenarios/prefix-routing/README.md."""

@@ -46,9 +46,9 @@ ROUTER_FLAGS = (
 
 def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_port: int,
                 cache_aware: CacheAware | None = None) -> list[str]:
-    # prefix_affinity: the gateway picks each request's key (x-session-id); the router's hash ring keeps
-    # a key on one replica (160 virtual nodes per replica; a joining replica takes about 1/N of the keys)
-    router_policy = "consistent_hash" if policy == "prefix_affinity" else policy
+    # prefix_affinity: the gateway picks each request's key (x-session-id); sticky_least_loaded keeps a
+    # key on one replica and places a new key on the replica with the fewest
+    router_policy = "sticky_least_loaded" if policy == "prefix_affinity" else policy
     argv = [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
             "--policy", router_policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port),
             *ROUTER_FLAGS]
@@ -60,11 +60,18 @@ def router_argv(python: str, policy: str, port: int, metrics_host: str, metrics_
     return argv
 
 
+def router_env(router: Router) -> dict[str, str]:
+    """The router's environment (sticky_least_loaded reads its session lifetime from it)."""
+    if router.policy == "prefix_affinity":
+        return {"VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S": str(router.prefix_affinity.session_seconds)}
+    return {}
+
+
 def gateway_affinity(router: Router) -> dict[str, float] | None:
     """What the gateway is told of prefix affinity (None: the policy is another)."""
     if router.policy != "prefix_affinity":
         return None
-    return router.prefix_affinity.model_dump()
+    return router.prefix_affinity.model_dump(exclude={"session_seconds"})
 
 
 @dataclass(frozen=True)
@@ -257,7 +264,7 @@ class Frontend:
     def _launch_router(self) -> None:
         argv = router_argv(self.python, self.router.policy, self.router_port, self.metrics.host,
                            self.router_metrics_port, self.router.cache_aware)
-        self.router_proc = spawn(argv, {}, self.run_dir / "logs" / "router.log")
+        self.router_proc = spawn(argv, router_env(self.router), self.run_dir / "logs" / "router.log")
 
     def _launch_gateway(self) -> None:
         cfg = self.run_dir / "gateway.json"

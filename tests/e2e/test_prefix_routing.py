@@ -1,7 +1,7 @@
 """Prefix routing on real engines, read from the gateway's, vllm-router's and the engines' own counters.
 
 The e2e fleet's policy is the default, prefix_affinity: the gateway keys each request by its
-prompt's prefix and vllm-router's consistent_hash keeps a key on one replica. Each way it can
+prompt's prefix and vllm-router's sticky_least_loaded keeps a key on one replica. Each way it can
 silently stop is a test here: requests sharing a prefix scattered over replicas (or all of them
 on one), and one replica taking all the traffic while another idles under concurrent load.
 cache_aware (token ids from the engines' render endpoints) is checked the same way through a

@@ -43,14 +43,15 @@ def test_other_policies_get_no_cache_flags() -> None:
     assert parsed(argv).policy == "round_robin"
 
 
-def test_prefix_affinity_is_consistent_hash_on_the_gateways_keys() -> None:
+def test_prefix_affinity_is_sticky_least_loaded_on_the_gateways_keys() -> None:
     from codefleet.manifest import PrefixAffinity, Router
-    from codefleet.router import gateway_affinity
+    from codefleet.router import gateway_affinity, router_env
 
     router = Router()
     assert router.policy == "prefix_affinity"  # the default, chosen by benchmarks/scenarios/prefix-routing
     argv = router_argv("python", router.policy, 8001, "127.0.0.1", 9402, router.cache_aware)
-    assert parsed(argv).policy == "consistent_hash" and "--cache-threshold" not in argv
+    assert parsed(argv).policy == "sticky_least_loaded" and "--cache-threshold" not in argv
+    assert router_env(router) == {"VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S": "600"}
     assert gateway_affinity(router) == {"chunk_chars": 256, "min_share": 0.5, "spill": 1.25, "index_chunks": 200_000}
     other = Router(policy="round_robin", prefix_affinity=PrefixAffinity(chunk_chars=64))
-    assert gateway_affinity(other) is None
+    assert router_env(other) == {} and gateway_affinity(other) is None
