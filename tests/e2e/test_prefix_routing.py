@@ -1,17 +1,18 @@
 """Prefix routing on real engines, read from the gateway's, vllm-router's and the engines' own counters.
 
-The e2e fleet's policy is the default, prefix_affinity: the gateway keys each request by its
-prompt's prefix and vllm-router's sticky_least_loaded keeps a key on one replica. Each way it can
-silently stop is a test here: requests sharing a prefix scattered over replicas (or all of them
-on one), and one replica taking all the traffic while another idles under concurrent load.
-cache_aware (token ids from the engines' render endpoints) is checked the same way through a
-second router in front of the same two replicas (they serve the render endpoints: fleet.yaml).
+Both prefix-aware policies run in front of the e2e fleet's two replicas of one model (the fleet
+itself runs the default, round robin): prefix_affinity as `codefleet up` starts it (a gateway that
+keys each request by its prompt's prefix, a sticky_least_loaded router), and cache_aware (a router
+that gets token ids from the engines' render endpoints; these replicas serve them: fleet.yaml).
+Each way prefix routing can silently stop is a test: requests sharing a prefix scattered over
+replicas, the router without tokens, and one replica taking all the traffic while another idles.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import random
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,11 +24,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.workloads import code_context, shared_prefix_prompts
+from codefleet.gateway.config import UPSTREAM_KEY_ENV, GatewayConfig
+from codefleet.manifest import Router
 from codefleet.procs import free_port, spawn, stop_group
-from codefleet.router import RouterAdmin, router_argv
+from codefleet.router import RouterAdmin, gateway_affinity, router_argv, router_env
 from codefleet.runtime.local import LocalFleet
 from codefleet.status import engine_look
-from tests.e2e.conftest import API_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -71,12 +73,51 @@ class Front:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=self.key, max_retries=0, timeout=timeout)
 
 
+def side_router(fleet: LocalFleet, policy: str, log: Path) -> tuple[subprocess.Popen[bytes], RouterAdmin, int]:
+    """A router of ``policy`` (codefleet's settings) in front of the fleet's two replicas of MODEL."""
+    port, metrics = free_port(), free_port()
+    proc = spawn(router_argv(fleet.python, policy, port, "127.0.0.1", metrics), router_env(Router(policy=policy)), log)
+    admin = RouterAdmin(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    while not admin.healthy():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    for r in fleet.replicas:
+        if r.plan.name == MODEL and r.url:
+            admin.add(r.url, MODEL)
+    return proc, admin, metrics
+
+
 @pytest.fixture(scope="module")
-def endpoint(fleet: LocalFleet) -> Front:
+def endpoint(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    """prefix_affinity as `codefleet up` runs it: a gateway with prefix affinity on in front of a
+    sticky_least_loaded router, in front of the same two replicas (the e2e fleet runs round robin)."""
     fe = fleet.frontend
-    assert fe is not None and fleet.plan.router.policy == "prefix_affinity"
-    return Front(fleet.url, API_KEY, (f"http://127.0.0.1:{fe.router_metrics_port}/metrics",
-                                      f"http://127.0.0.1:{fe.gateway_metrics_port}/metrics"))
+    assert fe is not None and fe.upstream_key
+    d = tmp_path_factory.mktemp("prefix-affinity")
+    proc, admin, metrics = side_router(fleet, "prefix_affinity", d / "router.log")
+    gw_port, gw_metrics = free_port(), free_port()
+    cfg = GatewayConfig(router_url=admin.url, models=(MODEL,), port=gw_port, metrics_port=gw_metrics,
+                        affinity=gateway_affinity(Router(policy="prefix_affinity")))
+    (d / "gateway.json").write_text(cfg.to_json())
+    gw = spawn([fleet.python, "-m", "codefleet.gateway", "--config", str(d / "gateway.json")],
+               {UPSTREAM_KEY_ENV: fe.upstream_key}, d / "gateway.log")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (d / "gateway.log").read_text()
+            time.sleep(0.1)
+        yield Front(f"http://127.0.0.1:{gw_port}", "unused", (f"http://127.0.0.1:{metrics}/metrics",
+                                                              f"http://127.0.0.1:{gw_metrics}/metrics"))
+        admin.close()
+    finally:
+        stop_group(gw.pid, grace=5)
+        stop_group(proc.pid, grace=5)
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +125,8 @@ def cache_aware(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) -> 
     """A cache_aware router (codefleet's thresholds) in front of the same two replicas."""
     fe = fleet.frontend
     assert fe is not None and fe.upstream_key
-    log: Path = tmp_path_factory.mktemp("cache-aware") / "router.log"
-    port, metrics = free_port(), free_port()
-    proc = spawn(router_argv(fleet.python, "cache_aware", port, "127.0.0.1", metrics), {}, log)
+    proc, admin, metrics = side_router(fleet, "cache_aware", tmp_path_factory.mktemp("cache-aware") / "router.log")
     try:
-        admin = RouterAdmin(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 30
-        while not admin.healthy():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        for r in fleet.replicas:
-            if r.plan.name == MODEL and r.url:
-                admin.add(r.url, MODEL)
         yield Front(admin.url, fe.upstream_key, (f"http://127.0.0.1:{metrics}/metrics",))
         admin.close()
     finally:
