@@ -6,6 +6,8 @@ answered. A random-weight checkpoint fails every one of these."""
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 
@@ -35,7 +37,9 @@ def test_completion_continues_code(fleet: LocalFleet) -> None:
     c = openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0)
     out = c.completions.create(model=MODEL, prompt="def fibonacci(n):\n", max_tokens=40, temperature=0)
     text = out.choices[0].text
-    assert "return" in text and "fibonacci(n - 1)" in text, text
+    # the recursion, however it is spaced: greedy output moved between "n - 1" and "n-1" from one
+    # fleet to the next (CPU kernels under other engines' load)
+    assert "return" in text and re.search(r"fibonacci\(n\s*-\s*1\)", text), text
 
 
 def test_stop_sequence_ends_the_text_where_it_appears(fleet: LocalFleet) -> None:
