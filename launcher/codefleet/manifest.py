@@ -156,12 +156,11 @@ class Router(_Strict):
     """Address the one OpenAI endpoint listens on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port of the endpoint; 0 picks a free one."""
-    policy: RoutingPolicy = "round_robin"
-    """How requests are spread over a model's replicas (docs/endpoint.md, "Routing"). round_robin (the
-    default). prefix_affinity (codefleet's): the gateway keys requests by their prompt's prefix and
-    vllm-router's sticky_least_loaded keeps a key on one replica; measured best on shared-prefix
-    traffic, but a replica that restarts or joins gets only keys made after it came (not the
-    default for that reason). cache_aware (vllm-router's): the router matches token ids it asks the
+    policy: RoutingPolicy = "prefix_affinity"
+    """How requests are spread over a model's replicas (docs/endpoint.md, "Routing"). prefix_affinity
+    (codefleet's, the default): the gateway keys requests by their prompt's prefix and vllm-router's
+    sticky_least_loaded keeps a key on one replica; measured best on shared-prefix traffic and no
+    worse than round robin without it. round_robin (vllm-router's): in turn. cache_aware (vllm-router's): the router matches token ids it asks the
     engines' render endpoints for (the engines then start with ``--enable-scale-out``). The rest are
     vllm-router's policies as they are. Measured on the trained model:
     benchmarks/scenarios/prefix-routing/README.md."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import string
 
-from codefleet.gateway.affinity import Affinity, chunk_hashes, prompt_text
+from codefleet.gateway.affinity import Affinity, chunk_hashes, jump_bucket, prompt_text
 
 SYSTEM = {"role": "system", "content": "You are a coding assistant. " * 20}  # ~560 bytes, 2 chunks
 
@@ -64,7 +64,8 @@ def test_a_hot_prefix_spills_to_sibling_keys_and_comes_back() -> None:
     assert base is not None
     # 8 in flight on 2 replicas: the bound is max(2, 1.25 x in flight / 2) at each choice
     assert 2 <= keys.count(base) < 8
-    assert {k for k in keys if k != base} <= {base + b"~1", base + b"~2"}
+    root = base.rsplit(b"@", 1)[0]
+    assert {k.rsplit(b"@", 1)[0] for k in keys if k != base} <= {root + b"~1", root + b"~2"}
     for k in keys:
         a.done("m", k)
     assert not a.in_flight and a.model_in_flight["m"] == 0
@@ -96,3 +97,37 @@ def test_the_index_is_per_model_and_text_is_cut_in_whole_chunks() -> None:
     assert ("m1", chunk_hashes(prompt_text(body) or "", 256)[0]) in a.index
     assert len(chunk_hashes("x" * 511, 256)) == 1 and len(chunk_hashes("x" * 512, 256)) == 2
     assert prompt_text({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) == "user\x1fhi\x1e"
+
+
+def test_jump_buckets_move_only_the_keys_of_the_new_bucket() -> None:
+    keys = [b"key-%d" % i for i in range(4000)]
+    for n in (1, 2, 3, 5):
+        before = [jump_bucket(k, n) for k in keys]
+        after = [jump_bucket(k, n + 1) for k in keys]
+        moved = [b for b, a in zip(before, after, strict=True) if a != b]
+        assert all(0 <= b < n for b in before)
+        assert {a for b, a in zip(before, after, strict=True) if a != b} == {n}  # only into the new one
+        assert abs(len(moved) / len(keys) - 1 / (n + 1)) < 0.03, (n, len(moved))
+        counts = [before.count(b) for b in range(n)]
+        assert max(counts) - min(counts) < 0.1 * len(keys) / n + 40
+
+
+def test_a_returning_replica_renames_a_share_of_the_placed_keys_and_every_spread_key() -> None:
+    a = Affinity()
+    files = [text(200 + i, 3000) for i in range(40)]
+
+    def keys(replicas: int) -> list[bytes]:
+        out = []
+        for f in files:
+            k = a.choose("m", chat(f + "\nexplain"), replicas)
+            a.done("m", k)
+            out.append(k)
+        return out
+
+    two, one, two_again = keys(2), keys(1), keys(2)
+    assert two == two_again  # the same prefixes keep their names once the set is back
+    renamed = sum(1 for x, y in zip(two, one, strict=True) if x != y)
+    assert 10 <= renamed <= 30  # about half: the other half keep their key, replica and cache
+    spread = {a.choose("m", {"prompt": "x"}, 2) for _ in range(16)}
+    spread_one = {a.choose("m", {"prompt": "x"}, 1) for _ in range(8)}
+    assert len(spread) == 16 and not spread & spread_one

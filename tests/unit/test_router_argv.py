@@ -47,7 +47,7 @@ def test_prefix_affinity_is_sticky_least_loaded_on_the_gateways_keys() -> None:
     from codefleet.manifest import PrefixAffinity, Router
     from codefleet.router import gateway_affinity, router_env
 
-    assert Router().policy == "round_robin"  # the default: benchmarks/scenarios/prefix-routing/README.md
+    assert Router().policy == "prefix_affinity"  # the default: benchmarks/scenarios/prefix-routing/README.md
     router = Router(policy="prefix_affinity")
     argv = router_argv("python", router.policy, 8001, "127.0.0.1", 9402, router.cache_aware)
     assert parsed(argv).policy == "sticky_least_loaded" and "--cache-threshold" not in argv

@@ -1,8 +1,9 @@
 """Prefix affinity: requests that share a long prompt prefix get the same key, so that
 vllm-router's ``sticky_least_loaded`` sends them to the replica that already holds that prefix in
-its KV cache; a new key is a new session, which the router places on the replica with the fewest
-(a replica that joins or restarts takes the new keys until it has its share; a key whose replica
-left is placed again).
+its KV cache; a new key is a new session, which the router places on the replica with the fewest.
+When a model's ready replicas change, a consistent share of the keys is renamed (``jump_bucket``)
+and so placed again: a replica that joins or comes back after a crash takes its share of the
+prefixes already placed, not only of those seen after it came.
 
 Why here and not in the router: vllm-router 0.1.17's ``cache_aware`` matches token ids, which it
 asks every replica's render endpoint for on every request (one render per replica per request,
@@ -31,8 +32,8 @@ own is replaced), prefixed with a tag of the model (the router keeps one session
 model). A prompt with nothing to keep together (shorter than one chunk, or token ids) takes, in
 turn, the least busy of ``8 x replicas`` spread keys: without a key sticky_least_loaded sends every
 such request to the same replica (measured with two fake upstreams), and a fresh key per request
-would fill the router's session table. The spread keys grow with the ready replicas, so a replica
-that joins or restarts is given the new ones.
+would fill the router's session table. The spread keys are named with the count of ready replicas,
+so all of them are placed again when it changes.
 
 vllm-router's consistent_hash was measured as the alternative (``results/consistent_hash/`` of the
 prefix-routing scenario): a key placed by hash instead of on the replica with the fewest, which
@@ -93,6 +94,25 @@ def chunk_hashes(text: str, chunk_chars: int) -> list[bytes]:
     return out
 
 
+def jump_bucket(key: bytes, buckets: int) -> int:
+    """The key's bucket in ``range(buckets)`` by jump consistent hashing (Lamping and Veach 2014,
+    "A Fast, Minimal Memory, Consistent Hash Algorithm", arXiv:1406.2294): when ``buckets`` grows
+    from n to n + 1, exactly the keys that land in the new bucket (1/(n + 1) of them) change.
+
+    Sent with the key, it re-keys that share of the keys when a model's ready replicas change: a
+    re-keyed key is a new session, which the router places on the replica with the fewest, so a
+    replica that joins or comes back takes its share of the placed prefixes; the other keys keep
+    their replica and its cache. (When a replica leaves, its keys are placed again by the router.)
+    """
+    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    b, j = -1, 0
+    while j < max(buckets, 1):
+        b = j
+        h = (h * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * (float(1 << 31) / float((h >> 33) + 1)))
+    return b
+
+
 class Affinity:
     """Session keys by prompt prefix, and each key's requests in flight (one per gateway process)."""
 
@@ -113,9 +133,10 @@ class Affinity:
         key), ``spill`` (a sibling of a hot key), ``spread`` (no prefix to keep: a spread key)."""
 
     def choose(self, model: str, payload: dict[str, Any], replicas: int) -> bytes:
-        """The request's session key (counted in flight until ``done``)."""
+        """The request's session key as sent (counted in flight until ``done``): the model's tag, the
+        key, and the key's bucket among ``replicas`` (see ``jump_bucket``)."""
         key = self._choose(model, payload, replicas)
-        return self._tag(model) + key
+        return self._tag(model) + key + b"@%d" % jump_bucket(key, replicas)
 
     def _tag(self, model: str) -> bytes:
         tag = self.tags.get(model)
@@ -130,7 +151,10 @@ class Affinity:
             n = 8 * max(replicas, 1)
             start = self.turn[model] % n
             self.turn[model] += 1
-            spread = min((b"~spread~%d" % ((start + i) % n) for i in range(n)), key=lambda k: self.in_flight[model, k])
+            # The replica count is in the name: when it changes, every spread key is new and placed
+            # again, so a replica that joins or restarts takes its share at once.
+            spread = min((b"~spread~%d/%d" % ((start + i) % n, n) for i in range(n)),
+                         key=lambda k: self.in_flight[model, k])
             self._take(model, spread, "spread")
             return spread
         key: bytes | None = None
@@ -161,7 +185,7 @@ class Affinity:
         self.count(model, outcome)
 
     def done(self, model: str, tagged: bytes) -> None:
-        key = tagged[len(self._tag(model)):]
+        key = tagged[len(self._tag(model)):].rsplit(b"@", 1)[0]
         self.in_flight[model, key] -= 1
         if self.in_flight[model, key] <= 0:
             del self.in_flight[model, key]
