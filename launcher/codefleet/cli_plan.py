@@ -55,6 +55,8 @@ def format_plan(plan: FleetPlan) -> str:
             extra += [f"weights {e.quantization}"] if e.quantization else []
             rows.append(f"  {m.name}: max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}"
                         + "".join(f", {e}" for e in extra))
+    rows.append("fill in the middle (suffix on /v1/completions; format, or no): "
+                + ", ".join(f"{m.name} {m.generation.fim or 'no'}" for m in plan.models))
     rows += [f"warning: {w}" for m in plan.models for w in m.warnings]
     return "\n".join(rows)
 

@@ -98,9 +98,10 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
     if gen.sampling_defaults:
         flags["override_generation_config"] = dict(sorted(gen.sampling_defaults.items()))
     env: dict[str, str] = {}
-    if gen.stop_tokens or gen.stop_strings:
+    if gen.stop_tokens or gen.stop_strings or gen.fim:
         flags["middleware"] = MIDDLEWARE
-        env[DEFAULTS_ENV] = json.dumps({"stop_tokens": list(gen.stop_tokens), "stop": list(gen.stop_strings)})
+        env[DEFAULTS_ENV] = json.dumps({"stop_tokens": list(gen.stop_tokens), "stop": list(gen.stop_strings),
+                                        **({"fim": gen.fim} if gen.fim else {})})
     if enforce_eager and "enforce_eager" not in plan.engine_args:
         flags["enforce_eager"] = True
     flags.update(plan.engine_args)

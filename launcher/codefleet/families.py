@@ -43,7 +43,8 @@ FAMILIES: dict[str, Family] = {
             template="granite-code.jinja",
             stop_tokens=("<|endoftext|>",),
             stop_strings=("System:", "Question:", "Answer:"),
-            special_tokens=("<|endoftext|>",),
+            # StarCoder's first five, in its order (ids 0-4: codefleet.catalog's fim_token_ids)
+            special_tokens=("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"),
             bos_token="<|endoftext|>",
             eos_token="<|endoftext|>",
             source="ibm-granite/granite-3b-code-instruct-128k tokenizer_config.json; "
@@ -69,7 +70,9 @@ FAMILIES: dict[str, Family] = {
             template="chatml.jinja",
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
             stop_strings=(),
-            special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+            # and Stable Code's fill markers (stable-code-3b card)
+            special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fim_prefix>", "<fim_middle>",
+                            "<fim_suffix>"),
             bos_token=None,
             eos_token="<|endoftext|>",
             source="stabilityai/stable-code-instruct-3b tokenizer_config.json and demo app",
@@ -79,7 +82,8 @@ FAMILIES: dict[str, Family] = {
             template="alpaca.jinja",
             stop_tokens=("<|endoftext|>",),
             stop_strings=("\n### Instruction:",),
-            special_tokens=("<|endoftext|>",),
+            # StarCoder's first five, in its order (the StarCoder GPTeacher fine-tune keeps its tokenizer)
+            special_tokens=("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"),
             bos_token=None,
             eos_token="<|endoftext|>",
             source="stanford_alpaca train.py PROMPT_DICT; the ### Instruction: stop is "

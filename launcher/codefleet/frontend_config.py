@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from codefleet.fim import FormatName
 from codefleet.gateway.config import DRAIN_S, Hold
 from codefleet.manifest import Defaults, Metrics, Router, Tenant, _Strict
 from codefleet.plans import Autoscale, FleetPlan
@@ -54,6 +55,8 @@ class FrontendSettings:
     tenants: dict[str, Tenant] = field(default_factory=dict)
     frontend_pods: int = 1
     """Frontend processes sharing the tenants' limits (each enforces its share)."""
+    fim: dict[str, str] = field(default_factory=dict)
+    """Per model that fills in the middle: its format (the gateway refuses ``suffix`` for the rest)."""
     manifest_dir: Path = field(default_factory=Path.cwd)
     """Where a relative API-key file is found."""
 
@@ -66,7 +69,8 @@ def frontend_settings(plan: FleetPlan) -> FrontendSettings:
         drain_s=float(max((p.drain_seconds for p in plan.models), default=DRAIN_S)),
         hold=holding((p.name, hold_of(p.autoscale) if p.autoscale else None) for p in plan.models),
         shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None},
-        tenants=dict(plan.tenants), manifest_dir=plan.manifest_dir)
+        tenants=dict(plan.tenants), fim={p.name: p.generation.fim for p in plan.models if p.generation.fim},
+        manifest_dir=plan.manifest_dir)
 
 
 class Target(_Strict):
@@ -81,6 +85,8 @@ class Target(_Strict):
     """Hold requests while the model has no ready replica (it scales from zero)."""
     max_waiting: int | None = Field(None, ge=0)
     """Shed new requests while the model's engines hold more than this many waiting."""
+    fim: FormatName | None = None
+    """The model's fill-in-the-middle format (codefleet.fim); none: ``suffix`` is refused."""
 
 
 class FrontendConfig(_Strict):
@@ -103,4 +109,5 @@ class FrontendConfig(_Strict):
             self.router, self.metrics, tuple(dict.fromkeys(t.model for t in self.targets)),
             drain_s=self.drain_seconds, hold=holding((t.model, t.hold) for t in self.targets),
             shed={t.model: t.max_waiting for t in self.targets if t.max_waiting is not None},
-            tenants=dict(self.tenants), frontend_pods=self.frontend_pods, manifest_dir=manifest_dir)
+            tenants=dict(self.tenants), frontend_pods=self.frontend_pods,
+            fim={t.model: t.fim for t in self.targets if t.fim}, manifest_dir=manifest_dir)

@@ -100,6 +100,8 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         "startupProbe": {"failureThreshold": startup_failure_threshold(p)},
         **({"autoscaling": _autoscaling_values(p)} if p.autoscale is not None else {}),
         **({"maxWaiting": front.shed[p.name]} if p.name in front.shed else {}),
+        # the gateway refuses `suffix` for models not filling in the middle (the engines render it)
+        **({"fim": front.fim[p.name]} if p.name in front.fim else {}),
         "plan": {
             "gpu": at.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),

@@ -160,10 +160,10 @@ class Router(_Strict):
     """How requests are spread over a model's replicas (docs/endpoint.md, "Routing"). prefix_affinity
     (codefleet's, the default): the gateway keys requests by their prompt's prefix and vllm-router's
     sticky_least_loaded keeps a key on one replica; measured best on shared-prefix traffic and no
-    worse than round robin without it. round_robin (vllm-router's): in turn. cache_aware (vllm-router's): the router matches token ids it asks the
-    engines' render endpoints for (the engines then start with ``--enable-scale-out``). The rest are
-    vllm-router's policies as they are. Measured on the trained model:
-    benchmarks/scenarios/prefix-routing/README.md."""
+    worse than round robin without it. round_robin (vllm-router's): in turn. cache_aware
+    (vllm-router's): the router matches token ids it asks the engines' render endpoints for (the
+    engines then start with ``--enable-scale-out``). The rest are vllm-router's policies as they are.
+    Measured on the trained model: benchmarks/scenarios/prefix-routing/README.md."""
     cache_aware: CacheAware = Field(default_factory=CacheAware)
     """cache_aware's thresholds and tree size (ignored by the other policies)."""
     prefix_affinity: PrefixAffinity = Field(default_factory=PrefixAffinity)
@@ -302,6 +302,11 @@ class ModelSpec(_Strict):
     share of the requests in flight still get in). Unset: no shedding."""
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
+    fim: bool | Literal["starcoder", "starcoder-spm", "codellama"] | None = None
+    """Fill in the middle (``suffix`` on /v1/completions, codefleet.fim): true (the catalog's format
+    for this model), false (a ``suffix`` gets 400), or a format by name; unset: the catalog's
+    default (``codefleet plan`` shows it). Whether an instruct fine-tune kept its base model's
+    infilling is often unknown: this is where a fleet decides."""
     moe_config_dir: str | None = None
     """As ``defaults.moe_config_dir``, for this model."""
     engine_args: dict[str, Any] = Field(default_factory=dict)

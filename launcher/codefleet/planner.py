@@ -128,7 +128,7 @@ def plan_model(
         notes.append(f"{spec.name}: replicas is 0: it is listed by /v1/models but answers 503 until `codefleet apply` "
                      f"gives it replicas (for replicas that follow load from zero, use autoscaling with min_replicas 0)")
     generation = Generation(chat_template=m.chat_template, sampling_defaults=_sampling_defaults(m),
-                            stop_tokens=m.family.stop_tokens, stop_strings=m.family.stop_strings)
+                            stop_tokens=m.family.stop_tokens, stop_strings=m.family.stop_strings, fim=m.fim)
 
     def replica_plan(placement: Placement, memory: Memory, engine: EngineLimits, moe_kernel: MoeKernel,
                      estimate: Estimate | None, terms: list[Term], warnings: list[str]) -> ReplicaPlan:

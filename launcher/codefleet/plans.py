@@ -106,6 +106,8 @@ class Generation:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     stop_tokens: tuple[str, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    #: Fill-in-the-middle format (codefleet.fim), None: the model takes no ``suffix``.
+    fim: str | None = None
 
 
 @dataclass(frozen=True)

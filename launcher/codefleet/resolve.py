@@ -13,6 +13,7 @@ from codefleet import demo_models
 from codefleet.catalog import CATALOG, CatalogEntry, lookup
 from codefleet.errors import Location, ManifestError
 from codefleet.families import FAMILIES, Family, get_family
+from codefleet.fim import FORMATS as FIM_FORMATS
 from codefleet.gpus import GPUS, unknown_gpu_message
 from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
 from codefleet.quant import Quant, detect
@@ -47,6 +48,15 @@ class ResolvedModel:
     warnings: tuple[str, ...] = ()
     #: Tuned fused-MoE configs (VLLM_TUNED_CONFIG_FOLDER), absolute.
     moe_config_dir: Path | None = None
+    #: Fill-in-the-middle format (codefleet.fim), None: no ``suffix``.
+    fim: str | None = None
+
+
+def _seed(catalog: CatalogEntry | None, demo: str | None, family: str | None) -> CatalogEntry | None:
+    """The catalog entry whose defaults a model takes: its own, or a demo checkpoint's family's seed."""
+    if catalog is not None or demo is None:
+        return catalog
+    return next((e for e in CATALOG.values() if e.family == family and not e.trained_demo), None)
 
 
 def _dtype(spec: ModelSpec, catalog: CatalogEntry | None, config: dict[str, Any] | None) -> str:
@@ -190,6 +200,17 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         if not moe_dir.is_dir():
             where = (*at, "moe_config_dir") if spec.moe_config_dir else ("defaults", "moe_config_dir")
             problems.append((loaded.location(where), f"moe_config_dir {moe_dir} is not a folder"))
+    seed = _seed(catalog, demo, family_name)
+    fim: str | None = spec.fim if isinstance(spec.fim, str) else None
+    if spec.fim is None and seed is not None:
+        fim = seed.fim
+    elif spec.fim is True:
+        fim = seed.fim if seed is not None else None
+        if fim is None:
+            known = ", ".join(FIM_FORMATS)
+            reason = (f"the catalog says {seed.hf_id} does not fill in the middle ({seed.fim_source})" if seed is not None
+                      else f"{spec.source} is not in the catalog, so its format is unknown")
+            fail("fim", f"fim: true, but {reason}; name the format the model was trained with ({known}) or set fim: false")
     if problems:
         raise ManifestError(problems)
     assert shape is not None and family_name is not None
@@ -214,5 +235,6 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         quant=quant,
         warnings=(quant_warning,) if quant_warning else (),
         moe_config_dir=moe_dir if shape.is_moe else None,
+        fim=fim,
     )
 

@@ -196,6 +196,8 @@ class Frontend:
     """Frontend processes sharing the tenants' limits (each enforces its share)."""
     shed: dict[str, int] = field(default_factory=dict)
     """Per model: the engines' waiting requests above which new requests are shed (429)."""
+    fim: dict[str, str] = field(default_factory=dict)
+    """Per model that fills in the middle: its format."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -214,7 +216,7 @@ class Frontend:
                       upstream_key: str | None = None) -> Frontend:
         return cls(s.router, s.metrics, s.models, run_dir, python, manifest_dir=s.manifest_dir, say=say,
                    upstream_key=upstream_key, drain_s=s.drain_s, hold=dict(s.hold), tenants=dict(s.tenants),
-                   frontend_pods=s.frontend_pods, shed=dict(s.shed))
+                   frontend_pods=s.frontend_pods, shed=dict(s.shed), fim=dict(s.fim))
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
@@ -258,7 +260,7 @@ class Frontend:
             key_sha256=self.key_sha256, max_body_bytes=r.max_body_mib * 1024 * 1024, limits=r.limits,
             drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
             tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
-            frontend_pods=self.frontend_pods, shed=self.shed, affinity=gateway_affinity(r),
+            frontend_pods=self.frontend_pods, shed=self.shed, fim=self.fim, affinity=gateway_affinity(r),
         )
 
     def _launch_router(self) -> None:

@@ -45,6 +45,9 @@ from codefleet.families import FAMILIES, Family, get_family
 SYSTEM = "You are a careful coding assistant."
 USER = "Write a Python function that adds two integers. [codefleet smoke]"
 PROMPT = "def add(a: int, b: int) -> int:\n"
+#: A fill: the text before and after the cursor.
+FILL_PREFIX = "def add(a: int, b: int) -> int:\n    return "
+FILL_SUFFIX = "\n\n\nprint(add(1, 2))\n"
 UNKNOWN_MODEL = "codefleet-smoke-no-such-model"
 MAX_TOKENS = 8
 SENSE_QUESTION = "Write a Python function named add that returns the sum of two numbers a and b."
@@ -159,13 +162,17 @@ class Smoke:
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", timeout=timeout,
                                     max_retries=2)
         self.progress = progress
+        self.fim: dict[str, str | None] = {}
+        """Per served model: its fill-in-the-middle format as /v1/models says (None: none)."""
 
     def models(self) -> dict[str, int | None]:
         """Served models and their ready replicas (None when the endpoint does not say)."""
         out: dict[str, int | None] = {}
         for m in self.client.models.list():
-            ready = (m.model_extra or {}).get("ready_replicas")
+            extra = m.model_extra or {}
+            ready = extra.get("ready_replicas")
             out[m.id] = int(ready) if isinstance(ready, int) else None
+            self.fim[m.id] = extra.get("fim") if isinstance(extra.get("fim"), str) else None
         return out
 
     def unknown_model(self) -> Check:
@@ -188,7 +195,7 @@ class Smoke:
         except openai.APIError as exc:
             report.checks.append(Check("chat", False, _api_error(exc)))
         for label, check in (("chat stream", self._chat_stream), ("completion", self._completion),
-                             ("completion stream", self._completion_stream)):
+                             ("completion stream", self._completion_stream), ("fill", self._fill)):
             try:
                 report.checks.append(check(name))
             except openai.APIError as exc:
@@ -240,6 +247,24 @@ class Smoke:
         stream = self.client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                                 stream=True, stream_options={"include_usage": True})
         return _stream_check("completion stream", stream, lambda c: c.choices[0].text if c.choices else None)
+
+    def _fill(self, model: str) -> Check:
+        """A fill (``suffix``) where /v1/models says the model takes one, else the 400 for it."""
+        fim = self.fim.get(model)
+        if fim is None:
+            try:
+                self.client.with_options(max_retries=0).completions.create(
+                    model=model, prompt=FILL_PREFIX, suffix=FILL_SUFFIX, max_tokens=1)
+            except openai.BadRequestError:
+                return Check("fill refused", True, "400 (no fill-in-the-middle format)")
+            return Check("fill refused", False, "the model has no fill format in /v1/models, but a suffix was served")
+        plain = self.client.completions.create(model=model, prompt=FILL_PREFIX, max_tokens=1, temperature=0)
+        r = self.client.completions.create(model=model, prompt=FILL_PREFIX, suffix=FILL_SUFFIX, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+        # the rendered prompt holds the suffix and three markers besides the prefix
+        ok = bool(r.usage and plain.usage and r.choices and r.usage.prompt_tokens >= plain.usage.prompt_tokens + 3)
+        return Check(f"fill ({fim})", ok, f"prompt {r.usage.prompt_tokens if r.usage else '?'} tokens against "
+                                         f"{plain.usage.prompt_tokens if plain.usage else '?'} without the suffix")
 
     def _stop(self, model: str, token: str) -> Check:
         name = f"stop {token}"

@@ -99,13 +99,24 @@ def test_token_counters_equal_the_usage_of_every_answer(fleet: LocalFleet) -> No
     assert r.usage is not None
     total_prompt += r.usage.prompt_tokens  # the same prompt
     total_completion += 6  # ignore_eos: exactly max_tokens
+    # fills are charged like any other request: the rendered prompt (markers and suffix) once
+    fill = c.completions.create(model=MODEL, prompt=prompt, suffix="\n\nprint(add(1, 2))\n", max_tokens=4,
+                                extra_body={"ignore_eos": True})
+    assert fill.usage is not None and fill.usage.prompt_tokens > r.usage.prompt_tokens + 3
+    total_prompt += fill.usage.prompt_tokens
+    total_completion += fill.usage.completion_tokens
+    streamed = list(c.completions.create(model=MODEL, prompt=prompt, suffix="\n\nprint(add(1, 2))\n", max_tokens=4,
+                                         stream=True, extra_body={"ignore_eos": True}))
+    assert all(ch.usage is None for ch in streamed)
+    total_prompt += fill.usage.prompt_tokens
+    total_completion += 4
     fe = fleet.frontend
     assert fe is not None
     rows = tenant_usage(httpx.get(f"http://127.0.0.1:{fe.gateway_metrics_port}/metrics").text)
     got = rows[("counted", MODEL)]
     print(f"\ncounters {got}; answers' usage: prompt {total_prompt}, completion {total_completion}")
     assert (got["prompt"], got["completion"]) == (total_prompt, total_completion)
-    assert got["requests"] == got["ok"] == 7
+    assert got["requests"] == got["ok"] == 9
 
 
 def test_unknown_key_401_and_a_model_not_allowed_403(fleet: LocalFleet) -> None:

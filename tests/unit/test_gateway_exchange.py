@@ -71,7 +71,7 @@ async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient
     FakeRouter.connections = FakeRouter.reused = 0
     router = await loop.create_server(lambda: FakeRouter(behaviour), "127.0.0.1", 0)
     rport = router.sockets[0].getsockname()[1]
-    gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", models=("m",), port=0, **config))
+    gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", **{"models": ("m",), "port": 0, **config}))
     if seen is not None:
         seen.append(gw)
     await gw.open()
@@ -192,3 +192,28 @@ def test_prefix_affinity_sends_its_key_replaces_the_clients_and_frees_it_at_the_
     gw = gateways[0]
     assert gw.affinity is not None and not gw.affinity.in_flight  # every request's key was released
     assert not gw.active  # and every exchange left the in-flight set when it ended
+
+
+def test_a_suffix_for_a_model_that_does_not_fill_is_a_400_naming_those_that_do() -> None:
+    sent: list[bytes] = []
+
+    def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
+        sent.append(path)
+        answer(t)
+
+    async def client(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": "def f(", "suffix": "):\n"})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["param"] == "suffix" and err["code"] == "fim_not_supported"
+        assert "`m` does not fill in the middle" in err["message"] and "Models that do: coder." in err["message"]
+        # a null suffix is no suffix (Tabby sends one), and chat is not a fill
+        assert (await c.post("/v1/completions", json={"model": "m", "prompt": "x", "suffix": None})).status_code == 200
+        models = (await c.get("/v1/models")).json()["data"]
+        assert [(m["id"], m["fim"]) for m in models] == [("m", None), ("coder", "starcoder")]
+
+    async def fleet(c: httpx.AsyncClient) -> None:
+        await client(c)
+
+    asyncio.run(with_gateway(behaviour, fleet, models=("m", "coder"), fim={"coder": "starcoder"}))
+    assert sent == [b"/v1/completions"]  # only the request without a suffix reached the router

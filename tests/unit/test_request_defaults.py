@@ -27,7 +27,7 @@ class _Tokenizer:
         return {"<|im_end|>": 2, "<|endoftext|>": 0}
 
 
-def _run(mw: RequestDefaults, path: str, body: bytes) -> dict[str, Any]:
+def _run(mw: RequestDefaults, path: str, body: bytes, renderer: Any = None) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -39,7 +39,7 @@ def _run(mw: RequestDefaults, path: str, body: bytes) -> dict[str, Any]:
         seen["body"] = body
         seen["headers"] = dict(scope["headers"])
 
-    engine = SimpleNamespace(renderer=SimpleNamespace(get_tokenizer=_Tokenizer))
+    engine = SimpleNamespace(renderer=renderer or SimpleNamespace(get_tokenizer=_Tokenizer))
     scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"1")],
              "app": SimpleNamespace(state=SimpleNamespace(engine_client=engine))}
     chunks = [body[: len(body) // 2], body[len(body) // 2 :]]

@@ -96,6 +96,12 @@ def unknown_model(name: str, served: list[str]) -> Rejection:
                   "unknown_model", param="model")
 
 
+def no_fill(name: str, capable: list[str]) -> Rejection:
+    can = f"Models that do: {', '.join(capable)}." if capable else "No model of this fleet does."
+    return reject(400, f"The model `{name}` does not fill in the middle, so `suffix` cannot be used with it. {can}",
+                  "fim_not_supported", "fim_not_supported", param="suffix")
+
+
 def invalid_json(why: str) -> Rejection:
     return reject(400, why, "invalid_json", "invalid_json")
 

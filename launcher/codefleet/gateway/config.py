@@ -76,6 +76,9 @@ class GatewayConfig:
     """How many gateways share the tenants' limits: each enforces 1/frontend_pods of every rate."""
     shed: dict[str, int] = field(default_factory=dict)
     """Per model: shed new requests (429) while its engines hold more than this many waiting."""
+    fim: dict[str, str] = field(default_factory=dict)
+    """Per model that fills in the middle (``suffix`` on /v1/completions): its format (codefleet.fim);
+    a ``suffix`` for any other model gets 400 here. Listed in /v1/models as ``fim``."""
     affinity: dict[str, float] | None = None
     """Prefix affinity's settings (gateway/affinity.py: ``Affinity``'s keywords); None: off."""
 

@@ -41,6 +41,8 @@ from codefleet.gateway.shed import Shedding
 from codefleet.gateway.upstream import Exchange
 from codefleet.gateway.workers import Workers
 
+FORWARDED_COMPLETIONS = FORWARDED[1].encode()
+
 _FORWARDED = frozenset(p.encode() for p in FORWARDED)
 _SERVED = ", ".join(FORWARDED)
 
@@ -159,7 +161,8 @@ class Gateway:
         return self.workers.ready
 
     def _model_object(self, name: str) -> dict[str, Any]:
-        obj = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet"}
+        obj: dict[str, Any] = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet",
+                               "fim": self.config.fim.get(name)}
         ready = self.workers.ready
         if ready is not None:
             obj["ready_replicas"] = ready.get(name, 0)
@@ -288,6 +291,11 @@ class Gateway:
         payload, model = checked
         if model not in self.models:
             self.answer(client, answers.unknown_model(model, sorted(self.models)))
+            return
+        if payload.get("suffix") is not None and model not in self.config.fim and req.path == FORWARDED_COMPLETIONS:
+            # vLLM 0.32 would refuse it too ("suffix is only supported for models with FIM completion
+            # rendering"); this names the fleet's models that can
+            self.answer(client, answers.no_fill(model, sorted(self.config.fim)))
             return
         tenant = req.tenant
         if self.closing:
