@@ -270,6 +270,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_cost(repeat: int = 2000) -> dict[str, float]:
+    """Microseconds per fill body (1,500 characters before the cursor, 500 after): what rendering
+    would add to the gateway (a second serialization of the body, besides its parse) against what
+    it adds inside the engine's middleware (which parses and re-serializes every body already)."""
+    import timeit
+
+    import orjson
+
+    from codefleet.fim import get_format
+
+    text = source(FILES[0], 4000)
+    body = {"model": "m", "prompt": text[:1500], "suffix": text[1500:2000], "max_tokens": 24, "temperature": 0.2,
+            "stream": True}
+    raw = orjson.dumps(body)
+    fim = get_format("starcoder")
+
+    def gateway() -> bytes:
+        payload = orjson.loads(raw)
+        payload["prompt"] = fim.render(payload["prompt"], payload.pop("suffix"))
+        return orjson.dumps(payload)
+
+    def middleware_render() -> str:
+        return fim.render(body["prompt"], body["suffix"])  # type: ignore[arg-type]
+
+    def us(f: Any) -> float:
+        return min(timeit.repeat(f, number=repeat, repeat=5)) / repeat * 1e6
+
+    out = {"gateway_parse_only_us": us(lambda: orjson.loads(raw)), "gateway_parse_render_serialize_us": us(gateway),
+           "middleware_render_us": us(middleware_render),
+           "middleware_json_roundtrip_us": us(lambda: json.dumps(json.loads(raw)))}
+    for k, v in out.items():
+        print(f"  {k:<36} {v:8.2f} us")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--passes", type=int, default=2)
     t = sub.add_parser("tables", help="print the README tables from results/summary.json")
     t.add_argument("folder", type=Path)
+    sub.add_parser("render-cost", help="what rendering a fill costs in the gateway against in the engine's middleware")
     args = p.parse_args(argv)
+    if args.cmd == "render-cost":
+        render_cost()
+        return 0
     rows = run(args.folder, args.passes) if args.cmd == "run" else json.loads(
         (args.folder / "results" / "summary.json").read_text())
     print(table(rows))
