@@ -724,12 +724,17 @@ def test_the_charts_frontend_is_told_what_codefleet_ups_is(tmp_path: Path, chart
     up = frontend_settings(plan_fleet(loaded, gpu="h100-80gb"))
     (cm,) = [o for o in render(chart, values) if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
     chart_side = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path)
-    assert up.hold and up.shed  # the case carries a hold and a shedding threshold
-    for name in ("models", "hold", "shed", "drain_s", "tenants"):
+    assert up.hold and up.shed and up.fim  # the case carries a hold, a shedding threshold, models that fill
+    for name in ("models", "hold", "shed", "drain_s", "tenants", "fim"):
         assert getattr(chart_side, name) == getattr(up, name), name
     monkeypatch.setenv("CODEFLEET_API_KEYS", "sk-test")  # the manifest's router.api_keys
     fe = Frontend.for_plan(plan_fleet(loaded, gpu="h100-80gb"), tmp_path, "python")
-    assert (fe.models, fe.hold, fe.shed, fe.drain_s) == (up.models, up.hold, up.shed, up.drain_s)
+    assert (fe.models, fe.hold, fe.shed, fe.drain_s, fe.fim) == (up.models, up.hold, up.shed, up.drain_s, up.fim)
+    # and the engines that fill are told their format (the middleware's settings in their env)
+    for name, d in engines(render(chart, values)).items():
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert json.loads(env["CODEFLEET_REQUEST_DEFAULTS"]).get("fim") == up.fim.get(name), name
 
 
 def test_a_hold_without_cold_start_takes_the_manifests_default(tmp_path: Path, chart: helm_python.Chart) -> None:
