@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -130,14 +131,16 @@ async def _abandon(base_url: str, key: str, model: str, stream: bool, text: str)
     body = {"model": model, "prompt": text[:1200], "suffix": text[1200:1500], "max_tokens": 400,
             "temperature": 0, "stream": stream, "ignore_eos": True}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
-        try:
+
+        async def send() -> None:
             async with s.post(base_url + "/v1/completions", json=body) as r:
-                if stream:
-                    await r.content.readline()  # the first event: the engine is decoding
-                else:
-                    await asyncio.wait_for(r.read(), 0.3)
-        except TimeoutError:
-            pass  # leaving the block closes the connection either way
+                await r.content.readline()  # streamed: the first event, the engine is decoding
+
+        if stream:
+            await send()
+        else:  # the head of a non-streamed answer comes with the whole answer: leave while waiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(send(), 0.3)
 
 
 def probe(base_url: str, key: str, model: str, urls: list[str], rounds: int) -> dict[str, list[float]]:

@@ -34,8 +34,6 @@ class FimFormat:
     #: Special tokens that end a fill (stop_token_ids), besides the family's end of text.
     stop_tokens: tuple[str, ...]
     source: str
-    #: Written between a marker and the text (CodeLlama's format has spaces around its markers).
-    pad: str = ""
 
     @property
     def markers(self) -> tuple[str, str, str]:
@@ -44,7 +42,7 @@ class FimFormat:
     def render(self, prefix: str, suffix: str) -> str:
         if self.order == "spm":
             return f"{self.prefix}{self.suffix}{suffix}{self.middle}{prefix}"
-        return f"{self.prefix}{self.pad}{prefix}{self.pad}{self.suffix}{suffix}{self.pad}{self.middle}"
+        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
 
 
 _STARCODER_SOURCE = (
@@ -74,19 +72,17 @@ FORMATS: dict[str, FimFormat] = {
             source=_STARCODER_SOURCE + "; suffix first as StarCoder was trained ('SPMv2': "
             "'<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}', nuprl/MultiPL-E starcoder2.py)",
         ),
-        FimFormat(
-            name="codellama",
-            prefix="<PRE>", suffix="<SUF>", middle="<MID>", order="psm", pad=" ",
-            stop_tokens=("<EOT>", "</s>"),
-            source="meta-llama/codellama README (infilling: the 7B and 13B Code Llama and Instruct models) "
-            "and llama/generation.py infilling_prompt_tokens ('<PRE> {prefix} <SUF>{suffix} <MID>', ending "
-            "with <EOT>); transformers' CodeLlamaTokenizer uses the same strings (ids 32007-32010 in the 7B/13B "
-            "tokenizers)",
-        ),
     )
 }
 
-FormatName = Literal["starcoder", "starcoder-spm", "codellama"]
+FormatName = Literal["starcoder", "starcoder-spm"]
+
+# Not offered: Code Llama's infilling format ('<PRE> {prefix} <SUF>{suffix} <MID>', ending with
+# <EOT>; meta-llama/codellama llama/generation.py infilling_prompt_tokens), which only its 7B and 13B
+# models were trained for (meta-llama/codellama README). Its markers are sentencepiece pieces
+# (``▁<PRE>``, ``▁<SUF>``, ``▁<MID>``, ``▁<EOT>``, ids 32007-32010 in the 7B/13B tokenizers), not the
+# text above, so the prompt must be built from token ids; no model of this fleet has them
+# (CodeFuse-CodeLlama-34B's vocabulary ends at 31999) and none was at hand to test it against.
 
 
 def get_format(name: str) -> FimFormat:

@@ -302,7 +302,7 @@ class ModelSpec(_Strict):
     share of the requests in flight still get in). Unset: no shedding."""
     chat_template: str | None = None
     """A Jinja file (relative to the manifest) instead of the family's template."""
-    fim: bool | Literal["starcoder", "starcoder-spm", "codellama"] | None = None
+    fim: bool | Literal["starcoder", "starcoder-spm"] | None = None
     """Fill in the middle (``suffix`` on /v1/completions, codefleet.fim): true (the catalog's format
     for this model), false (a ``suffix`` gets 400), or a format by name; unset: the catalog's
     default (``codefleet plan`` shows it). Whether an instruct fine-tune kept its base model's

@@ -75,13 +75,18 @@ class RequestDefaults:
         assert fim is not None
         missing = [t for t in fim.markers if t not in vocab]
         if missing:  # the text would be split into pieces, not the markers the model was trained on
-            log.error("fill in the middle (%s) is off: the tokenizer has no %s", fim.name, ", ".join(missing))
+            log.error("fill in the middle (%s) is off: the tokenizer has no %s; vLLM refuses `suffix`",
+                      fim.name, ", ".join(missing))
             return
+        log.info("fill in the middle: %s (%s)", fim.name,
+                 ", ".join(f"{t} {vocab[t]}" for t in fim.markers))
         self.fim_stop_ids = [vocab[t] for t in fim.stop_tokens if t in vocab]
         # an instance attribute over the method of vLLM's renderer class (vllm/renderers/base.py)
         renderer.render_completion_suffix = fim.render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.stop_token_ids is None and scope["type"] == "http":
+            self._token_ids(scope)  # the first request of any kind (a health probe) sets the fill hook
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
             await self.app(scope, receive, send)
             return

@@ -336,12 +336,14 @@ class Frontend:
             except ProcessLookupError:
                 pass
 
-    def reload_gateway(self, tenants: dict[str, Tenant]) -> None:
-        """Keys (read again from their file or variable) and tenants' limits to the running gateway:
-        its config file rewritten, then SIGHUP. A key naming an unknown tenant raises SecretError
-        first, and the running gateway keeps what it has."""
+    def reload_gateway(self, tenants: dict[str, Tenant], fim: dict[str, str] | None = None) -> None:
+        """Keys (read again from their file or variable), tenants' limits and the models' fill
+        formats to the running gateway: its config file rewritten, then SIGHUP. A key naming an
+        unknown tenant raises SecretError first, and the running gateway keeps what it has."""
         keys = load_api_keys(self.router.api_keys, self.manifest_dir, tuple(tenants))
         self.tenants = dict(tenants)
+        if fim is not None:
+            self.fim = dict(fim)
         self.key_sha256 = tuple(k.sha256 for k in keys)
         self.key_tenants = {k.sha256: k.tenant for k in keys}
         cfg = self.run_dir / "gateway.json"

@@ -10,7 +10,7 @@ import yaml
 
 from benchmarks.bench import build_parser, parse_goodput
 from benchmarks.loadgen import Result, meets, pct, summarize
-from codefleet.manifest import load
+from codefleet.manifest import load, parse
 from codefleet.planner import plan_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +58,9 @@ def test_scenarios_are_complete(path: Path) -> None:
     if "variants" in spec:  # a benchmarks.prefix_routing scenario: every variant x replicas x workload
         _prefix_routing_scenario_is_complete(path, spec)
         return
+    if "loads" in spec:  # a benchmarks.editor scenario: every load and the probe, in every pass
+        _editor_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -69,6 +72,22 @@ def test_scenarios_are_complete(path: Path) -> None:
             assert all(m.placement.accelerator == "cpu" for m in plan.models)
         else:
             assert run["base_url_env"]
+
+
+def _editor_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    from benchmarks.editor import Editors, manifest
+
+    plan_fleet(parse(manifest(spec), path))  # the fleet it starts is a valid one
+    for load in spec["loads"].values():
+        Editors(**{k: tuple(v) if isinstance(v, list) else v for k, v in load.items()})
+    rows = json.loads((path.parent / "results" / "summary.json").read_text())
+    passes = {r["pass"] for r in rows}
+    for n in passes:
+        assert {r["load"] for r in rows if r["pass"] == n} == {*spec["loads"], "probe"}, n
+    assert all(r["sent"] == r["kept"] + r["abandoned"] for r in rows if r["load"] != "probe")
+    assert (path.parent / "results" / "editor.png").exists()
 
 
 def _multiturn_scenario_is_complete(path: Path, spec: dict) -> None:

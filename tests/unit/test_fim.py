@@ -22,8 +22,7 @@ from tests.unit.test_request_defaults import _run
 def test_each_format_renders_its_order() -> None:
     assert get_format("starcoder").render("def f(", "):\n") == "<fim_prefix>def f(<fim_suffix>):\n<fim_middle>"
     assert get_format("starcoder-spm").render("A", "B") == "<fim_prefix><fim_suffix>B<fim_middle>A"
-    # CodeLlama's infilling prompt: '<PRE> {prefix} <SUF>{suffix} <MID>'
-    assert get_format("codellama").render("A", "B") == "<PRE> A <SUF>B <MID>"
+    assert set(FORMATS) == {"starcoder", "starcoder-spm"}  # Code Llama's: not offered (fim.py says why)
     with pytest.raises(KeyError, match="known: starcoder"):
         get_format("deepseek")
 
@@ -116,3 +115,11 @@ def test_vllm_still_calls_the_hook_the_middleware_sets() -> None:
     assert inspect.signature(BaseRenderer.render_completion_suffix).parameters.keys() == {"self", "prompt", "suffix"}
     source = inspect.getsource(online_renderer)
     assert "self.renderer.render_completion_suffix(" in source and '"Echo is unsupported with suffix."' in source
+
+
+def test_the_hook_is_set_by_the_first_request_of_any_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A health probe comes first; with cache_aware the router's first call is a render endpoint,
+    which passes by untouched but must already find the hook."""
+    mw, renderer = _fim_middleware(monkeypatch, STARCODER_VOCAB)
+    _run(mw, "/health", b"", renderer=renderer)
+    assert renderer.render_completion_suffix("a", "b") == "<fim_prefix>a<fim_suffix>b<fim_middle>"

@@ -202,18 +202,42 @@ def test_a_suffix_for_a_model_that_does_not_fill_is_a_400_naming_those_that_do()
         answer(t)
 
     async def client(c: httpx.AsyncClient) -> None:
-        r = await c.post("/v1/completions", json={"model": "m", "prompt": "def f(", "suffix": "):\n"})
+        r = await c.post("/v1/completions", json={"model": "plain", "prompt": "def f(", "suffix": "):\n"})
         assert r.status_code == 400
         err = r.json()["error"]
         assert err["param"] == "suffix" and err["code"] == "fim_not_supported"
-        assert "`m` does not fill in the middle" in err["message"] and "Models that do: coder." in err["message"]
+        assert "`plain` does not fill in the middle" in err["message"] and "Models that do: m." in err["message"]
         # a null suffix is no suffix (Tabby sends one), and chat is not a fill
         assert (await c.post("/v1/completions", json={"model": "m", "prompt": "x", "suffix": None})).status_code == 200
         models = (await c.get("/v1/models")).json()["data"]
-        assert [(m["id"], m["fim"]) for m in models] == [("m", None), ("coder", "starcoder")]
+        assert [(m["id"], m["fim"]) for m in models] == [("m", "starcoder"), ("plain", None)]
 
     async def fleet(c: httpx.AsyncClient) -> None:
         await client(c)
+        # vLLM copies the suffix into every prompt of a list before any check: held to the body limit
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": [""] * 40, "suffix": "x" * 2000})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+        assert "more than the 65536-byte request limit" in r.json()["error"]["message"]
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "suffix": ["a"]})
+        assert r.status_code == 400 and "`suffix` must be a string" in r.json()["error"]["message"]
+        ok = await c.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "suffix": "x" * 2000})
+        assert ok.status_code == 200
 
-    asyncio.run(with_gateway(behaviour, fleet, models=("m", "coder"), fim={"coder": "starcoder"}))
-    assert sent == [b"/v1/completions"]  # only the request without a suffix reached the router
+    asyncio.run(with_gateway(behaviour, fleet, models=("m", "plain"), fim={"m": "starcoder"},
+                             max_body_bytes=65536))
+    assert sent == [b"/v1/completions"] * 2  # only the acceptable requests reached the router
+
+
+def test_a_reload_brings_new_fill_formats(tmp_path: Any) -> None:
+    from codefleet.gateway.config import GatewayConfig
+
+    gateways: list[Gateway] = []
+
+    async def client(c: httpx.AsyncClient) -> None:
+        assert (await c.get("/v1/models")).json()["data"][0]["fim"] is None
+        cfg = tmp_path / "gw.json"
+        cfg.write_text(GatewayConfig(router_url="http://127.0.0.1:1", models=("m",), fim={"m": "starcoder"}).to_json())
+        gateways[0].reload(str(cfg))
+        assert (await c.get("/v1/models")).json()["data"][0]["fim"] == "starcoder"
+
+    asyncio.run(with_gateway(lambda r, t, p, n: answer(t), client, gateways))

@@ -99,10 +99,11 @@ def jump_bucket(key: bytes, buckets: int) -> int:
     "A Fast, Minimal Memory, Consistent Hash Algorithm", arXiv:1406.2294): when ``buckets`` grows
     from n to n + 1, exactly the keys that land in the new bucket (1/(n + 1) of them) change.
 
-    Sent with the key, it re-keys that share of the keys when a model's ready replicas change: a
-    re-keyed key is a new session, which the router places on the replica with the fewest, so a
-    replica that joins or comes back takes its share of the placed prefixes; the other keys keep
-    their replica and its cache. (When a replica leaves, its keys are placed again by the router.)
+    Sent with the key (and the bucket's generation, new each time the count grows into it), it
+    renames that share of the keys when a model's ready replicas grow: a renamed key is a new
+    session, which the router places on the replica with the fewest, so a replica that joins or
+    comes back takes its share of the placed prefixes; the other keys keep their replica and its
+    cache. (When a replica leaves, its keys are placed again by the router.)
     """
     h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     b, j = -1, 0
@@ -126,6 +127,8 @@ class Affinity:
         self.in_flight: collections.Counter[tuple[str, bytes]] = collections.Counter()
         self.model_in_flight: collections.Counter[str] = collections.Counter()
         self.tags: dict[str, bytes] = {}
+        self.generations: dict[str, list[int]] = {}
+        self.replicas_seen: dict[str, int] = {}
         self.turn: collections.Counter[str] = collections.Counter()
         """Per model: where the next look at the spread keys starts (ties go round)."""
         self.count = count or (lambda model, outcome: None)
@@ -134,9 +137,23 @@ class Affinity:
 
     def choose(self, model: str, payload: dict[str, Any], replicas: int) -> bytes:
         """The request's session key as sent (counted in flight until ``done``): the model's tag, the
-        key, and the key's bucket among ``replicas`` (see ``jump_bucket``)."""
+        key, its bucket among ``replicas`` (see ``jump_bucket``) and that bucket's generation."""
         key = self._choose(model, payload, replicas)
-        return self._tag(model) + key + b"@%d" % jump_bucket(key, replicas)
+        bucket = jump_bucket(key, replicas)
+        return self._tag(model) + key + b"@%d.%d" % (bucket, self._generation(model, replicas, bucket))
+
+    def _generation(self, model: str, replicas: int, bucket: int) -> int:
+        """How many times the model's ready replicas grew to include ``bucket``: each time, the keys
+        of that bucket get names the router has not seen (its sessions live 10 minutes, so a count
+        that comes back would otherwise bring back names still placed where they were before)."""
+        gens = self.generations.setdefault(model, [])
+        seen = self.replicas_seen.get(model, 0)
+        if replicas > seen:
+            gens += [0] * (replicas - len(gens))
+            for b in range(seen, replicas):
+                gens[b] += 1
+        self.replicas_seen[model] = replicas
+        return gens[bucket] if bucket < len(gens) else 0
 
     def _tag(self, model: str) -> bytes:
         tag = self.tags.get(model)

@@ -67,6 +67,8 @@ class Gateway:
         self.digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
         self.key_tenants = {bytes.fromhex(h): t for h, t in config.key_tenants.items()}
         self.admission = Admission(config.tenants, config.frontend_pods)
+        self.fim = dict(config.fim)
+        """Per model that fills in the middle: its format (reloaded with the keys: ``codefleet apply``)."""
         self.upstream_auth = f"Bearer {upstream_key}".encode() if upstream_key else None
         url = urllib.parse.urlsplit(config.router_url)
         self.upstream_host = url.netloc.encode()
@@ -138,6 +140,9 @@ class Gateway:
             return
         self.digests, self.key_tenants = digests, key_tenants
         self.admission.configure(config.tenants)
+        if config.fim != self.fim:
+            self.fim = dict(config.fim)
+            self._models_body = self._list_models()
         print(f"codefleet gateway: reloaded {len(digests)} keys, {len(config.tenants)} tenants", flush=True)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -162,7 +167,7 @@ class Gateway:
 
     def _model_object(self, name: str) -> dict[str, Any]:
         obj: dict[str, Any] = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet",
-                               "fim": self.config.fim.get(name)}
+                               "fim": self.fim.get(name)}
         ready = self.workers.ready
         if ready is not None:
             obj["ready_replicas"] = ready.get(name, 0)
@@ -278,6 +283,22 @@ class Gateway:
     def _not_allowed(self, client: Client, req: Request, allow: bytes) -> None:
         self.answer(client, answers.not_allowed(req.method.decode("latin-1"), req.path.decode("latin-1"), allow))
 
+    def _check_fill(self, model: str, payload: dict[str, Any]) -> Rejection | None:
+        """A completion with a ``suffix``: refused for a model that does not fill (vLLM 0.32 would
+        refuse it too, without naming the models that can), and bounded: vLLM copies the suffix into
+        every prompt of a list before any length check, so a list times the suffix is held to the
+        body limit."""
+        if model not in self.fim:
+            return answers.no_fill(model, sorted(self.fim))
+        suffix, prompt = payload["suffix"], payload.get("prompt")
+        if not isinstance(suffix, str):
+            return answers.invalid_body("`suffix` must be a string.", "suffix")
+        if isinstance(prompt, list) and len(prompt) * (len(suffix) + 64) > self.config.max_body_bytes:
+            return answers.invalid_body(f"{len(prompt)} prompts, each filled with a {len(suffix)}-character suffix, "
+                                        f"are more than the {self.config.max_body_bytes}-byte request limit.",
+                                        "suffix")
+        return None
+
     def _refuse(self, client: Client, model: str, tenant: str, rej: Rejection) -> None:
         """A request for a served model answered here: counted under the model (and tenant)."""
         self.count(model, str(rej.status), tenant)
@@ -292,12 +313,12 @@ class Gateway:
         if model not in self.models:
             self.answer(client, answers.unknown_model(model, sorted(self.models)))
             return
-        if payload.get("suffix") is not None and model not in self.config.fim and req.path == FORWARDED_COMPLETIONS:
-            # vLLM 0.32 would refuse it too ("suffix is only supported for models with FIM completion
-            # rendering"); this names the fleet's models that can
-            self.answer(client, answers.no_fill(model, sorted(self.config.fim)))
-            return
         tenant = req.tenant
+        if payload.get("suffix") is not None and req.path == FORWARDED_COMPLETIONS:
+            rej = self._check_fill(model, payload)
+            if rej is not None:
+                self._refuse(client, model, tenant, rej)
+                return
         if self.closing:
             self._refuse(client, model, tenant, answers.SHUTTING_DOWN)
             return

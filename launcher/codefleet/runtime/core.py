@@ -13,6 +13,7 @@ import httpx
 
 from codefleet import demo_models
 from codefleet.errors import RuntimeStartError
+from codefleet.frontend_config import frontend_settings
 from codefleet.metrics import FleetMetrics
 from codefleet.observability import write_engine_targets
 from codefleet.plans import FleetPlan, ReplicaPlan
@@ -415,7 +416,8 @@ class Fleet:
                 demo_models.ensure(m.demo)
         if self.frontend is not None:
             # keys may have changed in their file or variable, and the tenants' limits in the manifest
-            self.frontend.reload_gateway(new.tenants)
+            # (and a model's fill format, which its engines take as they are replaced)
+            self.frontend.reload_gateway(new.tenants, frontend_settings(new).fim)
             if diff.tenants_changed:
                 changes.append(f"tenants: {', '.join(sorted(new.tenants)) or 'none'} (limits reloaded)")
         with self._lock:
