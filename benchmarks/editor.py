@@ -210,8 +210,8 @@ def run(folder: Path, passes: int) -> list[dict[str, Any]]:
             print(f"== {spec['model']}: starting the fleet ...", flush=True)
             fleet.start(timeout=900)
             urls = [r.url for r in fleet.replicas if r.url]
-            # a new engine's first requests are slow (measured: TTFT p50 722 ms against 34 ms in the
-            # next pass, 95% of the fills overtaken): warm it up, unmeasured
+            # a new engine's first requests are slow (measured: TTFT p50 722 ms in a first pass without
+            # this, 95% of the fills overtaken; 297 ms and 59% with it): warm it up, unmeasured
             print("   warm-up: 2 editors x 8 pauses (not measured) ...", flush=True)
             asyncio.run(editors(fleet.url, key, spec["model"], Editors(editors=2, pauses=8, seed=99)))
             for n in range(1, passes + 1):
