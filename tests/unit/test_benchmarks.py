@@ -80,8 +80,8 @@ def _editor_scenario_is_complete(path: Path, spec: dict) -> None:
     from benchmarks.editor import Editors, manifest
 
     plan_fleet(parse(manifest(spec), path))  # the fleet it starts is a valid one
-    for load in spec["loads"].values():
-        Editors(**{k: tuple(v) if isinstance(v, list) else v for k, v in load.items()})
+    for shape in spec["loads"].values():
+        Editors(**{k: tuple(v) if isinstance(v, list) else v for k, v in shape.items()})
     rows = json.loads((path.parent / "results" / "summary.json").read_text())
     passes = {r["pass"] for r in rows}
     for n in passes:

@@ -113,4 +113,20 @@ def check_body(path: bytes, body: bytes) -> tuple[dict[str, Any], str] | Rejecti
     return payload, model
 
 
+def check_fill(model: str, payload: dict[str, Any], fim: dict[str, str], max_body_bytes: int) -> Rejection | None:
+    """A completion with a ``suffix``: refused for a model that does not fill (vLLM 0.32 would
+    refuse it too, without naming the models that can), and bounded: vLLM copies the suffix into
+    every prompt of a list before any length check, so a list times the suffix is held to the
+    body limit."""
+    if model not in fim:
+        return answers.no_fill(model, sorted(fim))
+    suffix, prompt = payload["suffix"], payload.get("prompt")
+    if not isinstance(suffix, str):
+        return answers.invalid_body("`suffix` must be a string.", "suffix")
+    if isinstance(prompt, list) and len(prompt) * (len(suffix) + 64) > max_body_bytes:
+        return answers.invalid_body(f"{len(prompt)} prompts, each filled with a {len(suffix)}-character suffix, "
+                                    f"are more than the {max_body_bytes}-byte request limit.", "suffix")
+    return None
+
+
 FORWARDED_CHAT = FORWARDED[0].encode()

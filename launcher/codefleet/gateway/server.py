@@ -34,7 +34,7 @@ from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV
 from codefleet.gateway.hold import Holding
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.metrics import GatewayMetrics
-from codefleet.gateway.policy import check_body
+from codefleet.gateway.policy import check_body, check_fill
 from codefleet.gateway.policy import check_head as check_key_and_size
 from codefleet.gateway.pool import Pool
 from codefleet.gateway.shed import Shedding
@@ -283,22 +283,6 @@ class Gateway:
     def _not_allowed(self, client: Client, req: Request, allow: bytes) -> None:
         self.answer(client, answers.not_allowed(req.method.decode("latin-1"), req.path.decode("latin-1"), allow))
 
-    def _check_fill(self, model: str, payload: dict[str, Any]) -> Rejection | None:
-        """A completion with a ``suffix``: refused for a model that does not fill (vLLM 0.32 would
-        refuse it too, without naming the models that can), and bounded: vLLM copies the suffix into
-        every prompt of a list before any length check, so a list times the suffix is held to the
-        body limit."""
-        if model not in self.fim:
-            return answers.no_fill(model, sorted(self.fim))
-        suffix, prompt = payload["suffix"], payload.get("prompt")
-        if not isinstance(suffix, str):
-            return answers.invalid_body("`suffix` must be a string.", "suffix")
-        if isinstance(prompt, list) and len(prompt) * (len(suffix) + 64) > self.config.max_body_bytes:
-            return answers.invalid_body(f"{len(prompt)} prompts, each filled with a {len(suffix)}-character suffix, "
-                                        f"are more than the {self.config.max_body_bytes}-byte request limit.",
-                                        "suffix")
-        return None
-
     def _refuse(self, client: Client, model: str, tenant: str, rej: Rejection) -> None:
         """A request for a served model answered here: counted under the model (and tenant)."""
         self.count(model, str(rej.status), tenant)
@@ -315,7 +299,7 @@ class Gateway:
             return
         tenant = req.tenant
         if payload.get("suffix") is not None and req.path == FORWARDED_COMPLETIONS:
-            rej = self._check_fill(model, payload)
+            rej = check_fill(model, payload, self.fim, self.config.max_body_bytes)
             if rej is not None:
                 self._refuse(client, model, tenant, rej)
                 return
