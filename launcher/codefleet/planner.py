@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from codefleet import moe
-from codefleet.catalog import CATALOG
 from codefleet.errors import PlanError
 from codefleet.explain import cpu_term, tail_terms, weight_terms
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
@@ -48,7 +47,7 @@ from codefleet.plans import (
     ReplicaPlan,
     Term,
 )
-from codefleet.resolve import ResolvedModel, resolve
+from codefleet.resolve import ResolvedModel, catalog_seed, resolve
 from codefleet.sizing import (
     BLOCK_TOKENS,
     LOGIT_BYTES,
@@ -96,12 +95,8 @@ def _estimate(m: ResolvedModel, tp: int, kv_tokens: int, gpu_name: str, prompt_t
 
 def _sampling_defaults(m: ResolvedModel) -> dict[str, Any]:
     """The model card's defaults; a demo checkpoint takes those of the seed model of its family."""
-    if m.catalog is not None:
-        return dict(m.catalog.card_sampling)
-    if m.demo is not None:
-        seed = next((e for e in CATALOG.values() if e.family == m.family.name), None)
-        return dict(seed.card_sampling) if seed else {}
-    return {}
+    seed = catalog_seed(m.catalog, m.demo, m.family.name)
+    return dict(seed.card_sampling) if seed else {}
 
 
 def plan_model(

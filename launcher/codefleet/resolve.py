@@ -52,7 +52,7 @@ class ResolvedModel:
     fim: str | None = None
 
 
-def _seed(catalog: CatalogEntry | None, demo: str | None, family: str | None) -> CatalogEntry | None:
+def catalog_seed(catalog: CatalogEntry | None, demo: str | None, family: str | None) -> CatalogEntry | None:
     """The catalog entry whose defaults a model takes: its own, or a demo checkpoint's family's seed."""
     if catalog is not None or demo is None:
         return catalog
@@ -200,7 +200,7 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         if not moe_dir.is_dir():
             where = (*at, "moe_config_dir") if spec.moe_config_dir else ("defaults", "moe_config_dir")
             problems.append((loaded.location(where), f"moe_config_dir {moe_dir} is not a folder"))
-    seed = _seed(catalog, demo, family_name)
+    seed = catalog_seed(catalog, demo, family_name)
     fim: str | None = spec.fim if isinstance(spec.fim, str) else None
     if spec.fim is None and seed is not None:
         fim = seed.fim

@@ -130,3 +130,4 @@ def check_fill(model: str, payload: dict[str, Any], fim: dict[str, str], max_bod
 
 
 FORWARDED_CHAT = FORWARDED[0].encode()
+FORWARDED_COMPLETIONS = FORWARDED[1].encode()

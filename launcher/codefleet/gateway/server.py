@@ -34,14 +34,12 @@ from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV
 from codefleet.gateway.hold import Holding
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.metrics import GatewayMetrics
-from codefleet.gateway.policy import check_body, check_fill
+from codefleet.gateway.policy import FORWARDED_COMPLETIONS, check_body, check_fill
 from codefleet.gateway.policy import check_head as check_key_and_size
 from codefleet.gateway.pool import Pool
 from codefleet.gateway.shed import Shedding
 from codefleet.gateway.upstream import Exchange
 from codefleet.gateway.workers import Workers
-
-FORWARDED_COMPLETIONS = FORWARDED[1].encode()
 
 _FORWARDED = frozenset(p.encode() for p in FORWARDED)
 _SERVED = ", ".join(FORWARDED)
