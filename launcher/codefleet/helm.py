@@ -136,7 +136,8 @@ def helm_values(loaded: LoadedManifest, plan: FleetPlan, api_keys_secret: str = 
         "frontend": {"policy": r.policy, "maxBodyMiB": r.max_body_mib, "drainSeconds": math.ceil(front.drain_s),
                      **({"limits": limits} if (limits := r.limits.model_dump(exclude_defaults=True)) else {}),
                      **({"cacheAware": ca} if (ca := r.cache_aware.model_dump(exclude_defaults=True)) else {}),
-                     **({"prefixAffinity": pa} if (pa := r.prefix_affinity.model_dump(exclude_defaults=True)) else {})},
+                     **({"prefixAffinity": pa} if (pa := r.prefix_affinity.model_dump(exclude_defaults=True)) else {}),
+                     **({"migration": mg} if (mg := r.migration.model_dump(exclude_defaults=True)) else {})},
         "apiKeys": api_keys,
         **({"tenants": {n: t.model_dump(exclude_none=True) for n, t in front.tenants.items()}}
            if front.tenants else {}),

@@ -151,6 +151,17 @@ class PrefixAffinity(_Strict):
     default is 2 hours, which would keep every one-off prompt's key that long)."""
 
 
+class Migration(_Strict):
+    """A stream whose replica is lost mid-answer continues on another replica of its model (the
+    gateway's request migration, launcher/codefleet/gateway/migrate.py; docs/endpoint.md, "A lost
+    replica"). A request nothing of which reached the client yet is sent again whole."""
+
+    limit: int = Field(2, ge=0, le=8)
+    """Continuations or re-sends per request; 0: none (a lost replica's streams end with an error event)."""
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    """Each continuation must find a replica within this long, or the stream ends with the error event."""
+
+
 class Router(_Strict):
     host: str = "127.0.0.1"
     """Address the one OpenAI endpoint listens on."""
@@ -168,6 +179,8 @@ class Router(_Strict):
     """cache_aware's thresholds and tree size (ignored by the other policies)."""
     prefix_affinity: PrefixAffinity = Field(default_factory=PrefixAffinity)
     """prefix_affinity's settings (ignored by the other policies)."""
+    migration: Migration = Field(default_factory=Migration)
+    """What happens to requests in flight on a replica that fails."""
     api_keys: ApiKeys | None = None
     """Client keys; when set, requests without a valid ``Authorization: Bearer`` key get 401."""
     max_body_mib: int = Field(32, ge=1, le=1024)

@@ -261,6 +261,7 @@ class Frontend:
             drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
             tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
             frontend_pods=self.frontend_pods, shed=self.shed, fim=self.fim, affinity=gateway_affinity(r),
+            migration=r.migration.model_dump(),
         )
 
     def _launch_router(self) -> None:

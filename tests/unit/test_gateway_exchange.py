@@ -26,6 +26,8 @@ class FakeRouter(asyncio.Protocol):
 
     connections = 0
     reused = 0
+    port = 0
+    """The port it listens on (set by with_gateway)."""
     """Requests that came on a connection that had carried one before (the pool at work)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
@@ -66,11 +68,12 @@ def answer(t: asyncio.Transport, body: bytes = OK) -> None:
 
 
 async def with_gateway(behaviour: Behaviour, client: Callable[[httpx.AsyncClient], Awaitable[None]],
-                       seen: list[Gateway] | None = None, **config: Any) -> None:
+                       seen: list[Gateway] | None = None, fake: type[FakeRouter] = FakeRouter,
+                       **config: Any) -> None:
     loop = asyncio.get_running_loop()
     FakeRouter.connections = FakeRouter.reused = 0
-    router = await loop.create_server(lambda: FakeRouter(behaviour), "127.0.0.1", 0)
-    rport = router.sockets[0].getsockname()[1]
+    router = await loop.create_server(lambda: fake(behaviour), "127.0.0.1", 0)
+    rport = fake.port = router.sockets[0].getsockname()[1]
     gw = Gateway(GatewayConfig(router_url=f"http://127.0.0.1:{rport}", **{"models": ("m",), "port": 0, **config}))
     if seen is not None:
         seen.append(gw)
@@ -133,7 +136,7 @@ def test_router_answer_cut_mid_body_is_a_502() -> None:
     asyncio.run(with_gateway(behaviour, client))
 
 
-def test_router_stream_cut_ends_with_an_error_event() -> None:
+def test_router_stream_cut_ends_with_an_error_event_when_migration_is_off() -> None:
     def behaviour(router: FakeRouter, t: asyncio.Transport, path: bytes, n: int) -> None:
         event = b'data: {"choices": [{"text": "a"}]}\n\n'
         t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -147,7 +150,7 @@ def test_router_stream_cut_ends_with_an_error_event() -> None:
         assert text.startswith('data: {"choices"') and '"code":"stream_interrupted"' in text
         assert text.endswith("data: [DONE]\n\n")
 
-    asyncio.run(with_gateway(behaviour, client))
+    asyncio.run(with_gateway(behaviour, client, migration={"limit": 0}))
 
 
 @pytest.mark.parametrize("status", [400, 503])

@@ -13,6 +13,8 @@ MAX_LINES = 400
 LONGER = {
     "http.py": "one HTTP/1.1 connection state machine (llhttp callbacks, timers, pipelining, limits); "
                "its parts share the connection's state",
+    "upstream.py": "one forwarded exchange's state machine (the router's callbacks, the client's, the endings and "
+                   "the continuation of a stream whose replica failed); they share the exchange's state",
     "core.py": "the reconcile loop: one Fleet's lifecycle, pass, drain and stop share its lock and replica list",
     "manifest.py": "the manifest's schema, one pydantic model per section, each field documented beside it",
 }

@@ -1,3 +1,3 @@
-from codefleet.gateway.server import main
+from codefleet.gateway.process import main
 
 raise SystemExit(main())

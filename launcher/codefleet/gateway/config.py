@@ -81,6 +81,9 @@ class GatewayConfig:
     a ``suffix`` for any other model gets 400 here. Listed in /v1/models as ``fim``."""
     affinity: dict[str, float] | None = None
     """Prefix affinity's settings (gateway/affinity.py: ``Affinity``'s keywords); None: off."""
+    migration: dict[str, float] = field(default_factory=dict)
+    """A lost replica's streams continued elsewhere (gateway/migrate.py: ``Settings``' keywords; empty:
+    its defaults)."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

@@ -18,6 +18,7 @@ HOLD = "codefleet_gateway_hold"
 HOLD_SECONDS = "codefleet_gateway_hold_seconds"
 EVICTED = "codefleet_gateway_connections_evicted"
 AFFINITY = "codefleet_gateway_prefix_affinity"
+MIGRATIONS = "codefleet_gateway_migrations"
 TENANT_REQUESTS = "codefleet_tenant_requests"
 TENANT_PROMPT_TOKENS = "codefleet_tenant_prompt_tokens"
 TENANT_COMPLETION_TOKENS = "codefleet_tenant_completion_tokens"
@@ -53,6 +54,12 @@ class GatewayMetrics:
                                           "prefix (a known prefix's key), new, spill (a hot key's sibling), "
                                           "spread (nothing to keep together)",
                                 ["model", "outcome"], registry=r)
+        self.migrations = Counter(MIGRATIONS, "Requests whose replica failed, by outcome: continued (a stream went "
+                                              "on on another replica), resent (sent again whole, nothing had "
+                                              "reached the client), finished (only [DONE] was missing), "
+                                              "exhausted (no continuation left), not_continuable, timeout, "
+                                              "client_gone (the error event, or nothing, as before)",
+                                  ["model", "outcome"], registry=r)
         for m in held_models:
             self.held.labels(m).set(0)
         # tenants (labels: tenant names and models from the configuration only)
@@ -80,6 +87,9 @@ class GatewayMetrics:
 
     def affinity_outcome(self, model: str, outcome: str) -> None:
         self.child(self.affinity, model, outcome).inc()
+
+    def migrated(self, model: str, outcome: str) -> None:
+        self.child(self.migrations, model, outcome).inc()
 
     def refused(self, reason: str) -> None:
         self.child(self.rejected, reason).inc()

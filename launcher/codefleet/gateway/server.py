@@ -8,14 +8,10 @@ forwarded one becomes an ``Exchange`` that is started, held (``hold.Holding``) o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
-import gc
 import hashlib
-import os
 import resource
-import signal
 import time
 import urllib.parse
 from collections.abc import Coroutine
@@ -30,11 +26,12 @@ from codefleet.gateway import answers
 from codefleet.gateway.admission import Admission
 from codefleet.gateway.affinity import Affinity
 from codefleet.gateway.answers import Rejection
-from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, UPSTREAM_KEY_ENV, GatewayConfig
+from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, GatewayConfig
 from codefleet.gateway.hold import Holding
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.metrics import GatewayMetrics
-from codefleet.gateway.policy import FORWARDED_COMPLETIONS, check_body, check_fill
+from codefleet.gateway.migrate import Settings, Transcript, continuable, tokens_moved
+from codefleet.gateway.policy import FORWARDED_CHAT, FORWARDED_COMPLETIONS, check_body, check_fill
 from codefleet.gateway.policy import check_head as check_key_and_size
 from codefleet.gateway.pool import Pool
 from codefleet.gateway.shed import Shedding
@@ -67,6 +64,7 @@ class Gateway:
         self.admission = Admission(config.tenants, config.frontend_pods)
         self.fim = dict(config.fim)
         """Per model that fills in the middle: its format (reloaded with the keys: ``codefleet apply``)."""
+        self.migration = Settings(**config.migration)  # type: ignore[arg-type]
         self.upstream_auth = f"Bearer {upstream_key}".encode() if upstream_key else None
         url = urllib.parse.urlsplit(config.router_url)
         self.upstream_host = url.netloc.encode()
@@ -239,6 +237,19 @@ class Gateway:
         self.admission.finish(exchange.tenant, prompt + completion, time.monotonic() - exchange.admitted_at)
         self.metrics.tokens(exchange.tenant, exchange.model, prompt, completion)
 
+    def migrated(self, model: str, outcome: str) -> None:
+        self.metrics.migrated(model, outcome)
+
+    async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
+        assert self._session is not None
+        urls = [u for u, m in self.workers.urls if m == model]
+        return await tokens_moved(self._session, urls, self.upstream_auth, bodies)
+
+    async def look_again(self) -> None:
+        look = self.workers.refresh_soon()
+        if look is not None:
+            await asyncio.shield(look)
+
     def router_has_none(self, exchange: Exchange) -> None:
         """The router had no worker for the exchange's model (it left since the last look): held
         like any request for a model without a replica, or 503."""
@@ -331,6 +342,9 @@ class Gateway:
             exchange.session, exchange.on_end = key, functools.partial(self.affinity.done, model, key)
         if tenant and self.admission.enabled:
             exchange.admit(tenant, body)
+        if stream and self.migration.limit:
+            chat = req.path == FORWARDED_CHAT
+            exchange.transcript, exchange.scan = Transcript(chat, payload, continuable(chat, payload)), True
         self.active.add(exchange)
         if model in self.workers.available:
             exchange.start()
@@ -348,45 +362,3 @@ class Gateway:
             exchange.start()
         else:
             exchange.reject(answers.no_replica(exchange.model))
-
-
-async def serve(config: GatewayConfig, upstream_key: str | None = None, config_path: str | None = None) -> None:
-    gw = Gateway(config, upstream_key)
-    await gw.open()
-    # Everything allocated so far (modules, the app) lives as long as the process: keep it out of
-    # the cyclic collector, so that a full collection scans only what requests leave behind
-    # (full collections over the whole heap showed up as a 5-10 ms TTFT tail at p99).
-    gc.collect()
-    gc.freeze()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(gw), config.host, config.port, backlog=2048,
-                                      reuse_address=True)
-    metrics_runner = web.AppRunner(gw.metrics_app(), access_log=None, handle_signals=False)
-    await metrics_runner.setup()
-    await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port).start()
-    print(f"codefleet gateway on http://{config.host}:{config.port} -> {config.router_url}; "
-          f"metrics on http://{config.metrics_host}:{config.metrics_port}/metrics; "
-          f"at most {gw.max_connections} connections", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gw.spawn(gw.refresh_workers()))  # a replica joined or left
-    loop.add_signal_handler(signal.SIGUSR2, gw.stop_holding)  # the fleet is stopping: hold nothing more
-    if config_path:
-        loop.add_signal_handler(signal.SIGHUP, gw.reload, config_path)  # new keys or tenants' limits
-    await stop.wait()
-    server.close()  # no new connections
-    await gw.drain(config.drain_s)
-    await gw.close()
-    await metrics_runner.cleanup()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="codefleet gateway", description="The fleet's OpenAI endpoint in front of vllm-router.")
-    p.add_argument("--config", required=True, help="gateway JSON config (written by `codefleet up`)")
-    args = p.parse_args(argv)
-    config = GatewayConfig.from_file(args.config)
-    import uvloop
-
-    uvloop.run(serve(config, os.environ.get(UPSTREAM_KEY_ENV) or None, args.config))
-    return 0

@@ -17,6 +17,7 @@ from codefleet.gateway import answers
 from codefleet.gateway.affinity import SESSION_HEADER
 from codefleet.gateway.answers import Rejection
 from codefleet.gateway.http import Client, Request
+from codefleet.gateway.migrate import ROUTER_FAILED, Settings, Transcript
 from codefleet.gateway.pool import Pool, Upstream
 from codefleet.gateway.wire import LAST_CHUNK, SSE_DONE, chunk, head
 
@@ -51,6 +52,17 @@ class Host(Protocol):
 
     def router_has_none(self, exchange: Exchange) -> None:
         """The router had no worker for the exchange's model."""
+
+    migration: Settings
+
+    def migrated(self, model: str, outcome: str) -> None:
+        """Count a continuation or re-send (``codefleet_gateway_migrations_total``)."""
+
+    async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
+        """migrate.tokens_moved against the model's engines."""
+
+    async def look_again(self) -> None:
+        """Read the router's worker list now (a replica was lost)."""
 
 
 class Exchange:
@@ -96,6 +108,13 @@ class Exchange:
         #: Prefix affinity's session key (sent as x-session-id), and what to call when this ends.
         self.session: bytes | None = None
         self.on_end: Callable[[], None] | None = None
+        #: Migration (gateway/migrate.py): what a stream sent, continuations and re-sends made, and
+        #: while a continuation waits for its head, the future its answer settles.
+        self.transcript: Transcript | None = None
+        self.migrations = 0
+        self.resuming: asyncio.Future[bool] | None = None
+        self.errored = False
+        """The replica's answer held vLLM's in-band error event."""
 
     def end(self) -> None:
         """Nothing more is written for this exchange; an admitted one is settled with its tenant."""
@@ -175,6 +194,12 @@ class Exchange:
     # -- from the router -----------------------------------------------------------------------
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.resuming is not None:  # a continuation: the client has its head already
+            if status < 400:
+                if self.transcript is not None:  # its events are rewritten from the first one on
+                    self.transcript.rewriting = self.transcript.sent_any
+                self._resumed(True)
+            return
         self.status = status
         chunked_source = True
         for name, value in headers:
@@ -202,13 +227,30 @@ class Exchange:
 
     def _scan_events(self, body: bytes, final: bool = False) -> bytes:
         """Whole SSE events of ``body`` (a partial one waits for the rest): the usage chunk is
-        recorded, and dropped when the client did not ask for it."""
+        recorded, and dropped when the client did not ask for it. With a transcript: a
+        continuation's events rewritten, and what is sent recorded."""
         data = self.sse + body
         cut = len(data) if final else data.rfind(b"\n\n") + 2
         if cut < 2:
             self.sse = data
             return b""
         self.sse, data = data[cut:], data[:cut]
+        t = self.transcript
+        if t is None:
+            return self._usage_of(data)
+        if b'data: {"error"' in data:
+            # vLLM's in-band error (its engine died under a live API server): what came before it
+            # is sent; the rest of this answer (the error and [DONE]) is not.
+            data, self.sse = data[:data.index(b'data: {"error"')], b""
+            self.errored = True
+        if t.rewriting and data:
+            data = t.rewrite(data)
+        data = self._usage_of(data)
+        if data:
+            t.record(data)
+        return data
+
+    def _usage_of(self, data: bytes) -> bytes:
         if b'"usage"' not in data:
             return data
         out = []
@@ -226,16 +268,19 @@ class Exchange:
         return b"\n\n".join(out)
 
     def upstream_body(self, body: bytes) -> None:
+        if self.resuming is not None:  # a continuation's error answer (read, then given up)
+            return
         if self.scan and self.mode in ("chunked", "raw"):
             body = self._scan_events(body)
+            if self.errored:
+                if body:
+                    self._write(body)
+                self._replica_failed("the replica reported an error")
+                return
             if not body:
                 return
-        if self.mode == "chunked":
-            self.client.write(chunk(body))
-            self.tail = (self.tail + body)[-16:]
-        elif self.mode == "raw":
-            self.client.write(body)
-            self.tail = (self.tail + body)[-16:]
+        if self.mode in ("chunked", "raw"):
+            self._write(body)
         else:
             self.buffered += len(body)
             if self.buffered > MAX_BUFFERED:
@@ -247,25 +292,38 @@ class Exchange:
                 return
             self.buffer.append(body)
 
+    def _write(self, body: bytes) -> None:
+        self.client.write(chunk(body) if self.mode == "chunked" else body)
+        self.tail = (self.tail + body)[-16:]
+
     def upstream_done(self) -> None:
         self.conn = None
         if self.finished:
             return
+        if self.resuming is not None:
+            self._resumed(False)
+            return
         if self.scan and self.sse and self.mode in ("chunked", "raw"):
-            self.scan, rest = False, self._scan_events(b"", final=True)
-            if rest:
-                self.upstream_body(rest)
+            if self.transcript is not None:
+                self.sse = b""  # a partial event is not sent (the answer is continued or ended)
+            else:
+                self.scan, rest = False, self._scan_events(b"", final=True)
+                if rest:
+                    self.upstream_body(rest)
         if self.mode == "buffer":
             self._send_buffered()
             return
-        why = "the replica's stream ended early" if self.stream and self.status < 400 and not self.tail.endswith(
-            SSE_DONE) else None
-        self._end_stream(why, self.req.keep_alive)
+        if self.stream and self.status < 400 and not self.tail.endswith(SSE_DONE):
+            self._replica_failed("the replica's stream ended early")
+            return
+        self._end_stream(None, self.req.keep_alive)
 
     def _send_buffered(self) -> None:
         body = b"".join(self.buffer)
         self.buffer = []
         if self.status >= 400 and b"json" not in self.content_type:
+            if self.status >= 500 and body.startswith(ROUTER_FAILED) and self._resend():
+                return
             self._wrap_error(body.decode(errors="replace").strip())
             return
         if self.admitted and self.status < 400:
@@ -282,6 +340,9 @@ class Exchange:
         self.conn = None
         if self.finished:
             return
+        if self.resuming is not None:
+            self._resumed(False)
+            return
         if not self.status:
             if not self.fresh and not self.retried and not self.client.closed:
                 # A kept-alive connection the router had just closed: once more on a new one.
@@ -291,18 +352,20 @@ class Exchange:
             self._fail(f"The router did not answer for model `{self.model}`: "
                        f"{exc or 'connection closed before a response'}.")
         elif self.mode == "buffer":
-            self._fail(f"The router's answer for model `{self.model}` was cut "
-                       f"({type(exc).__name__ if exc else 'connection closed'}); retry the request.")
+            if not self._resend():
+                self._fail(f"The router's answer for model `{self.model}` was cut "
+                           f"({type(exc).__name__ if exc else 'connection closed'}); retry the request.")
         else:
-            # Mid-stream (the replica or the router died): the status line is gone, so end the
-            # stream with an error event, which the OpenAI SDK raises as APIError.
-            self._end_stream(f"the replica failed mid-stream ({type(exc).__name__ if exc else 'connection closed'})",
-                             self.req.keep_alive)
+            # Mid-stream (the replica or the router died): continued elsewhere, or (the status line
+            # is gone) ended with an error event, which the OpenAI SDK raises as APIError.
+            self._replica_failed(f"the replica failed mid-stream ({type(exc).__name__ if exc else 'connection closed'})")
 
     # -- from the client -----------------------------------------------------------------------
 
     def client_gone(self) -> None:
         self.end()
+        if self.resuming is not None:
+            self._resumed(False)
         if self.conn is not None:
             self.conn.exchange = None
             self.conn.abort()  # the router sees the disconnect and cancels the generation
@@ -325,6 +388,8 @@ class Exchange:
             self.conn.exchange = None
             self.conn.abort()
             self.conn = None
+        if self.resuming is not None:
+            self._resumed(False)
         if self.mode in ("chunked", "raw"):
             self._end_stream(why, False)
         else:
@@ -362,3 +427,101 @@ class Exchange:
             self.gw.router_has_none(self)
             return
         self.reject(answers.router_error(self.status, text))
+
+    # -- migration (gateway/migrate.py) --------------------------------------------------------
+
+    def _replica_failed(self, why: str) -> None:
+        """The stream's replica failed after its head was sent: continue it elsewhere, or end it
+        with the error event."""
+        if self.conn is not None:
+            self.conn.exchange = None
+            self.conn.abort()
+            self.conn = None
+        self.errored = False
+        t, limit = self.transcript, self.gw.migration.limit
+        if t is None or self.client.closed or self.migrations >= limit:
+            if t is not None and limit:
+                self.gw.migrated(self.model, "exhausted" if self.migrations else "client_gone")
+            self._end_stream(why, self.req.keep_alive)
+            return
+        self.migrations += 1
+        self.gw.spawn(self._continue(why))
+
+    async def _continue(self, why: str) -> None:
+        t, s = self.transcript, self.gw.migration
+        assert t is not None
+        deadline = time.monotonic() + s.timeout_s
+        text, finished = t.sent()
+        if finished:  # every choice had its finish_reason: only [DONE] was missing
+            self._write(SSE_DONE)
+            self.gw.migrated(self.model, "finished")
+            self._end_stream(None, self.req.keep_alive)
+            return
+        if t.sent_any and not t.can_continue:
+            self.gw.migrated(self.model, "not_continuable")
+            self._end_stream(why, self.req.keep_alive)
+            return
+        body: bytes | None = None if t.sent_any else orjson.dumps(t.payload)
+        while not self.finished:
+            if time.monotonic() > deadline:
+                self.gw.migrated(self.model, "timeout")
+                self._end_stream(f"{why}; no other replica took it within {s.timeout_s:g} s", self.req.keep_alive)
+                return
+            if body is None:
+                moved = await self.gw.tokens_moved(self.model, t.tokenize_bodies(text))
+                if moved is not None:
+                    body = t.continuation_body(text, moved)
+            if body is not None and not self.finished and await self._try(body, deadline):
+                self.gw.migrated(self.model, "continued")
+                return
+            await asyncio.sleep(s.retry_s)
+            await self.gw.look_again()
+        self.gw.migrated(self.model, "client_gone")
+
+    async def _try(self, body: bytes, deadline: float) -> bool:
+        """Send ``body`` as this stream's next attempt; True once the router answered its head with
+        success (the events then flow through ``upstream_body`` as before)."""
+        try:
+            conn = await asyncio.wait_for(self.gw.pool.connect(), max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, OSError):
+            return False
+        if self.finished:
+            self.gw.pool.release(conn)
+            return False
+        self.body, self.resuming = body, asyncio.get_running_loop().create_future()
+        self._send(conn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.resuming), max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            self._resumed(False)
+            if self.conn is not None:
+                self.conn.exchange = None
+                self.conn.abort()
+                self.conn = None
+            return False
+
+    def _resumed(self, ok: bool) -> None:
+        fut, self.resuming = self.resuming, None
+        if fut is not None and not fut.done():
+            fut.set_result(ok)
+        if not ok and self.conn is not None:
+            self.conn.exchange = None
+            self.conn.abort()
+            self.conn = None
+
+    def _resend(self) -> bool:
+        """Nothing reached the client and the router's own retries failed (or its connection was
+        cut): send the request again whole after a pause, if the budget allows."""
+        if self.client.closed or self.migrations >= self.gw.migration.limit:
+            return False
+        self.migrations += 1
+        self._reset()
+        self.gw.spawn(self._resend_later())
+        return True
+
+    async def _resend_later(self) -> None:
+        await asyncio.sleep(self.gw.migration.retry_s)
+        await self.gw.look_again()
+        self.gw.migrated(self.model, "resent")
+        self.start()
+

@@ -1,0 +1,249 @@
+"""A stream whose replica is lost mid-answer continues on another replica (request migration).
+
+The gateway sees every event it sends a client. For a stream it can continue (``continuable``) it
+keeps those events (``Transcript``); when the replica fails (the router's connection cut, a clean end
+without ``[DONE]``, or vLLM's in-band error event), it sends a *continuation* through the router:
+
+- completions: the prompt followed by the text sent so far;
+- chat: the messages plus a final assistant message holding that text, with vLLM's
+  ``continue_final_message: true`` and ``add_generation_prompt: false`` (codefleet's templates put
+  the content verbatim, so this renders exactly the first prompt plus the text);
+- ``max_tokens`` / ``max_completion_tokens`` / ``min_tokens`` lowered by the tokens moved into the
+  prompt, every other field (sampling, seed, stop) as the client sent it.
+
+The continuation's events are rewritten to the first answer's ``id`` and ``created``, its second
+role chunk is dropped, and its usage counts the first prompt once and every generated token once:
+the tokens moved into the prompt are counted as completion tokens, not prompt tokens. How many
+moved is read from a surviving engine's ``/tokenize`` (first prompt against the continuation's).
+
+Continuing from text, not token ids: vLLM holds back text for stop strings and partial UTF-8 while
+its token ids run ahead (vllm/v1/engine/detokenizer.py), so ids sent so far can cover text the
+client never got; text is what the client has, and the continuation regenerates anything held
+back. What re-tokenizing can change is measured in benchmarks/scenarios/migration/README.md.
+
+Research with citations: docs/research/request-migration.md. Not continued (the error event as
+before): ``n`` > 1, structured output, completions with ``echo``, ``logprobs``, ``suffix`` or a
+prompt that is not one string. Any request is sent again whole when nothing of it reached the
+client yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import ClientSession
+from aiohttp.client_exceptions import ClientError
+
+MAX_TRANSCRIPT = 8 * 1024 * 1024
+"""Largest transcript kept for one stream (its events as sent); past it the stream is not continued."""
+
+#: vllm-router's plain-text errors when a worker failed (connect, send, or body read; its retries
+#: used up): the request never reached the client, so it may be sent again.
+ROUTER_FAILED = (b"Request failed", b"Failed to get response body", b"Stream error")
+
+#: Request fields that make text continuation wrong (the decoding state restarts from scratch).
+_STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "guided_decoding_backend")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The manifest's ``router.migration`` as the gateway holds it."""
+
+    limit: int = 2
+    """Continuations (and whole re-sends) per request; 0: never (the error event at once)."""
+    timeout_s: float = 30.0
+    """Each continuation must have started streaming within this long after the failure."""
+    retry_s: float = 0.5
+    """Pause between tries while no replica takes the continuation."""
+
+
+def continuable(chat: bool, payload: dict[str, Any]) -> bool:
+    """Whether a stream of this request can be continued from its text."""
+    if payload.get("n") not in (None, 1) or payload.get("echo") is True:
+        return False
+    if any(payload.get(k) is not None for k in _STRUCTURED):
+        return False
+    fmt = payload.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    if chat:
+        return isinstance(payload.get("messages"), list)
+    return isinstance(payload.get("prompt"), str) and payload.get("logprobs") is None and payload.get(
+        "suffix") is None
+
+
+def _choice(event: dict[str, Any]) -> dict[str, Any] | None:
+    choices = event.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return None
+
+
+def _events(data: bytes) -> Iterable[tuple[bytes, dict[str, Any] | None]]:
+    """Each SSE event of ``data`` with its JSON (None for ``[DONE]`` and anything not JSON)."""
+    for event in data.split(b"\n\n"):
+        if not event:
+            continue
+        parsed = None
+        if event.startswith(b"data: {"):
+            try:
+                parsed = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                parsed = None
+        yield event, parsed if isinstance(parsed, dict) else None
+
+
+class Transcript:
+    """What one stream has sent its client, and how to continue it."""
+
+    def __init__(self, chat: bool, payload: dict[str, Any], can_continue: bool) -> None:
+        self.chat = chat
+        self.payload = payload
+        """The request as the gateway sent it (with any ``stream_options`` it added)."""
+        self.can_continue = can_continue
+        self.events: list[bytes] = []
+        self.size = 0
+        self.continuations = 0
+        """Continuations and re-sends made so far."""
+        self.moved = 0
+        """Tokens of the text sent so far that the last continuation's prompt holds."""
+        self.written = 0
+        """Bytes of events written to the client (kept or not)."""
+        self.rewriting = False
+        """The stream now comes from a continuation (its events are rewritten)."""
+        self.identity: tuple[Any, Any] | None = None
+        """The first answer's ``id`` and ``created``."""
+        self._role_seen = False
+
+    @property
+    def sent_any(self) -> bool:
+        return self.written > 0
+
+    def record(self, data: bytes) -> None:
+        """Whole events about to be written to the client."""
+        self.written += len(data)
+        if not self.can_continue:
+            return
+        self.size += len(data)
+        if self.size > MAX_TRANSCRIPT:
+            self.can_continue, self.events = False, []
+            return
+        self.events.append(data)
+
+    def sent(self) -> tuple[str, bool]:
+        """The text the client got so far, and whether a choice already finished."""
+        parts: list[str] = []
+        finished = False
+        for data in self.events:
+            for _, ev in _events(data):
+                if ev is None:
+                    continue
+                if self.identity is None and "id" in ev:
+                    self.identity = (ev.get("id"), ev.get("created"))
+                c = _choice(ev)
+                if c is None:
+                    continue
+                if self.chat:
+                    delta = c.get("delta")
+                    if isinstance(delta, dict):
+                        if delta.get("tool_calls"):
+                            self.can_continue = False
+                        if isinstance(delta.get("content"), str):
+                            parts.append(delta["content"])
+                elif isinstance(c.get("text"), str):
+                    parts.append(c["text"])
+                finished = finished or c.get("finish_reason") is not None
+        return "".join(parts), finished
+
+    # -- the continuation ---------------------------------------------------------------------
+
+    def _continued(self, text: str) -> dict[str, Any]:
+        p = dict(self.payload)
+        if self.chat:
+            messages = list(p["messages"])
+            last = messages[-1] if messages else None
+            if (p.get("continue_final_message") is True and isinstance(last, dict)
+                    and isinstance(last.get("content"), str)):
+                messages[-1] = {**last, "content": last["content"] + text}  # the client continued already
+            else:
+                messages.append({"role": "assistant", "content": text})
+            p.update(messages=messages, add_generation_prompt=False, continue_final_message=True)
+        else:
+            p["prompt"] = p["prompt"] + text
+        return p
+
+    def tokenize_bodies(self, text: str) -> tuple[bytes, bytes]:
+        """/tokenize bodies of the first prompt and of the continuation's (their difference is the
+        number of tokens moved into the prompt)."""
+        keys = (("model", "messages", "tools", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+                 "continue_final_message", "documents") if self.chat else ("model", "prompt", "add_special_tokens"))
+        first = {k: self.payload[k] for k in keys if k in self.payload}
+        cont = self._continued(text)
+        return orjson.dumps(first), orjson.dumps({k: cont[k] for k in keys if k in cont})
+
+    def continuation_body(self, text: str, moved: int) -> bytes:
+        """The continuation of the text sent so far, whose prompt holds ``moved`` tokens more than
+        the first (``tokens_moved``)."""
+        self.moved = moved
+        p = self._continued(text)
+        p["echo"] = False
+        if self.chat:
+            for key in ("max_completion_tokens", "max_tokens"):
+                if isinstance(p.get(key), int):
+                    p[key] = max(1, p[key] - self.moved)
+        else:
+            most = p.get("max_tokens")
+            p["max_tokens"] = max(1, (most if isinstance(most, int) else 16) - self.moved)  # vLLM's default: 16
+        if isinstance(p.get("min_tokens"), int):
+            p["min_tokens"] = max(0, p["min_tokens"] - self.moved)
+        self._role_seen = False
+        return orjson.dumps(p)
+
+    def rewrite(self, data: bytes) -> bytes:
+        """A continuation's whole events as the first answer's: its ``id`` and ``created``, no second
+        role chunk, usage that counts the moved tokens as completion tokens."""
+        out = []
+        for raw, ev in _events(data):
+            if ev is None:
+                out.append(raw)
+                continue
+            if self.identity is not None:
+                ev["id"], ev["created"] = self.identity
+            c = _choice(ev)
+            if self.chat and c is not None and isinstance(c.get("delta"), dict) and "role" in c["delta"]:
+                delta = {k: v for k, v in c["delta"].items() if k != "role"}
+                c["delta"] = delta
+                if not delta.get("content") and c.get("finish_reason") is None and not c.get("logprobs"):
+                    continue  # the continuation's own role chunk: the client had one
+            usage = ev.get("usage")
+            if isinstance(usage, dict) and self.moved:
+                prompt = int(usage.get("prompt_tokens") or 0)
+                usage["prompt_tokens"] = max(0, prompt - self.moved)
+                usage["completion_tokens"] = int(usage.get("completion_tokens") or 0) + min(self.moved, prompt)
+            out.append(b"data: " + orjson.dumps(ev))
+        return b"".join(e + b"\n\n" for e in out)
+
+
+async def tokens_moved(session: ClientSession, urls: Iterable[str], auth: bytes | None,
+                       bodies: tuple[bytes, bytes]) -> int | None:
+    """How many more tokens the continuation's prompt has than the first, read from the first of
+    ``urls`` (the model's engines) that answers both; None if none does."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = auth.decode()
+    for url in urls:
+        try:
+            counts = []
+            for body in bodies:
+                async with session.post(url + "/tokenize", data=body, headers=headers) as r:
+                    if r.status != 200:
+                        raise ValueError(r.status)
+                    counts.append(int((await r.json(content_type=None))["count"]))
+            return max(0, counts[1] - counts[0])
+        except (TimeoutError, ClientError, ValueError, KeyError, TypeError):
+            continue
+    return None
