@@ -8,6 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from codefleet.gateway.metrics import (
+    MIGRATIONS,
     TENANT_COMPLETION_TOKENS,
     TENANT_PROMPT_TOKENS,
     TENANT_REJECTIONS,
@@ -38,6 +39,8 @@ class ModelStatus:
     autoscale: AutoscaleRange | None = None
     """When the model autoscales."""
     last_decision: LastDecision | None = None
+    migrations: dict[str, float] = field(default_factory=dict)
+    """Requests whose replica failed, by outcome (the gateway's codefleet_gateway_migrations_total)."""
 
     @property
     def ready(self) -> int:
@@ -124,7 +127,35 @@ def fleet_status(state: FleetState, timeout: float = 2.0) -> list[ModelStatus]:
             except httpx.HTTPError:
                 pass
             models.setdefault(r.model, ModelStatus(r.model)).replicas.append(rs)
+        host, _, port = str(state.metrics.gateway).rpartition(":")
+        try:
+            text = client.get(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/metrics").text
+        except httpx.HTTPError:
+            text = ""
+    for model, outcomes in migrations(text).items():
+        if model in models:
+            models[model].migrations = outcomes
     return list(models.values())
+
+
+def migrations(text: str) -> dict[str, dict[str, float]]:
+    """model -> outcome -> count, from the gateway's /metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == total(MIGRATIONS):
+                row = out.setdefault(s.labels["model"], {})
+                row[s.labels["outcome"]] = row.get(s.labels["outcome"], 0.0) + s.value
+    return out
+
+
+def describe_migrations(outcomes: dict[str, float]) -> str:
+    """``status``'s line on a model's requests whose replica failed."""
+    saved = ("continued", "resent", "finished")
+    lost = {k: v for k, v in sorted(outcomes.items()) if k not in saved}
+    why = f" ({', '.join(f'{k} {v:.0f}' for k, v in lost.items())})" if lost else ""
+    return (f"  lost replicas: {outcomes.get('continued', 0):.0f} streams continued elsewhere, "
+            f"{outcomes.get('resent', 0):.0f} requests sent again, {sum(lost.values()):.0f} ended with an error{why}")
 
 
 def format_status(state: FleetState, models: list[ModelStatus]) -> str:
@@ -145,6 +176,8 @@ def format_status(state: FleetState, models: list[ModelStatus]) -> str:
             a = m.autoscale
             lines.append(f"  autoscaling {a.min}..{a.max} on {a.signal} (target {a.target:g}); "
                          + (describe_decision(m.last_decision) if m.last_decision else "no decision yet"))
+        if m.migrations:
+            lines.append(describe_migrations(m.migrations))
         for r in m.replicas:
             f = r.figures
             shown = r.state if r.state and r.state != "ready" else ("ready" if r.ready else "NOT READY")

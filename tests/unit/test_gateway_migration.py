@@ -53,6 +53,8 @@ class Router(FakeRouter):
         if self.url == b"/workers":
             body = json.dumps({"workers": [{"model_id": "m", "is_healthy": True,
                                             "url": f"http://127.0.0.1:{Router.port}"}]}).encode()
+        elif self.url == b"/detokenize":  # token id n is the character chr(n)
+            body = json.dumps({"prompt": "".join(map(chr, json.loads(self.body)["tokens"]))}).encode()
         elif self.url == b"/tokenize":
             req = json.loads(self.body)
             text = req["prompt"] if "prompt" in req else "".join(m["content"] for m in req["messages"])
@@ -240,3 +242,71 @@ def test_a_transcript_past_its_cap_is_not_continued() -> None:
     t = Transcript(False, {"prompt": "x"}, True)
     t.record(b"x" * (migrate.MAX_TRANSCRIPT + 1))
     assert not t.can_continue and t.events == [] and t.sent_any
+
+
+def ids_chunk(text: str, first: bool = False, rid: str = "cmpl-1", finish: str | None = None) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "token_ids": [ord(c) for c in text]}
+    if first:
+        choice["prompt_token_ids"] = [1, 2]
+    return event({"id": rid, "object": "text_completion", "created": 5, "model": "m", "choices": [choice]})
+
+
+@pytest.mark.parametrize("held_back", [False, True])
+def test_a_continuation_is_sent_as_the_engines_token_ids_when_they_decode_to_the_text_sent(held_back: bool) -> None:
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        if len(Router.bodies) == 1:
+            # held_back: the engine has generated "c" but not sent its text yet (a stop string's start)
+            last = event({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m",
+                          "choices": [{"index": 0, "text": "", "finish_reason": None, "token_ids": [99]}]})
+            t.write(HEAD + ids_chunk("a", first=True) + ids_chunk("b") + (last if held_back else b""))
+            t.close()
+        else:
+            t.write(HEAD + ids_chunk("cd", first=True, rid="cmpl-2", finish="length") + event("[DONE]") + b"0\r\n\r\n")
+
+    async def client(c: httpx.AsyncClient) -> None:
+        body = {"model": "m", "prompt": "x", "stream": True, "max_tokens": 6}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            text = (await r.aread()).decode()
+        assert "token_ids" not in text and "error" not in text  # the client did not ask for them
+        assert "".join(e["choices"][0]["text"] for e in sse(text)) == "abcd"
+        first, cont = Router.bodies
+        assert first["return_token_ids"] is True
+        if held_back:  # the ids run ahead of the text: continued from the text, re-tokenized
+            assert cont["prompt"] == "xab" and cont["max_tokens"] == 4
+        else:  # exactly the engine's state: its prompt ids and the generated ids
+            assert cont["prompt"] == [1, 2, 97, 98] and cont["max_tokens"] == 4
+
+    gws: list[Any] = []
+    asyncio.run(run(behaviour, client, seen=gws))
+    samples = {(s.labels["outcome"], s.labels["how"]): s.value for m in gws[0].metrics.registry.collect()
+               if m.name == "codefleet_gateway_migrations" for s in m.samples}
+    assert samples == {("continued", "text" if held_back else "ids"): 1.0}
+
+
+def test_a_chat_continuation_by_ids_uses_vllms_prompt_token_ids_and_a_client_that_asked_keeps_its_ids() -> None:
+    def chat(delta: dict[str, Any], ids: list[int], top: dict[str, Any] | None = None) -> bytes:
+        return event({"id": "a", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": None, "token_ids": ids}], **(top or {})})
+
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        if len(Router.bodies) == 1:
+            t.write(HEAD + chat({"role": "assistant", "content": ""}, [], {"prompt_token_ids": [1, 2]})
+                    + chat({"content": "Hi"}, [72, 105]))
+            t.close()
+        else:
+            t.write(HEAD + chat({"role": "assistant", "content": ""}, [], {"prompt_token_ids": [1, 2, 72, 105]})
+                    + chat({"content": "!"}, [33]) + event("[DONE]") + b"0\r\n\r\n")
+
+    async def client(c: httpx.AsyncClient) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "return_token_ids": True}
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            text = (await r.aread()).decode()
+        events = sse(text)
+        assert [e["choices"][0]["token_ids"] for e in events] == [[], [72, 105], [33]]
+        assert [e.get("prompt_token_ids") for e in events] == [[1, 2], None, None]  # the client's prompt only
+        cont = Router.bodies[1]
+        assert cont["kv_transfer_params"] == {"prompt_token_ids": [1, 2, 72, 105]}
+        assert cont["messages"] == body["messages"]  # still validated by vLLM, not rendered
+
+    asyncio.run(run(behaviour, client))

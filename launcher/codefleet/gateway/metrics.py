@@ -58,8 +58,10 @@ class GatewayMetrics:
                                               "on on another replica), resent (sent again whole, nothing had "
                                               "reached the client), finished (only [DONE] was missing), "
                                               "exhausted (no continuation left), not_continuable, timeout, "
-                                              "client_gone (the error event, or nothing, as before)",
-                                  ["model", "outcome"], registry=r)
+                                              "client_gone (the error event, or nothing, as before); how: a "
+                                              "continuation's prompt (ids: the engine's token ids, text: "
+                                              "re-tokenized, whole: nothing had been sent)",
+                                  ["model", "outcome", "how"], registry=r)
         for m in held_models:
             self.held.labels(m).set(0)
         # tenants (labels: tenant names and models from the configuration only)
@@ -88,8 +90,8 @@ class GatewayMetrics:
     def affinity_outcome(self, model: str, outcome: str) -> None:
         self.child(self.affinity, model, outcome).inc()
 
-    def migrated(self, model: str, outcome: str) -> None:
-        self.child(self.migrations, model, outcome).inc()
+    def migrated(self, model: str, outcome: str, how: str = "") -> None:
+        self.child(self.migrations, model, outcome, how).inc()
 
     def refused(self, reason: str) -> None:
         self.child(self.rejected, reason).inc()

@@ -16,10 +16,15 @@ role chunk is dropped, and its usage counts the first prompt once and every gene
 the tokens moved into the prompt are counted as completion tokens, not prompt tokens. How many
 moved is read from a surviving engine's ``/tokenize`` (first prompt against the continuation's).
 
-Continuing from text, not token ids: vLLM holds back text for stop strings and partial UTF-8 while
-its token ids run ahead (vllm/v1/engine/detokenizer.py), so ids sent so far can cover text the
-client never got; text is what the client has, and the continuation regenerates anything held
-back. What re-tokenizing can change is measured in benchmarks/scenarios/migration/README.md.
+From token ids where it can: the gateway asks for ``return_token_ids`` (and takes them out of what
+a client that did not ask gets), so it knows the first prompt's ids and every generated id. The
+continuation then sends those ids as its prompt (completions: ``prompt`` as ids; chat: vLLM's
+``kv_transfer_params.prompt_token_ids``, which skips templating), exactly the engine's own state.
+But vLLM holds back text for stop strings and partial UTF-8 while its ids run ahead
+(vllm/v1/engine/detokenizer.py), so the ids can cover text the client never got: the ids are used
+only when a surviving engine's ``/detokenize`` of them gives exactly the text sent; otherwise the
+continuation is built from the text (re-tokenized: measured in
+benchmarks/scenarios/migration/README.md), and the engine regenerates anything held back.
 
 Research with citations: docs/research/request-migration.md. Not continued (the error event as
 before): ``n`` > 1, structured output, completions with ``echo``, ``logprobs``, ``suffix`` or a
@@ -29,6 +34,7 @@ client yet.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +49,9 @@ MAX_TRANSCRIPT = 8 * 1024 * 1024
 #: vllm-router's plain-text errors when a worker failed (connect, send, or body read; its retries
 #: used up): the request never reached the client, so it may be sent again.
 ROUTER_FAILED = (b"Request failed", b"Failed to get response body", b"Stream error")
+
+#: The fields ``return_token_ids`` adds to a stream's events (taken out for a client that did not ask).
+_ID_FIELDS = re.compile(rb',"(?:prompt_token_ids|token_ids)":(?:\[[0-9,]*\]|null)|,"prompt_text":null')
 
 #: Request fields that make text continuation wrong (the decoding state restarts from scratch).
 _STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -105,6 +114,10 @@ class Transcript:
         self.payload = payload
         """The request as the gateway sent it (with any ``stream_options`` it added)."""
         self.can_continue = can_continue
+        self.strip_ids = False
+        """The gateway asked for ``return_token_ids`` (the client did not): its fields are taken out."""
+        if can_continue and payload.get("return_token_ids") is not True:
+            payload["return_token_ids"] = self.strip_ids = True
         self.events: list[bytes] = []
         self.size = 0
         self.continuations = 0
@@ -117,7 +130,8 @@ class Transcript:
         """The stream now comes from a continuation (its events are rewritten)."""
         self.identity: tuple[Any, Any] | None = None
         """The first answer's ``id`` and ``created``."""
-        self._role_seen = False
+        self.prompt_ids: list[int] = []
+        self.ids: list[int] = []
 
     @property
     def sent_any(self) -> bool:
@@ -134,10 +148,16 @@ class Transcript:
             return
         self.events.append(data)
 
+    def for_client(self, data: bytes) -> bytes:
+        """Events as the client gets them (without the token ids it did not ask for)."""
+        return _ID_FIELDS.sub(b"", data) if self.strip_ids and b"token_ids" in data else data
+
     def sent(self) -> tuple[str, bool]:
-        """The text the client got so far, and whether a choice already finished."""
+        """The text the client got so far, and whether a choice already finished; the first
+        prompt's token ids and the generated ones land in ``prompt_ids`` and ``ids``."""
         parts: list[str] = []
         finished = False
+        self.prompt_ids, self.ids = [], []
         for data in self.events:
             for _, ev in _events(data):
                 if ev is None:
@@ -145,8 +165,13 @@ class Transcript:
                 if self.identity is None and "id" in ev:
                     self.identity = (ev.get("id"), ev.get("created"))
                 c = _choice(ev)
+                top = ev.get("prompt_token_ids") or (c or {}).get("prompt_token_ids")
+                if not self.prompt_ids and isinstance(top, list):
+                    self.prompt_ids = top
                 if c is None:
                     continue
+                if isinstance(c.get("token_ids"), list):
+                    self.ids += c["token_ids"]
                 if self.chat:
                     delta = c.get("delta")
                     if isinstance(delta, dict):
@@ -185,11 +210,21 @@ class Transcript:
         cont = self._continued(text)
         return orjson.dumps(first), orjson.dumps({k: cont[k] for k in keys if k in cont})
 
-    def continuation_body(self, text: str, moved: int) -> bytes:
+    def continuation_body(self, text: str, moved: int, by_ids: bool = False) -> bytes:
         """The continuation of the text sent so far, whose prompt holds ``moved`` tokens more than
-        the first (``tokens_moved``)."""
+        the first (``tokens_moved``); ``by_ids``: its prompt is the first prompt's token ids and
+        the generated ones (``sent``), ``moved`` their number."""
         self.moved = moved
-        p = self._continued(text)
+        if by_ids:
+            p = dict(self.payload)
+            ids = self.prompt_ids + self.ids
+            if self.chat:  # vLLM takes these as the prompt, templating skipped (renderers/online_renderer.py)
+                kv = p.get("kv_transfer_params")
+                p["kv_transfer_params"] = {**(kv if isinstance(kv, dict) else {}), "prompt_token_ids": ids}
+            else:
+                p["prompt"] = ids
+        else:
+            p = self._continued(text)
         p["echo"] = False
         if self.chat:
             for key in ("max_completion_tokens", "max_tokens"):
@@ -200,7 +235,6 @@ class Transcript:
             p["max_tokens"] = max(1, (most if isinstance(most, int) else 16) - self.moved)  # vLLM's default: 16
         if isinstance(p.get("min_tokens"), int):
             p["min_tokens"] = max(0, p["min_tokens"] - self.moved)
-        self._role_seen = False
         return orjson.dumps(p)
 
     def rewrite(self, data: bytes) -> bytes:
@@ -213,7 +247,11 @@ class Transcript:
                 continue
             if self.identity is not None:
                 ev["id"], ev["created"] = self.identity
+            ev.pop("prompt_token_ids", None)  # the continuation's prompt: the client's was sent already
+            ev.pop("prompt_text", None)
             c = _choice(ev)
+            if c is not None:
+                c.pop("prompt_token_ids", None)
             if self.chat and c is not None and isinstance(c.get("delta"), dict) and "role" in c["delta"]:
                 delta = {k: v for k, v in c["delta"].items() if k != "role"}
                 c["delta"] = delta
@@ -226,6 +264,23 @@ class Transcript:
                 usage["completion_tokens"] = int(usage.get("completion_tokens") or 0) + min(self.moved, prompt)
             out.append(b"data: " + orjson.dumps(ev))
         return b"".join(e + b"\n\n" for e in out)
+
+
+async def detokenized(session: ClientSession, urls: Iterable[str], auth: bytes | None, model: str,
+                      ids: list[int]) -> str | None:
+    """The text of ``ids`` as the first of the model's engines that answers decodes it."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = auth.decode()
+    body = orjson.dumps({"model": model, "tokens": ids})
+    for url in urls:
+        try:
+            async with session.post(url + "/detokenize", data=body, headers=headers) as r:
+                if r.status == 200:
+                    return str((await r.json(content_type=None))["prompt"])
+        except (ClientError, TimeoutError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 async def tokens_moved(session: ClientSession, urls: Iterable[str], auth: bytes | None,

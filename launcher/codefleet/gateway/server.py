@@ -30,7 +30,7 @@ from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, GatewayConfig
 from codefleet.gateway.hold import Holding
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.metrics import GatewayMetrics
-from codefleet.gateway.migrate import Settings, Transcript, continuable, tokens_moved
+from codefleet.gateway.migrate import Settings, Transcript, continuable, detokenized, tokens_moved
 from codefleet.gateway.policy import FORWARDED_CHAT, FORWARDED_COMPLETIONS, check_body, check_fill
 from codefleet.gateway.policy import check_head as check_key_and_size
 from codefleet.gateway.pool import Pool
@@ -237,13 +237,18 @@ class Gateway:
         self.admission.finish(exchange.tenant, prompt + completion, time.monotonic() - exchange.admitted_at)
         self.metrics.tokens(exchange.tenant, exchange.model, prompt, completion)
 
-    def migrated(self, model: str, outcome: str) -> None:
-        self.metrics.migrated(model, outcome)
+    def migrated(self, model: str, outcome: str, how: str = "") -> None:
+        self.metrics.migrated(model, outcome, how)
 
     async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
         assert self._session is not None
         urls = [u for u, m in self.workers.urls if m == model]
         return await tokens_moved(self._session, urls, self.upstream_auth, bodies)
+
+    async def detokenized(self, model: str, ids: list[int]) -> str | None:
+        assert self._session is not None
+        urls = [u for u, m in self.workers.urls if m == model]
+        return await detokenized(self._session, urls, self.upstream_auth, model, ids)
 
     async def look_again(self) -> None:
         look = self.workers.refresh_soon()
@@ -345,6 +350,8 @@ class Gateway:
         if stream and self.migration.limit:
             chat = req.path == FORWARDED_CHAT
             exchange.transcript, exchange.scan = Transcript(chat, payload, continuable(chat, payload)), True
+            if exchange.transcript.strip_ids:  # it asked for return_token_ids
+                exchange.body = orjson.dumps(payload)
         self.active.add(exchange)
         if model in self.workers.available:
             exchange.start()

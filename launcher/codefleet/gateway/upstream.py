@@ -55,11 +55,15 @@ class Host(Protocol):
 
     migration: Settings
 
-    def migrated(self, model: str, outcome: str) -> None:
-        """Count a continuation or re-send (``codefleet_gateway_migrations_total``)."""
+    def migrated(self, model: str, outcome: str, how: str = "") -> None:
+        """Count a continuation or re-send (``codefleet_gateway_migrations_total``); ``how``: a
+        continuation's prompt (ids, text, or whole: nothing had been sent)."""
 
     async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
         """migrate.tokens_moved against the model's engines."""
+
+    async def detokenized(self, model: str, ids: list[int]) -> str | None:
+        """migrate.detokenized against the model's engines."""
 
     async def look_again(self) -> None:
         """Read the router's worker list now (a replica was lost)."""
@@ -248,7 +252,7 @@ class Exchange:
         data = self._usage_of(data)
         if data:
             t.record(data)
-        return data
+        return t.for_client(data)
 
     def _usage_of(self, data: bytes) -> bytes:
         if b'"usage"' not in data:
@@ -462,17 +466,23 @@ class Exchange:
             self._end_stream(why, self.req.keep_alive)
             return
         body: bytes | None = None if t.sent_any else orjson.dumps(t.payload)
+        how = "whole"
         while not self.finished:
             if time.monotonic() > deadline:
                 self.gw.migrated(self.model, "timeout")
                 self._end_stream(f"{why}; no other replica took it within {s.timeout_s:g} s", self.req.keep_alive)
                 return
+            if body is None and t.ids and t.prompt_ids:
+                # from the engine's own token ids when they decode to exactly the text sent
+                decoded = await self.gw.detokenized(self.model, t.ids)
+                if decoded == text:
+                    body, how = t.continuation_body(text, len(t.ids), by_ids=True), "ids"
             if body is None:
                 moved = await self.gw.tokens_moved(self.model, t.tokenize_bodies(text))
                 if moved is not None:
-                    body = t.continuation_body(text, moved)
+                    body, how = t.continuation_body(text, moved), "text"
             if body is not None and not self.finished and await self._try(body, deadline):
-                self.gw.migrated(self.model, "continued")
+                self.gw.migrated(self.model, "continued", how)
                 return
             await asyncio.sleep(s.retry_s)
             await self.gw.look_again()
