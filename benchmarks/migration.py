@@ -83,7 +83,8 @@ async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                     ev, buf = buf.split(b"\n\n", 1)
                     times.append(time.time())
                     if ev == b"data: [DONE]":
-                        ending = "ok" if finish else "no finish"
+                        if ending == "cut":
+                            ending = "ok" if finish else "no finish"
                         continue
                     obj = json.loads(ev[6:])
                     if "error" in obj:

@@ -750,3 +750,19 @@ def test_a_hold_without_cold_start_takes_the_manifests_default(tmp_path: Path, c
     assert "cold_start_s" not in t["hold"]
     hold = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path).hold[m["name"]]
     assert hold.cold_start_s == COLD_START_S == Autoscaling.model_fields["cold_start_seconds"].default == 60
+
+
+def test_a_manifests_migration_settings_reach_the_charts_gateway(tmp_path: Path, chart: helm_python.Chart) -> None:
+    from codefleet.frontend_config import FrontendConfig
+    from codefleet.manifest import Migration
+
+    text = FLEET.read_text().replace("  policy: prefix_affinity\n",
+                                     "  policy: prefix_affinity\n  migration: {limit: 1, timeout_s: 12}\n", 1)
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    values = helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb")) | OFFLINE
+    assert values["frontend"]["migration"] == {"limit": 1, "timeout_s": 12.0}
+    (cm,) = [o for o in render(chart, values) if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    router = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path).router
+    assert router.migration == Migration(limit=1, timeout_s=12)
+    assert "migration" not in fleet_values()["frontend"]  # the defaults are not written out
