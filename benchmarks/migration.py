@@ -58,6 +58,8 @@ def migrations(metrics_url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("codefleet_gateway_migrations_total{"):
             outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            how = line.split('how="', 1)[1].split('"', 1)[0] if 'how="' in line else ""
+            outcome = f"{outcome}/{how}" if how else outcome
             out[outcome] = out.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
@@ -136,8 +138,19 @@ async def exact_round(fleet: Any, model: str, replicas: list[Any], prompts: list
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 300)
         kill(max(replicas, key=lambda r: running(r.url)))  # the replica with the most of these streams
         got = await asyncio.gather(*tasks)
+    def first_difference(a: str, b: str) -> dict[str, Any] | None:
+        if a == b:
+            return None
+        k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+        return {"at_char": k, "of": len(a), "reference": a[max(0, k - 40):k + 40], "got": b[max(0, k - 40):k + 40]}
+
+    def longest_gap(g: dict[str, Any]) -> float:
+        ts = [g["start"], *g["times"]]
+        return max((b - a for a, b in zip(ts[1:], ts[2:], strict=False)), default=0.0)
+
     return [{"ending": g["ending"], "same_text": g["text"] == r["text"], "finish": g["finish"],
-             "usage_same": g["usage"] == r["usage"], "ref_tokens": (r["usage"] or {}).get("completion_tokens")}
+             "usage_same": g["usage"] == r["usage"], "ref_tokens": (r["usage"] or {}).get("completion_tokens"),
+             "longest_gap_s": longest_gap(g), "difference": first_difference(r["text"], g["text"])}
             for g, r in zip(got, ref, strict=True)]
 
 

@@ -310,3 +310,89 @@ def test_a_chat_continuation_by_ids_uses_vllms_prompt_token_ids_and_a_client_tha
         assert cont["messages"] == body["messages"]  # still validated by vLLM, not rendered
 
     asyncio.run(run(behaviour, client))
+
+
+def test_a_cut_in_the_middle_of_an_event_sends_none_of_it_and_the_continuation_whole() -> None:
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        if len(Router.bodies) == 1:
+            half = text_chunk("b")[: len(text_chunk("b")) // 2 + 8]
+            t.write(HEAD + text_chunk("a") + half)  # the replica died inside an event
+            t.close()
+        else:
+            t.write(HEAD + text_chunk("bc", "cmpl-2", 9, "length") + event("[DONE]") + b"0\r\n\r\n")
+
+    async def client(c: httpx.AsyncClient) -> None:
+        async with c.stream("POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+            text = (await r.aread()).decode()
+        events = sse(text)  # every event parses: no half of the lost one glued to the next
+        assert "".join(e["choices"][0]["text"] for e in events) == "abc" and {e["id"] for e in events} == {"cmpl-1"}
+        assert Router.bodies[1]["prompt"] == "xa"
+
+    asyncio.run(run(behaviour, client))
+
+
+def test_a_requests_own_in_band_error_passes_through_and_is_not_sent_again() -> None:
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        t.write(HEAD + text_chunk("a") + event({"error": {"message": "bad request: grammar", "type": "BadRequestError",
+                                                          "code": 400}}) + event("[DONE]") + b"0\r\n\r\n")
+
+    async def client(c: httpx.AsyncClient) -> None:
+        async with c.stream("POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+            text = (await r.aread()).decode()
+        assert "bad request: grammar" in text and text.endswith("data: [DONE]\n\n") and len(Router.bodies) == 1
+
+    asyncio.run(run(behaviour, client))
+
+
+def test_a_continuation_refused_with_a_4xx_ends_the_stream_with_its_message_at_once() -> None:
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        if len(Router.bodies) == 1:
+            t.write(HEAD + text_chunk("a"))
+            t.close()
+        else:
+            msg = b'{"error": {"message": "This model\'s maximum context length is 2048 tokens", "code": 400}}'
+            t.write(b"HTTP/1.1 400 X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(msg), msg))
+
+    async def client(c: httpx.AsyncClient) -> None:
+        async with c.stream("POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+            text = (await r.aread()).decode()
+        assert "maximum context length" in text and '"code":"stream_interrupted"' in text
+        assert len(Router.bodies) == 2  # not sent again and again until the timeout
+
+    asyncio.run(run(behaviour, client))
+
+
+def test_a_stream_cut_after_its_last_token_ends_with_length_not_one_token_more() -> None:
+    def behaviour(router: FakeRouter, t: Any, path: bytes, n: int) -> None:
+        t.write(HEAD + ids_chunk("a", first=True) + ids_chunk("b"))  # max_tokens 2: both generated
+        t.close()
+
+    async def client(c: httpx.AsyncClient) -> None:
+        body = {"model": "m", "prompt": "x", "stream": True, "max_tokens": 2}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            text = (await r.aread()).decode()
+        events = sse(text)
+        assert "".join(e["choices"][0]["text"] for e in events) == "ab" and "error" not in text
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["id"] == "cmpl-1"
+        assert len(Router.bodies) == 1
+
+    asyncio.run(run(behaviour, client))
+
+
+def test_fields_that_read_the_prompt_differently_are_not_continued() -> None:
+    assert not continuable(False, {"prompt": "x", "truncate_prompt_tokens": 100})
+    assert not continuable(True, {"messages": [], "prompt_logprobs": 1})
+    t = Transcript(True, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, True)
+    assert not t.ids_usable()  # vLLM ignores prompt ids for messages with parts: continued from text
+
+
+def test_all_transcripts_share_one_budget_and_give_it_back_when_they_end() -> None:
+    from codefleet.gateway.migrate import Budget
+
+    budget = Budget(limit=100)
+    a, b = Transcript(False, {"prompt": "x"}, True, budget), Transcript(False, {"prompt": "y"}, True, budget)
+    a.record(b"x" * 60)
+    b.record(b"y" * 60)  # over the budget: b is no longer kept (its stream is not continued)
+    assert a.can_continue and not b.can_continue and budget.used == 60
+    a.release()
+    assert budget.used == 0

@@ -35,7 +35,7 @@ client yet.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,16 @@ from aiohttp.client_exceptions import ClientError
 
 MAX_TRANSCRIPT = 8 * 1024 * 1024
 """Largest transcript kept for one stream (its events as sent); past it the stream is not continued."""
+MAX_TRANSCRIPTS = 512 * 1024 * 1024
+"""All transcripts of one gateway together; past it new events are not kept (those streams are not
+continued) until streams end."""
+
+
+class Budget:
+    """Bytes held by all transcripts of one gateway."""
+
+    def __init__(self, limit: int = MAX_TRANSCRIPTS) -> None:
+        self.limit, self.used = limit, 0
 
 #: vllm-router's plain-text errors when a worker failed (connect, send, or body read; its retries
 #: used up): the request never reached the client, so it may be sent again.
@@ -55,7 +65,20 @@ _ID_FIELDS = re.compile(rb',"(?:prompt_token_ids|token_ids)":(?:\[[0-9,]*\]|null
 
 #: Request fields that make text continuation wrong (the decoding state restarts from scratch).
 _STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "guided_decoding_backend")
+               "guided_decoding_backend", "truncate_prompt_tokens", "prompt_logprobs")
+"""(and fields that would treat the continuation's longer prompt differently: cut it, score it)"""
+
+
+def engine_died(data: bytes) -> bool:
+    """Whether the in-band error event opening ``data`` is a server error (vLLM's EngineDeadError is
+    ``{"error": {..., "type": "InternalServerError", "code": 500}}``: vllm/entrypoints/serve/
+    exception_handling/error_response.py), not the request's own (a 400 passes through)."""
+    try:
+        err = orjson.loads(data[6:data.index(b"\n\n")] if b"\n\n" in data else data[6:]).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    code = err.get("code") if isinstance(err, dict) else None
+    return isinstance(code, int) and code >= 500
 
 
 @dataclass(frozen=True)
@@ -110,8 +133,9 @@ def _events(data: bytes) -> Iterable[tuple[bytes, dict[str, Any] | None]]:
 class Transcript:
     """What one stream has sent its client, and how to continue it."""
 
-    def __init__(self, chat: bool, payload: dict[str, Any], can_continue: bool) -> None:
+    def __init__(self, chat: bool, payload: dict[str, Any], can_continue: bool, budget: Budget | None = None) -> None:
         self.chat = chat
+        self.budget = budget or Budget()
         self.payload = payload
         """The request as the gateway sent it (with any ``stream_options`` it added)."""
         self.can_continue = can_continue
@@ -144,10 +168,17 @@ class Transcript:
         if not self.can_continue:
             return
         self.size += len(data)
-        if self.size > MAX_TRANSCRIPT:
+        self.budget.used += len(data)
+        if self.size > MAX_TRANSCRIPT or self.budget.used > self.budget.limit:
             self.can_continue, self.events = False, []
+            self.release()
             return
         self.events.append(data)
+
+    def release(self) -> None:
+        """The stream ended (or stopped being kept): its bytes leave the budget."""
+        self.budget.used -= self.size
+        self.size = 0
 
     def for_client(self, data: bytes) -> bytes:
         """Events as the client gets them (without the token ids it did not ask for)."""
@@ -202,6 +233,38 @@ class Transcript:
             p["prompt"] = p["prompt"] + text
         return p
 
+    def ids_usable(self) -> bool:
+        """vLLM uses chat's ``kv_transfer_params.prompt_token_ids`` only for text messages (it
+        ignores them otherwise: vllm/renderers/online_renderer.py)."""
+        return not self.chat or all(isinstance(m, dict) and isinstance(m.get("content"), str | None)
+                                    for m in self.payload["messages"])
+
+    def _most(self) -> int | None:
+        if self.chat:
+            for key in ("max_completion_tokens", "max_tokens"):
+                if isinstance(self.payload.get(key), int):
+                    return int(self.payload[key])
+            return None
+        most = self.payload.get("max_tokens")
+        return most if isinstance(most, int) else 16  # vLLM's default for completions
+
+    def left(self) -> int:
+        """Tokens still to generate (by the ids sent so far); a large number when unbounded."""
+        most = self._most()
+        return 1 << 30 if most is None or not self.ids else most - len(self.ids)
+
+    def length_end(self) -> bytes:
+        """The last chunk of a stream whose tokens were all generated before the cut."""
+        ident = self.identity or (None, None)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if self.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return b"data: " + orjson.dumps({"id": ident[0], "object": "chat.completion.chunk" if self.chat
+                                         else "text_completion", "created": ident[1],
+                                         "model": self.payload.get("model"), "choices": [choice]}) + b"\n\n"
+
     def tokenize_bodies(self, text: str) -> tuple[bytes, bytes]:
         """/tokenize bodies of the first prompt and of the continuation's (their difference is the
         number of tokens moved into the prompt)."""
@@ -227,13 +290,10 @@ class Transcript:
         else:
             p = self._continued(text)
         p["echo"] = False
-        if self.chat:
-            for key in ("max_completion_tokens", "max_tokens"):
-                if isinstance(p.get(key), int):
-                    p[key] = max(1, p[key] - self.moved)
-        else:
-            most = p.get("max_tokens")
-            p["max_tokens"] = max(1, (most if isinstance(most, int) else 16) - self.moved)  # vLLM's default: 16
+        most = self._most()
+        if most is not None:
+            key = "max_tokens" if not self.chat or "max_completion_tokens" not in p else "max_completion_tokens"
+            p[key] = max(1, most - self.moved)
         if isinstance(p.get("min_tokens"), int):
             p["min_tokens"] = max(0, p["min_tokens"] - self.moved)
         return orjson.dumps(p)
@@ -263,12 +323,15 @@ class Transcript:
                 prompt = int(usage.get("prompt_tokens") or 0)
                 usage["prompt_tokens"] = max(0, prompt - self.moved)
                 usage["completion_tokens"] = int(usage.get("completion_tokens") or 0) + min(self.moved, prompt)
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                    details["cached_tokens"] = min(details["cached_tokens"], usage["prompt_tokens"])
             out.append(b"data: " + orjson.dumps(ev))
         return b"".join(e + b"\n\n" for e in out)
 
 
 async def detokenized(session: ClientSession, urls: Iterable[str], auth: bytes | None, model: str,
-                      ids: list[int]) -> str | None:
+                      ids: list[int], failed: Callable[[str], None] = lambda url: None) -> str | None:
     """The text of ``ids`` as the first of the model's engines that answers decodes it."""
     headers = {"Content-Type": "application/json"}
     if auth:
@@ -280,12 +343,13 @@ async def detokenized(session: ClientSession, urls: Iterable[str], auth: bytes |
                 if r.status == 200:
                     return str((await r.json(content_type=None))["prompt"])
         except (ClientError, TimeoutError, ValueError, KeyError, TypeError):
+            failed(url)
             continue
     return None
 
 
 async def tokens_moved(session: ClientSession, urls: Iterable[str], auth: bytes | None,
-                       bodies: tuple[bytes, bytes]) -> int | None:
+                       bodies: tuple[bytes, bytes], failed: Callable[[str], None] = lambda url: None) -> int | None:
     """How many more tokens the continuation's prompt has than the first, read from the first of
     ``urls`` (the model's engines) that answers both; None if none does."""
     headers = {"Content-Type": "application/json"}
@@ -301,5 +365,6 @@ async def tokens_moved(session: ClientSession, urls: Iterable[str], auth: bytes 
                     counts.append(int((await r.json(content_type=None))["count"]))
             return max(0, counts[1] - counts[0])
         except (TimeoutError, ClientError, ValueError, KeyError, TypeError):
+            failed(url)
             continue
     return None

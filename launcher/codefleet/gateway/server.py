@@ -30,7 +30,7 @@ from codefleet.gateway.config import DEFAULT_TENANT, FORWARDED, GatewayConfig
 from codefleet.gateway.hold import Holding
 from codefleet.gateway.http import Client, Request
 from codefleet.gateway.metrics import GatewayMetrics
-from codefleet.gateway.migrate import Settings, Transcript, continuable, detokenized, tokens_moved
+from codefleet.gateway.migrate import Budget, Settings, Transcript, continuable, detokenized, tokens_moved
 from codefleet.gateway.policy import FORWARDED_CHAT, FORWARDED_COMPLETIONS, check_body, check_fill
 from codefleet.gateway.policy import check_head as check_key_and_size
 from codefleet.gateway.pool import Pool
@@ -65,6 +65,11 @@ class Gateway:
         self.fim = dict(config.fim)
         """Per model that fills in the middle: its format (reloaded with the keys: ``codefleet apply``)."""
         self.migration = Settings(**config.migration)  # type: ignore[arg-type]
+        self.transcripts = Budget()
+        #: Engines that failed a migration's call lately (tried last), and the session for those calls
+        #: (its own: a lost replica's streams all ask at once, and the worker list must not wait).
+        self._failed_engines: dict[str, float] = {}
+        self._engine_session: ClientSession | None = None
         self.upstream_auth = f"Bearer {upstream_key}".encode() if upstream_key else None
         url = urllib.parse.urlsplit(config.router_url)
         self.upstream_host = url.netloc.encode()
@@ -103,6 +108,8 @@ class Gateway:
             task.cancel()
         if self._session is not None:
             await self._session.close()
+        if self._engine_session is not None:
+            await self._engine_session.close()
         self.pool.close()
 
     async def drain(self, budget: float) -> None:
@@ -240,15 +247,28 @@ class Gateway:
     def migrated(self, model: str, outcome: str, how: str = "") -> None:
         self.metrics.migrated(model, outcome, how)
 
-    async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
-        assert self._session is not None
+    def _engines(self, model: str) -> tuple[ClientSession, list[str]]:
+        """The session for migrations' engine calls, and the model's engines, the ones that failed
+        a call lately last."""
+        if self._engine_session is None:
+            self._engine_session = ClientSession(connector=TCPConnector(limit=64),
+                                                 timeout=ClientTimeout(total=10, sock_connect=1))
+        now = time.monotonic()
         urls = [u for u, m in self.workers.urls if m == model]
-        return await tokens_moved(self._session, urls, self.upstream_auth, bodies)
+        return self._engine_session, sorted(urls, key=lambda u: self._failed_engines.get(u, 0.0) > now - 10)
+
+    def _engine_failed(self, url: str) -> None:
+        now = self._failed_engines[url] = time.monotonic()
+        if len(self._failed_engines) > 256:  # replicas come back on new ports: forget old ones
+            self._failed_engines = {u: t for u, t in self._failed_engines.items() if t > now - 60}
+
+    async def tokens_moved(self, model: str, bodies: tuple[bytes, bytes]) -> int | None:
+        session, urls = self._engines(model)
+        return await tokens_moved(session, urls, self.upstream_auth, bodies, self._engine_failed)
 
     async def detokenized(self, model: str, ids: list[int]) -> str | None:
-        assert self._session is not None
-        urls = [u for u, m in self.workers.urls if m == model]
-        return await detokenized(self._session, urls, self.upstream_auth, model, ids)
+        session, urls = self._engines(model)
+        return await detokenized(session, urls, self.upstream_auth, model, ids, self._engine_failed)
 
     async def look_again(self) -> None:
         look = self.workers.refresh_soon()
@@ -349,7 +369,8 @@ class Gateway:
             exchange.admit(tenant, body)
         if stream and self.migration.limit:
             chat = req.path == FORWARDED_CHAT
-            exchange.transcript, exchange.scan = Transcript(chat, payload, continuable(chat, payload)), True
+            exchange.transcript = Transcript(chat, payload, continuable(chat, payload), self.transcripts)
+            exchange.scan = True
             if exchange.transcript.strip_ids:  # it asked for return_token_ids
                 exchange.body = orjson.dumps(payload)
         self.active.add(exchange)

@@ -17,7 +17,7 @@ from codefleet.gateway import answers
 from codefleet.gateway.affinity import SESSION_HEADER
 from codefleet.gateway.answers import Rejection
 from codefleet.gateway.http import Client, Request
-from codefleet.gateway.migrate import ROUTER_FAILED, Settings, Transcript
+from codefleet.gateway.migrate import ROUTER_FAILED, Settings, Transcript, engine_died
 from codefleet.gateway.pool import Pool, Upstream
 from codefleet.gateway.wire import LAST_CHUNK, SSE_DONE, chunk, head
 
@@ -117,6 +117,8 @@ class Exchange:
         self.transcript: Transcript | None = None
         self.migrations = 0
         self.resuming: asyncio.Future[bool] | None = None
+        self.resume_status = 0
+        """The status a continuation was refused with (0: none, or its connection failed)."""
         self.errored = False
         """The replica's answer held vLLM's in-band error event."""
 
@@ -126,6 +128,8 @@ class Exchange:
             return
         self.finished = True
         self.gw.active.discard(self)
+        if self.transcript is not None:
+            self.transcript.release()
         if self.on_end is not None:
             self.on_end()
             self.on_end = None
@@ -203,6 +207,8 @@ class Exchange:
                 if self.transcript is not None:  # its events are rewritten from the first one on
                     self.transcript.rewriting = self.transcript.sent_any
                 self._resumed(True)
+            else:
+                self.resume_status, self.buffer, self.buffered = status, [], 0
             return
         self.status = status
         chunked_source = True
@@ -242,10 +248,12 @@ class Exchange:
         t = self.transcript
         if t is None:
             return self._usage_of(data)
-        if b'data: {"error"' in data:
-            # vLLM's in-band error (its engine died under a live API server): what came before it
-            # is sent; the rest of this answer (the error and [DONE]) is not.
-            data, self.sse = data[:data.index(b'data: {"error"')], b""
+        at = data.find(b'data: {"error"')
+        if at >= 0 and engine_died(data[at:]):
+            # vLLM's in-band 5xx (its engine died under a live API server): what came before it
+            # is sent; the rest of this answer (the error and [DONE]) is not. A request's own
+            # error (a 400) passes through as it is.
+            data, self.sse = data[:at], b""
             self.errored = True
         if t.rewriting and data:
             data = t.rewrite(data)
@@ -272,7 +280,10 @@ class Exchange:
         return b"\n\n".join(out)
 
     def upstream_body(self, body: bytes) -> None:
-        if self.resuming is not None:  # a continuation's error answer (read, then given up)
+        if self.resuming is not None:  # a continuation's error answer (its start kept for the message)
+            if self.buffered < 65536:
+                self.buffer.append(body[:65536])
+                self.buffered += len(body)
             return
         if self.scan and self.mode in ("chunked", "raw"):
             body = self._scan_events(body)
@@ -353,8 +364,9 @@ class Exchange:
                 self.retried = True
                 self.gw.spawn(self._connect())
                 return
-            self._fail(f"The router did not answer for model `{self.model}`: "
-                       f"{exc or 'connection closed before a response'}.")
+            if not self._resend():
+                self._fail(f"The router did not answer for model `{self.model}`: "
+                           f"{exc or 'connection closed before a response'}.")
         elif self.mode == "buffer":
             if not self._resend():
                 self._fail(f"The router's answer for model `{self.model}` was cut "
@@ -441,7 +453,7 @@ class Exchange:
             self.conn.exchange = None
             self.conn.abort()
             self.conn = None
-        self.errored = False
+        self.errored, self.sse = False, b""  # a partial event of the lost answer is never sent
         t, limit = self.transcript, self.gw.migration.limit
         if t is None or self.client.closed or self.migrations >= limit:
             if t is not None and limit:
@@ -452,11 +464,22 @@ class Exchange:
         self.gw.spawn(self._continue(why))
 
     async def _continue(self, why: str) -> None:
+        try:
+            await self._continuing(why)
+        except Exception as exc:  # never a stream left open: whatever failed, the error event
+            self.gw.migrated(self.model, "failed")
+            self._end_stream(f"{why}; its continuation failed ({type(exc).__name__})", self.req.keep_alive)
+
+    async def _continuing(self, why: str) -> None:
         t, s = self.transcript, self.gw.migration
         assert t is not None
+        if self.finished:
+            return
         deadline = time.monotonic() + s.timeout_s
         text, finished = t.sent()
-        if finished:  # every choice had its finish_reason: only [DONE] was missing
+        if finished or t.left() <= 0:  # every choice had finished, or no token is left to generate
+            if not finished:
+                self._write(t.length_end())
             self._write(SSE_DONE)
             self.gw.migrated(self.model, "finished")
             self._end_stream(None, self.req.keep_alive)
@@ -466,23 +489,31 @@ class Exchange:
             self._end_stream(why, self.req.keep_alive)
             return
         body: bytes | None = None if t.sent_any else orjson.dumps(t.payload)
-        how = "whole"
+        how, bodies = "whole", None
         while not self.finished:
             if time.monotonic() > deadline:
                 self.gw.migrated(self.model, "timeout")
                 self._end_stream(f"{why}; no other replica took it within {s.timeout_s:g} s", self.req.keep_alive)
                 return
-            if body is None and t.ids and t.prompt_ids:
+            if body is None and t.ids and t.prompt_ids and t.ids_usable():
                 # from the engine's own token ids when they decode to exactly the text sent
                 decoded = await self.gw.detokenized(self.model, t.ids)
                 if decoded == text:
                     body, how = t.continuation_body(text, len(t.ids), by_ids=True), "ids"
             if body is None:
-                moved = await self.gw.tokens_moved(self.model, t.tokenize_bodies(text))
+                bodies = bodies or t.tokenize_bodies(text)
+                moved = await self.gw.tokens_moved(self.model, bodies)
                 if moved is not None:
                     body, how = t.continuation_body(text, moved), "text"
             if body is not None and not self.finished and await self._try(body, deadline):
                 self.gw.migrated(self.model, "continued", how)
+                return
+            if 400 <= self.resume_status < 500 and self.resume_status not in (408, 429):
+                # refused for what it is (not for want of a replica): the engine's or router's words
+                message = b"".join(self.buffer).decode(errors="replace").strip()[:2000]
+                self.gw.migrated(self.model, "refused")
+                self._end_stream(f"{why}; its continuation was refused ({self.resume_status}: {message})",
+                                 self.req.keep_alive)
                 return
             await asyncio.sleep(s.retry_s)
             await self.gw.look_again()
@@ -499,6 +530,7 @@ class Exchange:
             self.gw.pool.release(conn)
             return False
         self.body, self.resuming = body, asyncio.get_running_loop().create_future()
+        self.resume_status, self.buffer, self.buffered, self.sse = 0, [], 0, b""
         self._send(conn)
         try:
             return await asyncio.wait_for(asyncio.shield(self.resuming), max(0.1, deadline - time.monotonic()))
@@ -532,6 +564,8 @@ class Exchange:
     async def _resend_later(self) -> None:
         await asyncio.sleep(self.gw.migration.retry_s)
         await self.gw.look_again()
+        if self.finished:  # answered meanwhile (the gateway stopping) or the client left
+            return
         self.gw.migrated(self.model, "resent")
         self.start()
 
