@@ -14,7 +14,8 @@ import httpx
 import openai
 import pytest
 
-from codefleet.runtime.local import LocalFleet, LocalReplica
+from codefleet.runtime.local import LocalFleet
+from codefleet.runtime.replica import Replica
 from tests.e2e.conftest import API_KEY
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,8 @@ def gateway_migrations(fleet: LocalFleet) -> dict[str, float]:
     return out
 
 
-def running(r: LocalReplica) -> float:
+def running(r: Replica) -> float:
+    assert r.url is not None
     text = httpx.get(r.url + "/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:num_requests_running{"))
@@ -69,7 +71,7 @@ def stream(fleet: LocalFleet, prompt: str, out: dict[str, Any], chunks: threadin
     out.update(text="".join(parts), finish=finish, usage=usage)
 
 
-def run_all(fleet: LocalFleet, prompts: list[str], kill_replica: list[LocalReplica] | None = None
+def run_all(fleet: LocalFleet, prompts: list[str], kill_replica: list[Replica] | None = None
             ) -> list[dict[str, Any]]:
     outs: list[dict[str, Any]] = [{} for _ in prompts]
     events = [threading.Event() for _ in prompts]
@@ -88,7 +90,7 @@ def run_all(fleet: LocalFleet, prompts: list[str], kill_replica: list[LocalRepli
     return outs
 
 
-def wait_back(replicas: list[LocalReplica], restarts: int) -> None:
+def wait_back(replicas: list[Replica], restarts: int) -> None:
     """Until the replicas have restarted ``restarts`` times in all and each is registered again."""
     deadline = time.monotonic() + 420
     while not (sum(r.restarts for r in replicas) >= restarts and all(r.registered for r in replicas)):
