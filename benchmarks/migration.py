@@ -244,7 +244,7 @@ def manifest(spec: dict[str, Any], limit: int) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def run(folder: Path) -> list[dict[str, Any]]:
+def run(folder: Path, limits: list[int] | None = None) -> list[dict[str, Any]]:
     from codefleet.manifest import parse
     from codefleet.planner import plan_fleet
     from codefleet.runtime.local import LocalFleet
@@ -252,8 +252,10 @@ def run(folder: Path) -> list[dict[str, Any]]:
     spec = yaml.safe_load((folder / "scenario.yaml").read_text())
     model = spec["model"]
     os.environ["CODEFLEET_SCENARIO_KEYS"] = KEY
-    rows: list[dict[str, Any]] = []
-    for limit in spec["limits"]:
+    out = folder / "results"
+    kept = json.loads((out / "summary.json").read_text()) if limits and (out / "summary.json").exists() else []
+    rows: list[dict[str, Any]] = [r for r in kept if r["limit"] not in limits] if limits else []
+    for limit in limits or spec["limits"]:
         with tempfile.TemporaryDirectory() as d:
             text = manifest(spec, limit)
             (Path(d) / "fleet.yaml").write_text(text)
@@ -295,25 +297,65 @@ def run(folder: Path) -> list[dict[str, Any]]:
                 results, kills = asyncio.run(load(fleet, model, ld, seed=limit))
                 time.sleep(1.0)
                 endings: dict[str, int] = {}
+                kinds: dict[str, int] = {}
                 for r in results:
-                    key = r["ending"] if r["ending"] in ("ok", "error") else "cut"
+                    # error: an error event or an HTTP error status; cut: neither (a silent close)
+                    key = ("ok" if r["ending"] == "ok" else "error" if r["ending"] == "error"
+                           or r["ending"].startswith("http") else "cut")
                     endings[key] = endings.get(key, 0) + 1
+                    kinds[r["ending"]] = kinds.get(r["ending"], 0) + 1
                 gaps = gaps_at_kills(results, kills)
                 row = {"part": "load", "limit": limit, "requests": len(results), "kills": len(kills), **endings,
+                       "endings": kinds,
                        "gap_p50_s": pct(gaps, 50), "gap_p99_s": pct(gaps, 99), "gaps": len(gaps),
                        "gateway": delta(migrations(metrics_url), before)}
                 print(f"   load: {row}", flush=True)
                 rows.append(row)
                 wait_ready(fleet, model)
-    out = folder / "results"
     out.mkdir(exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    plot(out, rows)
     return rows
 
 
 async def exact_round_warm(fleet: Any, model: str) -> None:
     async with aiohttp.ClientSession() as s:
         await asyncio.gather(*(stream(s, fleet.url, chat_body(model, p, 32)) for p in humaneval_prompts()[:8]))
+
+
+def plot(results: Path, rows: list[dict[str, Any]]) -> None:
+    """Per limit: how the requests ended under the killing load, and how the greedy streams of the
+    exact rounds ended (results/migration.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, part, title in ((axes[0], "load", "steady load, a replica killed every 20 s"),
+                            (axes[1], "exact", "8 greedy streams per round, one replica killed")):
+        limits = sorted({r["limit"] for r in rows if r["part"] == part}, reverse=True)
+        counts = {k: [] for k in ("ok", "error", "cut")}  # type: dict[str, list[float]]
+        for lim in limits:
+            sel = [r for r in rows if r["part"] == part and r["limit"] == lim]
+            if part == "load":
+                for k in counts:
+                    counts[k].append(sum(r.get(k, 0) for r in sel))
+            else:
+                streams = [x for r in sel for x in r["streams"]]
+                counts["ok"].append(sum(x["ending"] == "ok" for x in streams))
+                counts["error"].append(sum(x["ending"] == "error" for x in streams))
+                counts["cut"].append(sum(x["ending"] not in ("ok", "error") for x in streams))
+        bottom = [0.0] * len(limits)
+        for k, color in (("ok", "tab:green"), ("error", "tab:orange"), ("cut", "tab:red")):
+            ax.bar([f"migration limit {lim}" for lim in limits], counts[k], bottom=bottom, label=k, color=color)
+            bottom = [b + c for b, c in zip(bottom, counts[k], strict=True)]
+        ax.set_title(title)
+        ax.set_ylabel("requests")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "migration.png", dpi=100)
+    plt.close(fig)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -341,10 +383,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "tables"):
-        sub.add_parser(name).add_argument("folder", type=Path)
+    r = sub.add_parser("run", help="start the fleets and measure (results/summary.json)")
+    r.add_argument("folder", type=Path)
+    r.add_argument("--limits", nargs="*", type=int, help="only these migration limits (the others' rows are kept)")
+    sub.add_parser("tables").add_argument("folder", type=Path)
     args = p.parse_args(argv)
-    rows = run(args.folder) if args.cmd == "run" else json.loads((args.folder / "results" / "summary.json").read_text())
+    summary = args.folder / "results" / "summary.json"
+    rows = run(args.folder, args.limits) if args.cmd == "run" else json.loads(summary.read_text())
+    if args.cmd == "tables":
+        plot(summary.parent, rows)
     print(table(rows))
     return 0
 
