@@ -1,4 +1,5 @@
-"""Kill one of two replicas under steady load: the model keeps serving, the replica comes back."""
+"""Kill one of two replicas under steady load: the model keeps serving and loses no request (the
+gateway continues or re-sends what was in flight on it: gateway/migrate.py), the replica comes back."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ OUTAGE_LOAD_S = 15
 saturating load starves the restarting engine (seen: 4.5 min to import vLLM under load)."""
 
 
-def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: LocalFleet) -> None:
+def test_killed_replica_loses_no_request_and_comes_back(fleet: LocalFleet) -> None:
     replicas = [r for r in fleet.replicas if r.plan.name == MODEL]
     assert len(replicas) == 2
     victim = replicas[0]
@@ -103,10 +104,9 @@ def test_killed_replica_fails_only_its_inflight_requests_and_comes_back(fleet: L
           f"({dict(Counter(o for _, _, o in failures))}); {MODEL} ran on one replica for "
           f"{back_at - killed_at:.1f} s (restart + load + registration) and served "
           f"{sum(1 for r in during if r[2] == 'ok')} requests in the {OUTAGE_LOAD_S} s of load after the kill")
-    # Only requests in flight at the kill may fail: they started before it and ended after it.
-    late = [f for f in failures if f[0] > killed_at + 1.0]
-    assert not late, f"requests started after the kill failed: {late}"
-    assert len(failures) <= CONCURRENCY
+    # Requests in flight at the kill were continued (streams) or sent again (the rest); the ones
+    # that came after it went to the survivor.
+    assert not failures, f"requests failed: {failures}"
     assert sum(1 for r in during if r[2] == "ok") > 0, "the surviving replica did not serve during the outage"
 
     # The restarted replica is registered again and takes traffic.
