@@ -61,6 +61,9 @@ def test_scenarios_are_complete(path: Path) -> None:
     if "loads" in spec:  # a benchmarks.editor scenario: every load and the probe, in every pass
         _editor_scenario_is_complete(path, spec)
         return
+    if "limits" in spec:  # a benchmarks.migration scenario: every part for every limit
+        _migration_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -72,6 +75,24 @@ def test_scenarios_are_complete(path: Path) -> None:
             assert all(m.placement.accelerator == "cpu" for m in plan.models)
         else:
             assert run["base_url_env"]
+
+
+def _migration_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    from benchmarks.migration import manifest
+
+    rows = json.loads((path.parent / "results" / "summary.json").read_text())
+    for limit in spec["limits"]:
+        plan_fleet(parse(manifest(spec, limit), path))  # the fleet it starts is a valid one
+        mine = [r for r in rows if r["limit"] == limit]
+        assert sum(r["part"] == "exact" for r in mine) == spec["exact"]["rounds"], limit
+        assert sum(r["part"] == "load" for r in mine) == 1, limit
+        assert sum(r["part"] == "tokens" for r in mine) == (1 if limit else 0), limit
+        for r in mine:
+            if r["part"] == "load":
+                assert r["requests"] == r.get("ok", 0) + r.get("error", 0) + r.get("cut", 0)
+    assert (path.parent / "results" / "migration.png").exists()
 
 
 def _editor_scenario_is_complete(path: Path, spec: dict) -> None:
