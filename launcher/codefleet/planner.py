@@ -31,7 +31,7 @@ from typing import Any
 
 from codefleet import moe
 from codefleet.errors import PlanError
-from codefleet.explain import cpu_term, tail_terms, weight_terms
+from codefleet.explain import cpu_term, speculative_terms, speculative_warnings, tail_terms, weight_terms
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
 from codefleet.limits import Limits, dtype_bytes, engine_limits
 from codefleet.manifest import LoadedManifest
@@ -131,8 +131,9 @@ def plan_model(
             name=spec.name, source=spec.source, model_ref=m.model_ref, family=m.family.name, placement=placement,
             memory=memory, engine=engine, generation=generation, moe=moe_kernel, estimate=estimate,
             engine_args=dict(spec.engine_args), env=dict(spec.env), revision=spec.revision, demo=m.demo,
-            drain_seconds=m.drain_seconds, autoscale=auto, max_waiting=spec.max_waiting, warnings=tuple(warnings),
-            budget=tuple(terms))
+            drain_seconds=m.drain_seconds, autoscale=auto, max_waiting=spec.max_waiting,
+            warnings=tuple(warnings) + speculative_warnings(m, engine), budget=tuple(terms) + speculative_terms(m, engine),
+            speculative=m.speculative.vllm_config() if m.speculative else None)
 
     quantization = m.quant.describe() if m.quant else None
     moe_dir = str(m.moe_config_dir) if m.moe_config_dir else None

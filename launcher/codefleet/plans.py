@@ -149,6 +149,8 @@ class ReplicaPlan:
     #: The engine serves vLLM's render endpoints (``--enable-scale-out``): vllm-router's cache_aware
     #: asks them for each prompt's token ids (without them it routes on load alone).
     render_endpoints: bool = False
+    #: vLLM's --speculative-config (codefleet.speculative), None: no speculative decoding.
+    speculative: dict[str, Any] | None = None
     #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it;
     #: the numbers of ``memory`` and ``placement`` are the same values, set from the same variables.
     budget: tuple[Term, ...] = ()

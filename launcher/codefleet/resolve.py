@@ -18,6 +18,7 @@ from codefleet.gpus import GPUS, unknown_gpu_message
 from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
 from codefleet.quant import Quant, detect
 from codefleet.shapes import ModelShape
+from codefleet.speculative import Speculative, suffix_available
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ResolvedModel:
     moe_config_dir: Path | None = None
     #: Fill-in-the-middle format (codefleet.fim), None: no ``suffix``.
     fim: str | None = None
+    #: The model's ``speculative:`` or the defaults' (None: off).
+    speculative: Speculative | None = None
 
 
 def catalog_seed(catalog: CatalogEntry | None, demo: str | None, family: str | None) -> CatalogEntry | None:
@@ -211,6 +214,19 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
             reason = (f"the catalog says {seed.hf_id} does not fill in the middle ({seed.fim_source})" if seed is not None
                       else f"{spec.source} is not in the catalog, so its format is unknown")
             fail("fim", f"fim: true, but {reason}; name the format the model was trained with ({known}) or set fim: false")
+    speculative = spec.speculative if spec.speculative is not None else defaults.speculative
+    if speculative is not None and speculative.on:
+        where = (*at, "speculative") if spec.speculative is not None else ("defaults", "speculative")
+        if speculative.method == "suffix" and gpu == "cpu" and not suffix_available():
+            problems.append((loaded.location(where), "method suffix needs the arctic-inference package where the "
+                             "engine runs (vLLM: \"Arctic Inference is required for suffix decoding\"), and it is not "
+                             "installed here; use method ngram, or install it (docs/speculative.md)"))
+        card = seed.card_sampling if seed is not None else {}
+        if float(card.get("min_p", 0) or 0) > 0:
+            problems.append((loaded.location(where), f"{spec.name}'s sampling defaults set min_p {card['min_p']}, and "
+                             "vLLM refuses min_p with speculative decoding (every request would get 400)"))
+    else:
+        speculative = None
     if problems:
         raise ManifestError(problems)
     assert shape is not None and family_name is not None
@@ -236,5 +252,6 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         warnings=(quant_warning,) if quant_warning else (),
         moe_config_dir=moe_dir if shape.is_moe else None,
         fim=fim,
+        speculative=speculative,
     )
 
