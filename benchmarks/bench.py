@@ -11,7 +11,7 @@ Arrival modes: ``--concurrency N[,N...]`` (closed loop) or ``--rate R[,R...]`` (
 Tokens: the server's reported usage (streams ask for it with ``stream_options.include_usage``);
 ``--tokenizer PATH`` counts the generated text with that tokenizer instead (and makes synthetic
 prompts exact in length). Goodput: ``--goodput ttft:500 tpot:50`` (ms), vLLM's syntax.
-Definitions are those of ``vllm bench serve``; see benchmarks/loadgen.py.
+Definitions are those of ``vllm bench serve``; see codefleet/loadgen.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import workloads
-from benchmarks.loadgen import Result, run_sync, summarize
+from codefleet.loadgen import Result, run_sync, summarize
 
 ROW_FIELDS = ("model", "start_s", "scheduled_s", "ok", "status", "error", "ttft_ms", "tpot_ms", "latency_ms",
               "input_tokens", "output_tokens", "chunks")

@@ -38,7 +38,7 @@ import aiohttp
 import httpx
 import yaml
 
-from benchmarks.loadgen import Result, _one, pct
+from codefleet.loadgen import Result, _one, pct
 
 #: Files the editors type through (the opening ``file_chars`` characters of each).
 FILES = ("textwrap", "shlex", "fnmatch", "heapq", "bisect", "colorsys", "difflib", "calendar")

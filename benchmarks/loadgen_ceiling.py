@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench import environment
-from benchmarks.loadgen import run_sync, summarize
+from codefleet.loadgen import run_sync, summarize
 from codefleet.procs import free_port, spawn, stop_group, wait_healthy
 
 

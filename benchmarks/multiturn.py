@@ -39,8 +39,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from benchmarks.loadgen import Result, _one, pct
 from benchmarks.workloads import _WORDS, code_context
+from codefleet.loadgen import Result, _one, pct
 
 QUESTIONS = ("add type hints to {w}", "write a unit test for {w}", "why does {w} raise on empty input",
              "refactor {w} into smaller functions", "explain what {w} returns", "make {w} handle None",

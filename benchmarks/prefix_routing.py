@@ -44,10 +44,10 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.loadgen import Result, _one, pct
 from benchmarks.multiturn import Shape
 from benchmarks.multiturn import run_workload as multiturn_workload
 from benchmarks.workloads import code_context
+from codefleet.loadgen import Result, _one, pct
 
 #: Standard-library modules whose opening text makes the shared files (the same bytes for every run
 #: on Python 3.11).

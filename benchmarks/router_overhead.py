@@ -36,10 +36,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.loadgen import Result, run, run_sync, summarize
 from benchmarks.pinning import cpu_seconds, isolate_engine
 from benchmarks.workloads import ENGINE_MODELS
 from codefleet.gateway.config import UPSTREAM_KEY_ENV
+from codefleet.loadgen import Result, run, run_sync, summarize
 from codefleet.manifest import Metrics, Router
 from codefleet.procs import free_port, spawn, stop_group
 from codefleet.router import Frontend

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.loadgen import run, summarize
+from codefleet.loadgen import run, summarize
 
 KEYS = {"flood": "sk-flood-0001", "limited": "sk-limited-0002", "probe": "sk-probe-0003"}
 MODEL = "fair-tiny"

@@ -123,6 +123,13 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from codefleet import tune
+
+    loaded = load(args.manifest)
+    return tune.main(loaded, plan_fleet(loaded).models, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codefleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true", help="return once the change is accepted")
     sp.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the fleet to converge")
     sp.set_defaults(func=cmd_apply)
+    sp = sub.add_parser("tune", help="measure speculative decoding settings per model on its own engine and print "
+                        "the winner as a manifest fragment")
+    manifest_arg(sp)
+    sp.add_argument("--model", action="append", help="a model of the manifest (repeatable; default: all)")
+    sp.add_argument("--candidate", action="append",
+                    help="off, ngram:K[:MIN[:MAX]] or suffix[:K] (repeatable; default: off ngram:4:2:4 "
+                         "ngram:8:3:5 suffix:16)")
+    sp.add_argument("--workload", nargs="+", default=["edits", "chat"], help="edits (copies its input), chat (little)")
+    sp.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    sp.add_argument("--requests", type=int, help="per cell (default: max(8, 2 x concurrency))")
+    sp.add_argument("--max-tokens", type=int, default=256)
+    sp.add_argument("--max-slowdown", type=float, default=0.05,
+                    help="a winner loses no cell by more than this fraction of off's tokens/s")
+    sp.add_argument("--no-enforce-eager", action="store_true", help="let vLLM compile (GPU); default: eager")
+    sp.add_argument("--out", help="write every cell as JSON here")
+    sp.set_defaults(func=cmd_tune)
     sp = sub.add_parser("demo-models", help="build the tiny demo checkpoints")
     sp.set_defaults(func=cmd_demo_models)
     return p

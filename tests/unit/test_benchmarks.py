@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.bench import build_parser, parse_goodput
-from benchmarks.loadgen import Result, meets, pct, summarize
+from codefleet.loadgen import Result, meets, pct, summarize
 from codefleet.manifest import load, parse
 from codefleet.planner import plan_fleet
 

