@@ -58,7 +58,7 @@ def tables(folder: Path) -> str:
         cells = json.loads(p.read_text())["cells"]
         best = choose(cells)
         parts += [f"## {p.stem}", "", summary_table(cells), "",
-                  f"Greedy answers identical to off's: " + ", ".join(
+                  "Greedy answers identical to off's: " + ", ".join(
                       f"{c['candidate']} {c['workload']} c={c['concurrency']} {c['same_text_as_off']}/{c['ok']}"
                       for c in cells if c["speculative"] is not None), "",
                   f"Winner over all cells (`codefleet tune`'s rule): **{best['candidate']}**"
