@@ -21,18 +21,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from codefleet.manifest import load
 from codefleet.planner import plan_fleet
 from codefleet.tune import choose, compare, parse_candidate, summary_table
 
-CANDIDATES = ("off", "ngram:4:2:4", "ngram:8:3:5", "suffix:16")
+
+def scenario(folder: Path) -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((folder / "scenario.yaml").read_text())
+    return spec
 
 
-def run(folder: Path, n: int, concurrency: list[int], max_tokens: int) -> Path:
+def run(folder: Path, n: int) -> Path:
+    spec = scenario(folder)
     loaded = load(folder / "fleet.yaml")
     plan = plan_fleet(loaded).models[0]
-    cells = compare(plan, [parse_candidate(c) for c in CANDIDATES], ["edits", "chat"], concurrency,
-                    max_tokens=max_tokens, log_dir=folder / "results" / "logs",
+    cells = compare(plan, [parse_candidate(c) for c in spec["candidates"]], spec["workloads"], spec["concurrency"],
+                    max_tokens=spec["max_tokens"], log_dir=folder / "results" / "logs",
                     say=lambda s: print(s, flush=True))
     base = {(c["workload"], c["concurrency"]): c["texts"] for c in cells if c["speculative"] is None}
     for c in cells:
@@ -43,7 +49,7 @@ def run(folder: Path, n: int, concurrency: list[int], max_tokens: int) -> Path:
                                       min(len(a), len(b))) for a, b in zip(texts, ref, strict=False) if a != b]
     out = folder / "results" / f"pass-{n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"argv": sys.argv, "max_tokens": max_tokens, "cells": cells}, indent=2))
+    out.write_text(json.dumps({"argv": sys.argv, "scenario": spec, "cells": cells}, indent=2))
     print(f"wrote {out}")
     return out
 
@@ -113,13 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("folder", type=Path)
     r.add_argument("--pass", dest="n", type=int, default=1)
-    r.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    r.add_argument("--max-tokens", type=int, default=256)
     t = sub.add_parser("tables")
     t.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        run(args.folder, args.n, args.concurrency, args.max_tokens)
+        run(args.folder, args.n)
     print(tables(args.folder))
     return 0
 

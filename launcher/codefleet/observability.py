@@ -55,6 +55,10 @@ QUERIES: tuple[Query, ...] = (
     Query("prefix_hit_rate", "Prefix-cache hit rate",
           f"sum by (model_name) (rate(vllm:prefix_cache_hits_total{_M}[5m])) / "
           f"sum by (model_name) (rate(vllm:prefix_cache_queries_total{_M}[5m]))", "percentunit"),
+    # only speculating engines export these (vllm/v1/spec_decode/metrics.py); vLLM's formula
+    Query("spec_acceptance", "Speculative decoding: draft tokens accepted",
+          f"sum by (model_name) (rate(vllm:spec_decode_num_accepted_tokens_total{_M}[5m])) / "
+          f"sum by (model_name) (rate(vllm:spec_decode_num_draft_tokens_total{_M}[5m]))", "percentunit"),
     Query("replicas_ready", "Replicas ready / desired",
           'sum by (model) (codefleet_replicas_ready{model=~"$model"}) / '
           'sum by (model) (codefleet_replicas_desired{model=~"$model"})', "percentunit"),

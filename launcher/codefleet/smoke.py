@@ -13,7 +13,9 @@ against a local, Ray or Kubernetes deployment (the chart's ``helm test`` pod run
   ``chat_template`` file; ``--expect MODEL=FAMILY``); with no claim, the prompt must match one
   family's template exactly, and the report names which;
 * stop tokens end generation: each of the family's stop tokens is forced as the first generated
-  token (``logit_bias`` +100, greedy); the answer must finish with ``stop`` and an empty text.
+  token (vLLM's ``allowed_token_ids``: that token only, greedy); the answer must finish with
+  ``stop`` and an empty text. Not ``logit_bias``: vLLM refuses it on a speculating engine
+  (vllm/sampling_params.py), while its rejection sampler applies the allowed-token mask.
   The token's id is read from the engine (``return_token_ids`` on a one-token prompt);
 * a trained model's answer is not noise (``--manifest``: every model but the random-weight demo
   stand-ins): asked greedily for a small Python function, the answer must define it
@@ -275,7 +277,7 @@ class Smoke:
             return Check(name, False, f"the engine's tokenizer does not make {token!r} one token: {ids}")
         forced = self.client.chat.completions.create(
             model=model, messages=_chat_messages(), max_tokens=4, temperature=0,
-            logit_bias={str(ids[0]): 100})
+            extra_body={"allowed_token_ids": [ids[0]]})
         choice = forced.choices[0]
         if choice.finish_reason == "stop" and not choice.message.content:
             return Check(name, True, f"token {ids[0]} ends the answer")

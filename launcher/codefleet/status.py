@@ -73,6 +73,12 @@ class EngineLook:
     """Prompt tokens found in the prefix cache so far (vllm:prefix_cache_hits_total)."""
     prefix_queries: float | None = None
     """Prompt tokens looked up in it (vllm:prefix_cache_queries_total)."""
+    spec_accepted: float | None = None
+    """Draft tokens accepted so far (vllm:spec_decode_num_accepted_tokens_total; only a speculating engine)."""
+    spec_draft_tokens: float | None = None
+    """Draft tokens proposed (vllm:spec_decode_num_draft_tokens_total)."""
+    spec_drafts: float | None = None
+    """Steps that carried a draft (vllm:spec_decode_num_drafts_total)."""
 
 
 def _add(a: float | None, b: float) -> float:
@@ -96,6 +102,12 @@ def engine_look(text: str) -> EngineLook:
                 look.prefix_hits = _add(look.prefix_hits, s.value)
             elif s.name == "vllm:prefix_cache_queries_total":
                 look.prefix_queries = _add(look.prefix_queries, s.value)
+            elif s.name == "vllm:spec_decode_num_accepted_tokens_total":
+                look.spec_accepted = _add(look.spec_accepted, s.value)
+            elif s.name == "vllm:spec_decode_num_draft_tokens_total":
+                look.spec_draft_tokens = _add(look.spec_draft_tokens, s.value)
+            elif s.name == "vllm:spec_decode_num_drafts_total":
+                look.spec_drafts = _add(look.spec_drafts, s.value)
             elif s.name == TTFT_BUCKET:
                 le = float(s.labels["le"])
                 look.ttft_buckets[le] = look.ttft_buckets.get(le, 0.0) + s.value
@@ -106,7 +118,9 @@ def engine_figures(text: str) -> dict[str, float]:
     """The columns of `status` for one engine (only those it exports): running, waiting, kv_usage;
     summed over a model's replicas, except KV usage (the fullest replica)."""
     look = engine_look(text)
-    out = {"running": look.running, "waiting": look.waiting, "kv_usage": look.kv}
+    out = {"running": look.running, "waiting": look.waiting, "kv_usage": look.kv,
+           "spec_accepted": look.spec_accepted, "spec_draft_tokens": look.spec_draft_tokens,
+           "spec_drafts": look.spec_drafts}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -158,6 +172,15 @@ def describe_migrations(outcomes: dict[str, float]) -> str:
             f"{outcomes.get('resent', 0):.0f} requests sent again, {sum(lost.values()):.0f} ended with an error{why}")
 
 
+def describe_speculation(accepted: float, drafted: float, drafts: float) -> str:
+    """``status``'s line on a speculating model, since its engines started (vLLM's formulas:
+    acceptance rate = accepted / draft tokens, mean acceptance length = 1 + accepted / drafts)."""
+    if not drafted:
+        return "  speculative decoding: no draft proposed yet"
+    return (f"  speculative decoding: {accepted / drafted:.1%} of draft tokens accepted ({accepted:,.0f}/{drafted:,.0f}), "
+            f"{1 + accepted / drafts if drafts else 1:.2f} tokens per verified step")
+
+
 def format_status(state: FleetState, models: list[ModelStatus]) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
@@ -176,6 +199,9 @@ def format_status(state: FleetState, models: list[ModelStatus]) -> str:
             a = m.autoscale
             lines.append(f"  autoscaling {a.min}..{a.max} on {a.signal} (target {a.target:g}); "
                          + (describe_decision(m.last_decision) if m.last_decision else "no decision yet"))
+        if m.total("spec_draft_tokens") is not None:
+            lines.append(describe_speculation(m.total("spec_accepted") or 0.0, m.total("spec_draft_tokens") or 0.0,
+                                              m.total("spec_drafts") or 0.0))
         if m.migrations:
             lines.append(describe_migrations(m.migrations))
         for r in m.replicas:

@@ -32,12 +32,10 @@ from codefleet.engine import engine_command
 from codefleet.loadgen import pct, run, summarize
 from codefleet.plans import ReplicaPlan
 from codefleet.speculative import Speculative
+from codefleet.status import engine_look
 from codefleet.tune_workloads import WORKLOADS
 
 SPEC_COUNTERS = ("accepted", "draft_tokens", "drafts")
-_METRIC = {"vllm:spec_decode_num_accepted_tokens_total": "accepted",
-           "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
-           "vllm:spec_decode_num_drafts_total": "drafts"}
 DEFAULT_CANDIDATES = ("off", "ngram:4:2:4", "ngram:8:3:5", "suffix:16")
 
 
@@ -66,13 +64,10 @@ def label(sp: Speculative) -> str:
 
 
 def spec_counters(text: str) -> dict[str, float]:
-    """The engine's speculative counters summed over its engine cores (absent when it does not speculate)."""
-    out = dict.fromkeys(SPEC_COUNTERS, 0.0)
-    for line in text.splitlines():
-        name, _, rest = line.partition("{")
-        if name in _METRIC:
-            out[_METRIC[name]] += float(rest.rsplit(" ", 1)[1])
-    return out
+    """The engine's speculative counters summed over its engine cores (0 when it does not speculate)."""
+    look = engine_look(text)
+    return {"accepted": look.spec_accepted or 0.0, "draft_tokens": look.spec_draft_tokens or 0.0,
+            "drafts": look.spec_drafts or 0.0}
 
 
 @contextmanager

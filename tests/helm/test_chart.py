@@ -766,3 +766,18 @@ def test_a_manifests_migration_settings_reach_the_charts_gateway(tmp_path: Path,
     router = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path).router
     assert router.migration == Migration(limit=1, timeout_s=12)
     assert "migration" not in fleet_values()["frontend"]  # the defaults are not written out
+
+
+def test_speculative_reaches_the_chart_as_one_argument(tmp_path: Path, chart: helm_python.Chart) -> None:
+    spec = "{method: ngram, num_speculative_tokens: 4, prompt_lookup_min: 2, prompt_lookup_max: 4}"
+    text = FLEET.read_text().replace("source: codefuse-ai/CodeFuse-CodeLlama-34B",
+                                     f"source: codefuse-ai/CodeFuse-CodeLlama-34B\n    speculative: {spec}", 1)
+    assert spec in text
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    plan = plan_fleet(loaded, gpu="h100-80gb")
+    (c,) = engines(render(chart, helm_values(loaded, plan) | OFFLINE))["codefuse-codellama-34b"]["spec"]["template"]["spec"][
+        "containers"]
+    assert c["args"].count("--speculative-config") == 1
+    assert json.loads(c["args"][c["args"].index("--speculative-config") + 1]) == {
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}

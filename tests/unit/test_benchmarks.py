@@ -64,6 +64,9 @@ def test_scenarios_are_complete(path: Path) -> None:
     if "limits" in spec:  # a benchmarks.migration scenario: every part for every limit
         _migration_scenario_is_complete(path, spec)
         return
+    if "candidates" in spec:  # a benchmarks.speculative scenario: every candidate x workload x concurrency
+        _speculative_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -226,3 +229,25 @@ def _prefix_routing_scenario_is_complete(path: Path, spec: dict) -> None:
             for workload in spec["workloads"]:
                 assert (variant["name"], replicas, workload) in measured, (variant["name"], replicas, workload)
     assert all(r["ok"] == r["requests"] for r in rows), "a recorded run has failed requests"
+
+
+def _speculative_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    from codefleet.tune import label, parse_candidate
+
+    plan = plan_fleet(load(path.parent / "fleet.yaml"))
+    assert [m.placement.accelerator for m in plan.models] == ["cpu"]
+    want = {(label(parse_candidate(c)), w, n) for c in spec["candidates"] for w in spec["workloads"]
+            for n in spec["concurrency"]}
+    passes = sorted((path.parent / "results").glob("pass-*.json"))
+    assert len(passes) == spec["passes"], passes
+    for p in passes:
+        cells = json.loads(p.read_text())["cells"]
+        assert {(c["candidate"], c["workload"], c["concurrency"]) for c in cells} == want, p
+        for c in cells:
+            assert c["ok"] == c["requests"], (p.name, c["candidate"], c["workload"], c["concurrency"])
+            # the engine's own counters: a speculating engine proposed, one that does not never did
+            assert (c["draft_tokens"] > 0) == (c["speculative"] is not None), (p.name, c["candidate"])
+    assert (path.parent / "results" / "summary.md").exists()
+    assert (path.parent / "results" / "speculative.png").exists()

@@ -48,3 +48,18 @@ def test_frontend_lock_carries_no_engine() -> None:
     pinned = pins(ROOT / "deploy" / "lock" / "frontend.txt")
     heavy = {n for n in pinned if n in ("vllm", "torch", "transformers", "ray", "triton") or n.startswith("nvidia-")}
     assert not heavy, heavy
+
+
+def test_suffix_decoding_is_locked_and_built_everywhere() -> None:
+    """arctic-inference (speculative method suffix) has no wheel on PyPI: its sdist's hash is locked
+    by hand, its build requirements by `make lock`; `make install` and the GPU image build it."""
+    lock = ROOT / "deploy" / "lock"
+    assert pins(lock / "suffix.txt") == {"arctic-inference": Version("0.3.0")}
+    assert set(pins(lock / "suffix-build.txt")) == {"nanobind", "cmake", "grpcio-tools", "wheel"}
+    for name in ("suffix.txt", "suffix-build.txt"):
+        text = (lock / name).read_text()
+        blocks = [b for b in re.split(r"\n(?=[A-Za-z0-9])", text) if "==" in b.split("\n")[0]]
+        assert blocks and all("--hash=sha256:" in b for b in blocks), name
+    for installer in (ROOT / "Makefile", ROOT / "deploy" / "Dockerfile"):
+        text = installer.read_text()
+        assert "suffix-build.txt" in text and "--no-build-isolation" in text, installer
