@@ -217,3 +217,14 @@ def test_the_winner_is_measured_and_never_loses_a_cell_by_much() -> None:
     assert choose(slower)["candidate"] == "off"
     with pytest.raises(ValueError, match="baseline"):
         choose([_cell("ngram", "chat", 1, 25)])
+
+
+def test_apply_replaces_the_replicas_when_it_changes(tmp_path: Path) -> None:
+    """`codefleet apply` rolls a changed setting out: it is part of the engine's generation."""
+    from codefleet.runtime.replica import generation
+
+    off = _plan(tmp_path, _manifest())
+    on = _plan(tmp_path, _manifest(f"    speculative: {NGRAM}\n"))
+    other = _plan(tmp_path, _manifest("    speculative: {method: ngram, num_speculative_tokens: 8}\n"))
+    assert len({generation(off), generation(on), generation(other)}) == 3
+    assert generation(on) == generation(_plan(tmp_path, _manifest(f"    speculative: {NGRAM}\n")))
