@@ -220,16 +220,19 @@ def main(loaded: Any, plans: list[ReplicaPlan], args: Any) -> int:
 
 def summary_table(cells: list[dict[str, Any]]) -> str:
     """A markdown table of the cells (the scenario's README)."""
-    head = ("| candidate | workload | conc. | output tok/s | vs off | TPOT p50 / p99 ms | TTFT p50 / p99 ms | "
-            "accepted |\n|---|---|---|---|---|---|---|---|")
+    head = ("| candidate | workload | conc. | output tok/s | vs off | output tokens | TPOT p50 / p99 ms | "
+            "TTFT p50 / p99 ms | accepted |\n|---|---|---|---|---|---|---|---|---|")
     base = {(c["workload"], c["concurrency"]): c["output_tokens_per_s"] for c in cells if c["speculative"] is None}
     lines = [head]
     for c in cells:
         b = base.get((c["workload"], c["concurrency"]))
         acc = "-" if c["acceptance_rate"] is None else (f"{c['acceptance_rate']:.0%} ({c['accepted_tokens']:.0f}/"
                                                         f"{c['draft_tokens']:.0f})")
+        if not b:
+            continue
         lines.append(f"| {c['candidate']} | {c['workload']} | {c['concurrency']} | {c['output_tokens_per_s']:.1f} | "
-                     f"{c['output_tokens_per_s'] / b:.2f}x | {c['tpot_p50_ms']:.1f} / {c['tpot_p99_ms']:.1f} | "
-                     f"{c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} | {acc} |" if b else "")
-    return "\n".join(line for line in lines if line)
+                     f"{c['output_tokens_per_s'] / b:.2f}x | {c['output_tokens']:,} | "
+                     f"{c['tpot_p50_ms']:.1f} / {c['tpot_p99_ms']:.1f} | "
+                     f"{c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} | {acc} |")
+    return "\n".join(lines)
 
