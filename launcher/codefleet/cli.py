@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--max-slowdown", type=float, default=0.05,
                     help="a winner loses no cell by more than this fraction of off's tokens/s")
-    sp.add_argument("--no-enforce-eager", action="store_true", help="let vLLM compile (GPU); default: eager")
+    sp.add_argument("--enforce-eager", action="store_true", help="eager on a GPU too (default: eager on the CPU only)")
+    sp.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES of the candidate engines (GPUs the fleet does not hold)")
     sp.add_argument("--out", help="write every cell as JSON here")
     sp.set_defaults(func=cmd_tune)
     sp = sub.add_parser("demo-models", help="build the tiny demo checkpoints")

@@ -57,6 +57,11 @@ def format_plan(plan: FleetPlan) -> str:
                         + "".join(f", {e}" for e in extra))
     rows.append("fill in the middle (suffix on /v1/completions; format, or no): "
                 + ", ".join(f"{m.name} {m.generation.fim or 'no'}" for m in plan.models))
+    speculating = [m for m in plan.models if m.speculative]
+    if speculating:
+        rows.append("speculative decoding (docs/speculative.md): " + "; ".join(
+            f"{m.name} {m.speculative['method']} k{m.speculative['num_speculative_tokens']}" for m in speculating
+            if m.speculative))
     rows += [f"warning: {w}" for m in plan.models for w in m.warnings]
     return "\n".join(rows)
 

@@ -18,7 +18,8 @@ from codefleet.gpus import GPUS, unknown_gpu_message
 from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
 from codefleet.quant import Quant, detect
 from codefleet.shapes import ModelShape
-from codefleet.speculative import Speculative, suffix_available
+from codefleet.speculative import Speculative
+from codefleet.speculative import problems as speculative_problems
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,13 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
 
     for key in spec.engine_args:
         flag = key.lstrip("-").replace("-", "_")
-        if flag in DECIDED_FLAGS:
+        # vLLM's parser also takes a unique abbreviation (--speculative for --speculative-config)
+        decided = flag if flag in DECIDED_FLAGS else next((d for d in DECIDED_FLAGS if d.startswith(flag + "_")), None)
+        if decided is not None:
             problems.append((loaded.location((*at, "engine_args", key)),
-                             f"{key!r} is decided by codefleet; set the model's "
-                             f"{DECIDED_FLAGS[flag]!r} field instead"))
+                             f"{key!r} is decided by codefleet" + (f" (vLLM reads it as {decided!r})" if decided != flag
+                                                                   else "")
+                             + f"; set the model's {DECIDED_FLAGS[decided]!r} field instead"))
 
     template: Path | None = None
     if spec.chat_template is not None:
@@ -217,14 +221,11 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
     speculative = spec.speculative if spec.speculative is not None else defaults.speculative
     if speculative is not None and speculative.on:
         where = (*at, "speculative") if spec.speculative is not None else ("defaults", "speculative")
-        if speculative.method == "suffix" and gpu == "cpu" and not suffix_available():
-            problems.append((loaded.location(where), "method suffix needs the arctic-inference package where the "
-                             "engine runs (vLLM: \"Arctic Inference is required for suffix decoding\"), and it is not "
-                             "installed here; use method ngram, or install it (docs/speculative.md)"))
         card = seed.card_sampling if seed is not None else {}
-        if float(card.get("min_p", 0) or 0) > 0:
-            problems.append((loaded.location(where), f"{spec.name}'s sampling defaults set min_p {card['min_p']}, and "
-                             "vLLM refuses min_p with speculative decoding (every request would get 400)"))
+        for message in speculative_problems(speculative, on_cpu=gpu == "cpu", sampling=card,
+                                            model_dir=Path(model_ref) if config is not None else None,
+                                            engine_args=spec.engine_args):
+            problems.append((loaded.location(where), message))
     else:
         speculative = None
     if problems:

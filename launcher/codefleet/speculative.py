@@ -11,7 +11,8 @@ no draft KV cache:
   earlier answers, from the ``arctic-inference`` package (vllm/v1/spec_decode/suffix_decoding.py).
 
 vLLM's rules, from the installed vllm/config/speculative.py (0.32.0), repeated here so a manifest is
-refused before anything starts, with the same words and the YAML line:
+refused before anything starts, with the YAML line (vLLM's words for its own checks, pydantic's for
+the ranges):
 
 - ``num_speculative_tokens`` > 0; for ngram there is no default ("must be provided"), for suffix it
   defaults to ``suffix_decoding_max_tree_depth`` (a maximum: suffix proposes a variable number).
@@ -29,7 +30,10 @@ sampling defaults set ``min_p``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -134,8 +138,46 @@ class Speculative(BaseModel):
 
 
 def suffix_available() -> bool:
-    """vLLM's own test (vllm/utils/import_utils.py has_arctic_inference: the module is importable)."""
-    return importlib.util.find_spec("arctic_inference") is not None
+    """Whether the suffix tree vLLM imports (vllm/v1/spec_decode/suffix_decoding.py) loads here:
+    stricter than vLLM's has_arctic_inference (the top-level module is found), which would pass a
+    package whose compiled part is missing."""
+    if importlib.util.find_spec("arctic_inference") is None:
+        return False
+    try:
+        importlib.import_module("arctic_inference.suffix_decoding")
+    except ImportError:
+        return False
+    return True
+
+
+def problems(sp: Speculative, *, on_cpu: bool, sampling: dict[str, Any], model_dir: Path | None,
+             engine_args: dict[str, Any]) -> list[str]:
+    """What would make vLLM refuse the engine, or every request, with ``sp`` on (None: fine)."""
+    out = []
+    if sp.method == "suffix" and on_cpu and not suffix_available():
+        out.append("method suffix needs the arctic-inference package where the engine runs (vLLM: \"Arctic "
+                   "Inference is required for suffix decoding\"), and it does not import here; use method ngram, "
+                   "or install it (`make install` builds it: docs/install.md)")
+    defaults = dict(sampling)
+    gen_config = model_dir / "generation_config.json" if model_dir is not None else None
+    if gen_config is not None and gen_config.is_file():
+        try:
+            defaults = {**json.loads(gen_config.read_text()), **defaults}
+        except (OSError, ValueError):
+            pass
+    if float(defaults.get("min_p", 0) or 0) > 0:
+        out.append(f"the model's sampling defaults set min_p {defaults['min_p']} (card or generation_config.json), and "
+                   "vLLM refuses min_p with speculative decoding (vllm/sampling_params.py): every request would get 400")
+    args = {k.lstrip("-").replace("-", "_"): v for k, v in engine_args.items()}
+    if args.get("async_scheduling") is True:
+        out.append(f"engine_args.async_scheduling true: vLLM refuses async scheduling with {sp.method} speculation "
+                   "(vllm/config/vllm.py: only EAGLE/MTP/draft-model/ngram_gpu kinds)")
+    if args.get("enable_lora") and args.get("max_num_batched_tokens") and args.get("max_num_seqs"):
+        need = step_tokens(int(args["max_num_seqs"]), sp.tokens)
+        if int(args["max_num_batched_tokens"]) < need:
+            out.append(f"with LoRA vLLM refuses max_num_batched_tokens {args['max_num_batched_tokens']} below max_num_seqs "
+                       f"x (1 + num_speculative_tokens) = {need} (vllm/engine/arg_utils.py)")
+    return out
 
 
 def step_tokens(max_num_seqs: int, tokens: int) -> int:

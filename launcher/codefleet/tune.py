@@ -31,12 +31,13 @@ from codefleet import demo_models, procs
 from codefleet.engine import engine_command
 from codefleet.loadgen import pct, run, summarize
 from codefleet.plans import ReplicaPlan
-from codefleet.speculative import Speculative
+from codefleet.speculative import Speculative, suffix_available
 from codefleet.status import engine_look
 from codefleet.tune_workloads import WORKLOADS
 
 SPEC_COUNTERS = ("accepted", "draft_tokens", "drafts")
 DEFAULT_CANDIDATES = ("off", "ngram:4:2:4", "ngram:8:3:5", "suffix:16")
+WARM_UP = "Say hello in one sentence."
 
 
 def parse_candidate(text: str) -> Speculative:
@@ -72,7 +73,7 @@ def spec_counters(text: str) -> dict[str, float]:
 
 @contextmanager
 def candidate_engine(plan: ReplicaPlan, sp: Speculative, log_dir: Path, *, enforce_eager: bool,
-                     timeout: float, say: Callable[[str], None]) -> Iterator[str]:
+                     timeout: float, say: Callable[[str], None], env: dict[str, str] | None = None) -> Iterator[str]:
     """One engine of ``plan`` with ``sp``, on a free loopback port; stopped (its process group) on exit."""
     p = dataclasses.replace(plan, speculative=sp.vllm_config())
     if p.demo is not None:
@@ -80,7 +81,7 @@ def candidate_engine(plan: ReplicaPlan, sp: Speculative, log_dir: Path, *, enfor
     port = procs.free_port()
     cmd = engine_command(p, host="127.0.0.1", port=port, enforce_eager=enforce_eager)
     log = log_dir / f"{plan.name}-{label(sp).replace(' ', '_')}.log"
-    proc = procs.spawn(cmd.argv, cmd.env, log)
+    proc = procs.spawn(cmd.argv, {**cmd.env, **(env or {})}, log)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:
@@ -118,25 +119,34 @@ def bodies_for(model: str, workload: str, n: int, max_tokens: int, offset: int =
 
 
 def compare(plan: ReplicaPlan, candidates: list[Speculative], workloads: list[str], concurrencies: list[int], *,
-            requests: int | None = None, max_tokens: int = 256, enforce_eager: bool = True, timeout: float = 600,
-            log_dir: Path | None = None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every candidate x workload x concurrency cell, measured on one engine per candidate."""
+            requests: int | None = None, max_tokens: int = 256, enforce_eager: bool | None = None,
+            timeout: float = 600, log_dir: Path | None = None, env: dict[str, str] | None = None,
+            say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every candidate x workload x concurrency cell, measured on one engine per candidate. A
+    candidate whose engine does not start is said and left out (its cells are missing; ``choose``
+    then cannot pick it). ``enforce_eager`` None: eager on the CPU only."""
     cells: list[dict[str, Any]] = []
     logs = log_dir or Path(tempfile.mkdtemp(prefix="codefleet-tune-"))
+    eager = plan.placement.accelerator == "cpu" if enforce_eager is None else enforce_eager
     for sp in candidates:
-        with candidate_engine(plan, sp, logs, enforce_eager=enforce_eager, timeout=timeout, say=say) as url:
-            # warm-up: the first requests pay one-time costs (ngram's numba JIT, allocator growth)
-            measure_cell(url, plan.name, bodies_for(plan.name, workloads[0], 2, 32, offset=10_000), 2)
-            for w in workloads:
-                offset = 0
-                for c in concurrencies:
-                    n = requests or max(8, 2 * c)
-                    cell = measure_cell(url, plan.name, bodies_for(plan.name, w, n, max_tokens, offset), c)
-                    offset += n
-                    cell.update(model=plan.name, candidate=label(sp), speculative=sp.vllm_config(), workload=w,
-                                concurrency=c)
-                    cells.append(cell)
-                    say("  " + row(cell))
+        try:
+            with candidate_engine(plan, sp, logs, enforce_eager=eager, timeout=timeout, env=env or {}, say=say) as url:
+                # warm-up, on a prompt of neither workload: the first requests pay one-time costs
+                # (ngram's numba JIT, allocator growth)
+                measure_cell(url, plan.name, [{"model": plan.name, "messages": [{"role": "user", "content": WARM_UP}],
+                                               "max_tokens": 32, "temperature": 0, "stream": True}] * 2, 2)
+                for w in workloads:
+                    offset = 0
+                    for c in concurrencies:
+                        n = requests or max(8, 2 * c)
+                        cell = measure_cell(url, plan.name, bodies_for(plan.name, w, n, max_tokens, offset), c)
+                        offset += n
+                        cell.update(model=plan.name, candidate=label(sp), speculative=sp.vllm_config(), workload=w,
+                                    concurrency=c)
+                        cells.append(cell)
+                        say("  " + row(cell))
+        except RuntimeError as exc:  # procs.wait_healthy: the engine exited or never became healthy
+            say(f"  {label(sp)}: the engine did not start, left out: {exc}")
     return cells
 
 
@@ -200,9 +210,19 @@ def main(loaded: Any, plans: list[ReplicaPlan], args: Any) -> int:
     for plan in (p for p in plans if p.name in names):
         print(f"{plan.name}: {len(candidates)} candidates x {len(args.workload)} workloads x "
               f"{len(args.concurrency)} concurrencies, one engine at a time ...", flush=True)
-        cells = compare(plan, candidates, args.workload, args.concurrency, requests=args.requests,
-                        max_tokens=args.max_tokens, enforce_eager=not args.no_enforce_eager,
-                        say=lambda s: print(s, flush=True))
+        if any(c.method == "suffix" for c in candidates) and plan.placement.accelerator == "cpu" \
+                and not suffix_available():
+            print("error: candidate suffix needs arctic-inference, which does not import here (docs/install.md)",
+                  file=sys.stderr)
+            return 2
+        try:
+            cells = compare(plan, candidates, args.workload, args.concurrency, requests=args.requests,
+                            max_tokens=args.max_tokens, enforce_eager=True if args.enforce_eager else None,
+                            env={"CUDA_VISIBLE_DEVICES": args.gpus} if args.gpus else None,
+                            say=lambda s: print(s, flush=True))
+        except ValueError as exc:  # a workload asked for more items than it has
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         best = choose(cells, args.max_slowdown)
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in best["scores"].get(best["candidate"], {}).get("ratios", {}).items())
         note = (f"codefleet tune: {best['candidate']} wins for {plan.name} ({args.workload and '+'.join(args.workload)}, "

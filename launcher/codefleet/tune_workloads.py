@@ -54,9 +54,16 @@ def _functions() -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
+def _take(items: tuple[object, ...] | list[str], n: int, offset: int, name: str) -> None:
+    if offset + n > len(items):
+        raise ValueError(f"workload {name} has {len(items)} distinct items; {n} from item {offset} on would repeat "
+                         f"some (fewer --requests, or fewer concurrencies)")
+
+
 def edits(n: int, offset: int = 0) -> list[Messages]:
     fns = _functions()
-    items = [fns[(offset + i) % len(fns)] for i in range(n)]
+    _take(fns, n, offset, "edits")
+    items = [fns[offset + i] for i in range(n)]
     return [[{"role": "user", "content": f"Rename the parameter `{old}` to `{new}` in this Python function. "
               f"Reply with the whole function and nothing else.\n\n```python\n{src}\n```"}]
             for src, old, new in items]
@@ -81,7 +88,8 @@ TASKS = ("checks whether a number is prime", "reverses the words of a sentence",
 def chat(n: int, offset: int = 0) -> list[Messages]:
     items = [f"Explain {c} in three sentences." for c in CONCEPTS]
     items += [f"Write a short Python function that {t}." for t in TASKS]
-    return [[{"role": "user", "content": items[(offset + i) % len(items)]}] for i in range(n)]
+    _take(items, n, offset, "chat")
+    return [[{"role": "user", "content": items[offset + i]}] for i in range(n)]
 
 
 WORKLOADS: dict[str, Callable[[int, int], list[Messages]]] = {"edits": edits, "chat": chat}

@@ -88,7 +88,7 @@ def test_greedy_answers_are_the_same_with_speculation(fleet: LocalFleet) -> None
           f"engine: {accepted:.0f}/{drafted:.0f} draft tokens accepted")
     assert same >= len(prompts) - 1, ties
     # the edits copy their input: n-gram lookup proposes, and most of it is accepted (the scenario
-    # measured 89% on this workload)
+    # measured 63-83% for this setting on this workload, bfloat16)
     assert drafted > 100 and accepted / drafted > 0.5, (accepted, drafted)
 
 

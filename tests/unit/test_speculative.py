@@ -90,10 +90,34 @@ def test_refused_in_defaults_names_defaults(tmp_path: Path) -> None:
     assert "defaults.speculative" in err and "must be provided" in err, err
 
 
-@pytest.mark.parametrize("flag", ["speculative_config", "speculative-config", "spec_tokens", "spec_method"])
+@pytest.mark.parametrize("flag", ["speculative_config", "speculative-config", "spec_tokens", "spec_method",
+                                  "speculative"])  # vLLM's parser takes --speculative for --speculative-config
 def test_engine_args_cannot_set_it_behind_the_fields_back(tmp_path: Path, flag: str) -> None:
     err = _error(tmp_path, _manifest(f"    engine_args: {{{flag}: {{}}}}\n"))
     assert "decided by codefleet" in err and "'speculative'" in err, err
+
+
+def test_what_vllm_would_refuse_at_start_is_refused_first(tmp_path: Path) -> None:
+    err = _error(tmp_path, _manifest(f"    speculative: {NGRAM}\n    engine_args: {{async_scheduling: true}}\n"))
+    assert "async scheduling" in err and "models[0].speculative" in err, err
+    lora = "    engine_args: {enable_lora: true, max_num_seqs: 256, max_num_batched_tokens: 2048}\n"
+    err = _error(tmp_path, _manifest("    speculative: {method: ngram, num_speculative_tokens: 8}\n" + lora))
+    assert "max_num_seqs x (1 + num_speculative_tokens) = 2304" in err, err
+
+
+def test_min_p_in_the_checkpoints_generation_config_is_refused(tmp_path: Path) -> None:
+    """vLLM applies generation_config.json's defaults and refuses min_p with speculation."""
+    from codefleet import demo_models
+
+    model = tmp_path / "model"
+    model.mkdir()
+    src = demo_models.ensure("granite-code")
+    (model / "config.json").write_text((src / "config.json").read_text())
+    (model / "generation_config.json").write_text('{"min_p": 0.05}')
+    text = f"defaults: {{gpu: cpu}}\nmodels:\n  - name: m\n    source: {model}\n    family: granite-code\n"
+    assert _plan(tmp_path, text).speculative is None
+    err = _error(tmp_path, text + f"    speculative: {NGRAM}\n")
+    assert "min_p 0.05" in err and "generation_config.json" in err, err
 
 
 def test_plan_shows_what_it_takes(tmp_path: Path) -> None:
