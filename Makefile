@@ -53,8 +53,10 @@ $(STAMP): pyproject.toml $(LOCK) $(WEIGHTS) $(SUFFIX) $(SUFFIX_BUILD)
 	@{ command -v c++ >/dev/null || command -v g++ >/dev/null; } && $(PY) -c "import os, sysconfig, sys; \
 	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || { \
 	  echo "error: building arctic-inference needs a C++20 compiler and Python 3.11's headers (Debian: apt-get install g++ python3.11-dev)"; exit 1; }
-	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes $$($(PY) deploy/lock/uv_from_pip.py) -r $(SUFFIX_BUILD) && \
-	  $(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes --no-build-isolation -r $(SUFFIX) || { \
+	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes --index-strategy unsafe-best-match \
+	    $$($(PY) deploy/lock/uv_from_pip.py) -r $(SUFFIX_BUILD) && \
+	  $(VENV)/bin/uv pip install -q --python $(PY) --no-deps --require-hashes --no-build-isolation \
+	    --index-strategy unsafe-best-match $$($(PY) deploy/lock/uv_from_pip.py) -r $(SUFFIX) || { \
 	  echo "uv could not build it; pip builds it ..."; \
 	  $(PIP) install -q --no-deps --require-hashes -r $(SUFFIX_BUILD) && \
 	  PATH=$(abspath $(VENV))/bin:$$PATH $(PIP) install -q --no-deps --require-hashes --no-build-isolation -r $(SUFFIX); }

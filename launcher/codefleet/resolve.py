@@ -183,9 +183,10 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
                  f"use at most {shape.max_position}")
 
     for key in spec.engine_args:
-        flag = key.lstrip("-").replace("-", "_")
-        # vLLM's parser also takes a unique abbreviation (--speculative for --speculative-config)
-        decided = flag if flag in DECIDED_FLAGS else next((d for d in DECIDED_FLAGS if d.startswith(flag + "_")), None)
+        # vLLM's parser also takes an abbreviation (--speculative for --speculative-config) and a
+        # dotted key into a config (--speculative-config.method)
+        flag = key.lstrip("-").replace("-", "_").split(".")[0]
+        decided = flag if flag in DECIDED_FLAGS else next((d for d in DECIDED_FLAGS if flag and d.startswith(flag)), None)
         if decided is not None:
             problems.append((loaded.location((*at, "engine_args", key)),
                              f"{key!r} is decided by codefleet" + (f" (vLLM reads it as {decided!r})" if decided != flag

@@ -152,7 +152,7 @@ def suffix_available() -> bool:
 
 def problems(sp: Speculative, *, on_cpu: bool, sampling: dict[str, Any], model_dir: Path | None,
              engine_args: dict[str, Any]) -> list[str]:
-    """What would make vLLM refuse the engine, or every request, with ``sp`` on (None: fine)."""
+    """What would make vLLM refuse the engine, or every request, with ``sp`` on (empty: fine)."""
     out = []
     if sp.method == "suffix" and on_cpu and not suffix_available():
         out.append("method suffix needs the arctic-inference package where the engine runs (vLLM: \"Arctic "
@@ -162,9 +162,11 @@ def problems(sp: Speculative, *, on_cpu: bool, sampling: dict[str, Any], model_d
     gen_config = model_dir / "generation_config.json" if model_dir is not None else None
     if gen_config is not None and gen_config.is_file():
         try:
-            defaults = {**json.loads(gen_config.read_text()), **defaults}
+            found = json.loads(gen_config.read_text())
         except (OSError, ValueError):
-            pass
+            found = None
+        if isinstance(found, dict):
+            defaults = {**found, **defaults}
     if float(defaults.get("min_p", 0) or 0) > 0:
         out.append(f"the model's sampling defaults set min_p {defaults['min_p']} (card or generation_config.json), and "
                    "vLLM refuses min_p with speculative decoding (vllm/sampling_params.py): every request would get 400")

@@ -71,6 +71,10 @@ def spec_counters(text: str) -> dict[str, float]:
             "drafts": look.spec_drafts or 0.0}
 
 
+class CandidateFailed(RuntimeError):
+    """A candidate's engine did not start, or failed while it was measured."""
+
+
 @contextmanager
 def candidate_engine(plan: ReplicaPlan, sp: Speculative, log_dir: Path, *, enforce_eager: bool,
                      timeout: float, say: Callable[[str], None], env: dict[str, str] | None = None) -> Iterator[str]:
@@ -86,7 +90,10 @@ def candidate_engine(plan: ReplicaPlan, sp: Speculative, log_dir: Path, *, enfor
     t0 = time.monotonic()
     try:
         say(f"  starting {plan.name} with speculative {label(sp)} on :{port} (log {log}) ...")
-        procs.wait_healthy(url, timeout, proc, log)
+        try:
+            procs.wait_healthy(url, timeout, proc, log)
+        except RuntimeError as exc:  # it exited, or never answered /health
+            raise CandidateFailed(f"did not start: {exc}") from None
         say(f"  ready after {time.monotonic() - t0:.0f} s")
         yield url
     finally:
@@ -129,6 +136,7 @@ def compare(plan: ReplicaPlan, candidates: list[Speculative], workloads: list[st
     logs = log_dir or Path(tempfile.mkdtemp(prefix="codefleet-tune-"))
     eager = plan.placement.accelerator == "cpu" if enforce_eager is None else enforce_eager
     for sp in candidates:
+        mine: list[dict[str, Any]] = []
         try:
             with candidate_engine(plan, sp, logs, enforce_eager=eager, timeout=timeout, env=env or {}, say=say) as url:
                 # warm-up, on a prompt of neither workload: the first requests pay one-time costs
@@ -139,14 +147,19 @@ def compare(plan: ReplicaPlan, candidates: list[Speculative], workloads: list[st
                     offset = 0
                     for c in concurrencies:
                         n = requests or max(8, 2 * c)
-                        cell = measure_cell(url, plan.name, bodies_for(plan.name, w, n, max_tokens, offset), c)
+                        try:
+                            cell = measure_cell(url, plan.name, bodies_for(plan.name, w, n, max_tokens, offset), c)
+                        except httpx.HTTPError as exc:  # /metrics unreachable: the engine died mid-cell
+                            raise CandidateFailed(f"failed while measured: {exc}") from None
                         offset += n
                         cell.update(model=plan.name, candidate=label(sp), speculative=sp.vllm_config(), workload=w,
                                     concurrency=c)
-                        cells.append(cell)
+                        mine.append(cell)
                         say("  " + row(cell))
-        except RuntimeError as exc:  # procs.wait_healthy: the engine exited or never became healthy
-            say(f"  {label(sp)}: the engine did not start, left out: {exc}")
+        except CandidateFailed as exc:
+            say(f"  {label(sp)}: {exc}; left out")
+            continue
+        cells += mine
     return cells
 
 
@@ -210,10 +223,16 @@ def main(loaded: Any, plans: list[ReplicaPlan], args: Any) -> int:
     for plan in (p for p in plans if p.name in names):
         print(f"{plan.name}: {len(candidates)} candidates x {len(args.workload)} workloads x "
               f"{len(args.concurrency)} concurrencies, one engine at a time ...", flush=True)
-        if any(c.method == "suffix" for c in candidates) and plan.placement.accelerator == "cpu" \
-                and not suffix_available():
+        # the candidates run on this machine, GPU or not
+        if any(c.method == "suffix" for c in candidates) and not suffix_available():
             print("error: candidate suffix needs arctic-inference, which does not import here (docs/install.md)",
                   file=sys.stderr)
+            return 2
+        try:  # every cell's items exist before any engine starts
+            for w in args.workload:
+                bodies_for(plan.name, w, sum(args.requests or max(8, 2 * c) for c in args.concurrency), 1)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         try:
             cells = compare(plan, candidates, args.workload, args.concurrency, requests=args.requests,
@@ -223,6 +242,10 @@ def main(loaded: Any, plans: list[ReplicaPlan], args: Any) -> int:
         except ValueError as exc:  # a workload asked for more items than it has
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if not any(c["speculative"] is None for c in cells):
+            print(f"error: {plan.name}: the baseline (off) could not be measured; see the engine logs above",
+                  file=sys.stderr)
+            return 1
         best = choose(cells, args.max_slowdown)
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in best["scores"].get(best["candidate"], {}).get("ratios", {}).items())
         note = (f"codefleet tune: {best['candidate']} wins for {plan.name} ({args.workload and '+'.join(args.workload)}, "

@@ -99,7 +99,7 @@ def test_server_renders_the_golden_prompt(fleet: LocalFleet, model: str, convers
 @pytest.mark.parametrize("model", MODELS)
 def test_family_stop_token_ends_generation(fleet: LocalFleet, model: str) -> None:
     """Force each stop token of the family as the only allowed token (logit_bias is refused on a
-    speculating engine, as the trained model is): the server must stop on it."""
+    speculating engine, as stable-code-tiny is here): the server must stop on it."""
     r = replica(fleet, model)
     tokenizer = AutoTokenizer.from_pretrained(r.plan.model_ref)
     for token in r.plan.generation.stop_tokens:

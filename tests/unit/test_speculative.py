@@ -91,7 +91,8 @@ def test_refused_in_defaults_names_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag", ["speculative_config", "speculative-config", "spec_tokens", "spec_method",
-                                  "speculative"])  # vLLM's parser takes --speculative for --speculative-config
+                                  "speculative", "speculative_conf", "speculative_config.method"])
+# vLLM's parser takes an abbreviation (--speculative for --speculative-config) and dotted keys
 def test_engine_args_cannot_set_it_behind_the_fields_back(tmp_path: Path, flag: str) -> None:
     err = _error(tmp_path, _manifest(f"    engine_args: {{{flag}: {{}}}}\n"))
     assert "decided by codefleet" in err and "'speculative'" in err, err
