@@ -85,29 +85,24 @@ def _add(a: float | None, b: float) -> float:
     return b if a is None else a + b
 
 
+#: vLLM's series summed over their label sets, and the EngineLook field each goes to.
+SUMMED = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+          "vllm:request_success_total": "finished", "vllm:prefix_cache_hits_total": "prefix_hits",
+          "vllm:prefix_cache_queries_total": "prefix_queries",
+          "vllm:spec_decode_num_accepted_tokens_total": "spec_accepted",
+          "vllm:spec_decode_num_draft_tokens_total": "spec_draft_tokens",
+          "vllm:spec_decode_num_drafts_total": "spec_drafts"}
+
+
 def engine_look(text: str) -> EngineLook:
     """One engine's Prometheus text, summed over label sets (engine ranks, finish reasons)."""
     look = EngineLook()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "vllm:num_requests_running":
-                look.running = _add(look.running, s.value)
-            elif s.name == "vllm:num_requests_waiting":
-                look.waiting = _add(look.waiting, s.value)
+            if (attr := SUMMED.get(s.name)) is not None:
+                setattr(look, attr, _add(getattr(look, attr), s.value))
             elif s.name == "vllm:kv_cache_usage_perc":
                 look.kv = s.value if look.kv is None else max(look.kv, s.value)
-            elif s.name == "vllm:request_success_total":
-                look.finished = _add(look.finished, s.value)
-            elif s.name == "vllm:prefix_cache_hits_total":
-                look.prefix_hits = _add(look.prefix_hits, s.value)
-            elif s.name == "vllm:prefix_cache_queries_total":
-                look.prefix_queries = _add(look.prefix_queries, s.value)
-            elif s.name == "vllm:spec_decode_num_accepted_tokens_total":
-                look.spec_accepted = _add(look.spec_accepted, s.value)
-            elif s.name == "vllm:spec_decode_num_draft_tokens_total":
-                look.spec_draft_tokens = _add(look.spec_draft_tokens, s.value)
-            elif s.name == "vllm:spec_decode_num_drafts_total":
-                look.spec_drafts = _add(look.spec_drafts, s.value)
             elif s.name == TTFT_BUCKET:
                 le = float(s.labels["le"])
                 look.ttft_buckets[le] = look.ttft_buckets.get(le, 0.0) + s.value
