@@ -23,6 +23,7 @@ import httpx
 from codefleet.errors import CodefleetError, RuntimeStartError
 from codefleet.frontend_config import FrontendConfig, Target
 from codefleet.gateway.config import UPSTREAM_KEY_ENV
+from codefleet.lora import alias_url
 from codefleet.metrics import FleetMetrics
 from codefleet.router import Frontend
 
@@ -67,6 +68,13 @@ class DnsRegistrar:
             self.metrics.replicas_ready.labels(t.model).set(len(urls))
             for u in urls:
                 wanted[u] = t.model
+                # the chart's engines load their adapters before they are ready (--lora-modules), so
+                # a pod that resolves has them: each is a worker of its adapter at an alias of the pod
+                for n, adapter in enumerate(t.adapters, start=1):
+                    try:
+                        wanted[alias_url(u, n)] = adapter
+                    except ValueError as exc:  # an IPv6 pod address has no alias spelling here
+                        self.say(f"  {adapter}: not routed to {u}: {exc}")
         admin = self.frontend.admin
         for url, model in list(self.registered.items()):
             if wanted.get(url) != model:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codefleet.lora import RUNTIME_ENV as LORA_RUNTIME_ENV
 from codefleet.plans import ReplicaPlan
 from codefleet.request_defaults import ENV_VAR as DEFAULTS_ENV
 
@@ -74,14 +75,16 @@ MOE_CONFIG_ENV = "VLLM_TUNED_CONFIG_FOLDER"
 
 
 def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = False,
-                cpu_slot: int | None = None) -> EngineSpec:
+                cpu_slot: int | None = None, adapter_paths: dict[str, str] | None = None) -> EngineSpec:
     """The vLLM server of one replica of ``plan``.
 
     Only what codefleet decides is set; every other flag keeps vLLM's own default unless the
     manifest's ``engine_args`` sets it. ``loopback``: the engine listens on 127.0.0.1 (vLLM's
     internal addresses are pinned there too). ``cpu_slot`` (CPU only): the engine's position
     among the host's single-rank engines; they are bound to one core each, round robin, instead
-    of vLLM's "auto", which puts every one of them on core 0.
+    of vLLM's "auto", which puts every one of them on core 0. ``adapter_paths`` (the chart): the
+    adapters the engine loads before it serves (``--lora-modules``); without it (local, Ray) the
+    launcher loads them at run time, after start and on every ``apply`` (codefleet.runtime.adapters).
     """
     gen = plan.generation
     flags: dict[str, Any] = {"dtype": plan.engine.dtype, "max_model_len": plan.engine.max_model_len,
@@ -97,9 +100,15 @@ def engine_spec(plan: ReplicaPlan, *, loopback: bool, enforce_eager: bool = Fals
         flags["gpu_memory_utilization"] = f"{plan.engine.gpu_memory_utilization:g}"
     if plan.speculative:
         flags["speculative_config"] = plan.speculative
+    env: dict[str, str] = {}
+    if plan.lora is not None:
+        flags.update(plan.lora.flags())
+        if adapter_paths is None:
+            env[LORA_RUNTIME_ENV] = "1"
+        elif adapter_paths:
+            flags["lora_modules"] = [json.dumps({"name": n, "path": p}) for n, p in adapter_paths.items()]
     if gen.sampling_defaults:
         flags["override_generation_config"] = dict(sorted(gen.sampling_defaults.items()))
-    env: dict[str, str] = {}
     if gen.stop_tokens or gen.stop_strings or gen.fim:
         flags["middleware"] = MIDDLEWARE
         env[DEFAULTS_ENV] = json.dumps({"stop_tokens": list(gen.stop_tokens), "stop": list(gen.stop_strings),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from codefleet.limits import engine_arg
+from codefleet.limits import dtype_bytes, engine_arg
+from codefleet.lora import lora_slot_bytes
 from codefleet.plans import EngineLimits, Estimate, ReplicaPlan, Term
 from codefleet.resolve import ResolvedModel
 from codefleet.sizing import HOST_CPUS_BESIDES_WORKERS, host_cpus, linear_parameter_count
@@ -100,3 +101,26 @@ def speculative_warnings(m: ResolvedModel, engine: EngineLimits) -> tuple[str, .
     return (f"{m.spec.name}: with all max_num_seqs {seqs} sequences decoding, full drafts of {sp.tokens} tokens need "
             f"{step_tokens(seqs, sp.tokens):,} tokens per step, above max_num_batched_tokens {tokens:,}: at that load "
             f"vLLM schedules fewer sequences per step or shorter drafts (speculation pays least there anyway)",)
+
+
+def lora_bytes(m: ResolvedModel, tp: int) -> int:
+    """What vLLM pre-allocates for the model's LoRA slots on one GPU (0 without LoRA)."""
+    if m.lora is None:
+        return 0
+    return m.lora.max_loras * lora_slot_bytes(m.shape, m.lora.max_lora_rank, dtype_bytes(m), tp)
+
+
+def lora_terms(m: ResolvedModel, tp: int, cpu: bool = False) -> tuple[Term, ...]:
+    """The LoRA slots' term (vllm/lora/layers/*: every wrapped layer holds max_loras x A and B at
+    max_lora_rank), and the adapters, in ``plan --explain``."""
+    lo = m.lora
+    if lo is None:
+        return ()
+    where = ("host memory on top of the KV cache (the CPU engine subtracts nothing)" if cpu
+             else "taken before the KV cache is sized")
+    return (Term("LoRA slots", lora_bytes(m, tp), "bytes",
+                 f"max_loras {lo.max_loras} x max_lora_rank {lo.max_lora_rank} x {dtype_bytes(m)} bytes x (A and B of "
+                 f"every linear layer, embed_tokens, lm_head; per GPU at TP {tp}); {where}"),
+            Term("adapters", len(lo.adapters), "int",
+                 ", ".join(f"{a.name} (r {a.rank if a.rank is not None else '?'})" for a in lo.adapters)
+                 or "none yet (codefleet apply adds them)"))

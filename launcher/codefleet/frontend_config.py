@@ -59,6 +59,8 @@ class FrontendSettings:
     """Per model that fills in the middle: its format (the gateway refuses ``suffix`` for the rest)."""
     manifest_dir: Path = field(default_factory=Path.cwd)
     """Where a relative API-key file is found."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapter name -> its base model (served under its own name; codefleet.lora)."""
 
 
 def frontend_settings(plan: FleetPlan) -> FrontendSettings:
@@ -70,7 +72,12 @@ def frontend_settings(plan: FleetPlan) -> FrontendSettings:
         hold=holding((p.name, hold_of(p.autoscale) if p.autoscale else None) for p in plan.models),
         shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None},
         tenants=dict(plan.tenants), fim={p.name: p.generation.fim for p in plan.models if p.generation.fim},
-        manifest_dir=plan.manifest_dir)
+        manifest_dir=plan.manifest_dir, adapters=adapters_of(plan))
+
+
+def adapters_of(plan: FleetPlan) -> dict[str, str]:
+    """Adapter name -> base model, of the models that may have a replica."""
+    return {a.name: p.name for p in plan.models if p.lora is not None and p.max_replicas > 0 for a in p.lora.adapters}
 
 
 class Target(_Strict):
@@ -87,6 +94,9 @@ class Target(_Strict):
     """Shed new requests while the model's engines hold more than this many waiting."""
     fim: FormatName | None = None
     """The model's fill-in-the-middle format (codefleet.fim); none: ``suffix`` is refused."""
+    adapters: list[str] = Field(default_factory=list)
+    """The model's LoRA adapters (its engines load them at start, ``--lora-modules``); each ready
+    pod is registered under each adapter's name too."""
 
 
 class FrontendConfig(_Strict):
@@ -110,4 +120,5 @@ class FrontendConfig(_Strict):
             drain_s=self.drain_seconds, hold=holding((t.model, t.hold) for t in self.targets),
             shed={t.model: t.max_waiting for t in self.targets if t.max_waiting is not None},
             tenants=dict(self.tenants), frontend_pods=self.frontend_pods,
-            fim={t.model: t.fim for t in self.targets if t.fim}, manifest_dir=manifest_dir)
+            fim={t.model: t.fim for t in self.targets if t.fim}, manifest_dir=manifest_dir,
+            adapters={a: t.model for t in self.targets for a in t.adapters})

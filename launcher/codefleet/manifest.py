@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from codefleet.errors import Location, ManifestError
+from codefleet.lora import FLAGS as LORA_FLAGS
+from codefleet.lora import Adapter
 from codefleet.speculative import FLAGS as SPECULATIVE_FLAGS
 from codefleet.speculative import Speculative
 
@@ -36,6 +38,7 @@ DECIDED_FLAGS: dict[str, str] = {
     "host": "router/runtime settings",
     "port": "router/runtime settings",
     **{flag: "speculative" for flag in SPECULATIVE_FLAGS},
+    **{flag: "adapters/max_loras/max_lora_rank" for flag in LORA_FLAGS},
 }
 
 RoutingPolicy = Literal[
@@ -331,6 +334,16 @@ class ModelSpec(_Strict):
     """As ``defaults.speculative``, for this model (``false``: off even when defaults turn it on)."""
     moe_config_dir: str | None = None
     """As ``defaults.moe_config_dir``, for this model."""
+    adapters: list[Adapter] = Field(default_factory=list)
+    """LoRA adapters served on every replica of this model, each under its own name in ``model``
+    (codefleet.lora, docs/lora.md); ``codefleet apply`` adds and removes them without a restart."""
+    max_loras: int | None = Field(None, ge=1, le=64)
+    """Adapters active in one batch (vLLM's --max-loras; each is a slot of memory at max_lora_rank).
+    Default: the number of adapters. Set it (and max_lora_rank) to add adapters later without
+    replacing the replicas, or to turn LoRA on with no adapter yet."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = None
+    """The largest adapter rank the engines take (vLLM's --max-lora-rank, one of its values).
+    Default: the smallest that holds the adapters' ``r``."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Passed to vLLM untouched, as ``--key value`` (``true`` for a bare flag)."""
     env: dict[str, str] = Field(default_factory=dict)

@@ -31,7 +31,15 @@ from typing import Any
 
 from codefleet import moe
 from codefleet.errors import PlanError
-from codefleet.explain import cpu_term, speculative_terms, speculative_warnings, tail_terms, weight_terms
+from codefleet.explain import (
+    cpu_term,
+    lora_bytes,
+    lora_terms,
+    speculative_terms,
+    speculative_warnings,
+    tail_terms,
+    weight_terms,
+)
 from codefleet.gpus import GPUS, Gpu, unknown_gpu_message
 from codefleet.limits import Limits, dtype_bytes, engine_limits
 from codefleet.manifest import LoadedManifest
@@ -133,7 +141,7 @@ def plan_model(
             engine_args=dict(spec.engine_args), env=dict(spec.env), revision=spec.revision, demo=m.demo,
             drain_seconds=m.drain_seconds, autoscale=auto, max_waiting=spec.max_waiting,
             warnings=tuple(warnings) + speculative_warnings(m, engine), budget=tuple(terms) + speculative_terms(m, engine),
-            speculative=m.speculative.vllm_config() if m.speculative else None)
+            speculative=m.speculative.vllm_config() if m.speculative else None, lora=m.lora)
 
     quantization = m.quant.describe() if m.quant else None
     moe_dir = str(m.moe_config_dir) if m.moe_config_dir else None
@@ -150,6 +158,7 @@ def plan_model(
                       f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x "
                       f"head_dim {s.head_dim} x {b} bytes"),
                  Term("KV tokens", kv_tokens, "count", "KV cache / KV bytes per token (vLLM logs 'CPU KV cache size')"),
+                 *lora_terms(m, tp, cpu=True),
                  *tail_terms(m, kv_tokens, None, None),
                  cpu_term("cpu", tp)]
         return replica_plan(
@@ -172,7 +181,7 @@ def plan_model(
         return kv_bytes_per_token(s, lim.kv_dtype_bytes, tp)
 
     def reserve(tp: int) -> int:
-        return reserve_bytes(s, b, tp, lim.max_num_batched_tokens, lim.max_num_seqs)
+        return reserve_bytes(s, b, tp, lim.max_num_batched_tokens, lim.max_num_seqs) + lora_bytes(m, tp)
 
     def kv_room(tp: int) -> int:
         return int(budget - max(0, weights // tp - lim.cpu_offload_bytes) - reserve(tp))
@@ -214,7 +223,9 @@ def plan_model(
         Term("sampler logits", sampler_bytes(s, lim.max_num_seqs), "bytes",
              f"max_num_seqs {lim.max_num_seqs} ({lim.sources['max_num_seqs']}) x vocab {s.vocab_size} x "
              f"{LOGIT_BYTES} bytes (float32)"),
-        Term("KV cache", kv_bytes, "bytes", "budget - weights per GPU - reserve (fixed + activations + logits)"),
+        *lora_terms(m, tp),
+        Term("KV cache", kv_bytes, "bytes", "budget - weights per GPU - reserve (fixed + activations + logits"
+             + (" + LoRA slots)" if m.lora else ")")),
         Term("KV bytes per token", kv_tok(tp), "count",
              f"2 x {s.num_layers} layers x {kv_heads_per_rank(s, tp)} KV heads per rank x head_dim {s.head_dim} x "
              f"{lim.kv_dtype_bytes} bytes (kv_cache_dtype {lim.sources['kv_cache_dtype']})"),

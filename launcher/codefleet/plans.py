@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codefleet.lora import LoraPlan
 from codefleet.manifest import Metrics, Router, Tenant
 from codefleet.sizing import GiB
 
@@ -151,6 +152,8 @@ class ReplicaPlan:
     render_endpoints: bool = False
     #: vLLM's --speculative-config (codefleet.speculative), None: no speculative decoding.
     speculative: dict[str, Any] | None = None
+    #: LoRA slots and adapters (codefleet.lora), None: LoRA off.
+    lora: LoraPlan | None = None
     #: The plan's arithmetic, every term with its source, in the order ``plan --explain`` shows it;
     #: the numbers of ``memory`` and ``placement`` are the same values, set from the same variables.
     budget: tuple[Term, ...] = ()

@@ -15,6 +15,7 @@ from codefleet.errors import Location, ManifestError
 from codefleet.families import FAMILIES, Family, get_family
 from codefleet.fim import FORMATS as FIM_FORMATS
 from codefleet.gpus import GPUS, unknown_gpu_message
+from codefleet.lora import LoraPlan, resolve_adapters
 from codefleet.manifest import DECIDED_FLAGS, TENANT_NAME, LoadedManifest, ModelSpec
 from codefleet.quant import Quant, detect
 from codefleet.shapes import ModelShape
@@ -54,6 +55,8 @@ class ResolvedModel:
     fim: str | None = None
     #: The model's ``speculative:`` or the defaults' (None: off).
     speculative: Speculative | None = None
+    #: LoRA adapters and the engine's LoRA slots (codefleet.lora), None: LoRA off.
+    lora: LoraPlan | None = None
 
 
 def catalog_seed(catalog: CatalogEntry | None, demo: str | None, family: str | None) -> CatalogEntry | None:
@@ -88,16 +91,27 @@ def resolve(loaded: LoadedManifest) -> list[ResolvedModel]:
             out.append(_resolve_one(loaded, i, spec))
         except ManifestError as exc:
             problems.extend(exc.problems)
+    adapters: dict[str, int] = {}
+    for i, spec in enumerate(manifest.models):
+        for j, a in enumerate(spec.adapters):
+            where = loaded.location(("models", i, "adapters", j, "name"))
+            if a.name in seen:
+                problems.append((where, f"adapter name {a.name!r} is the served name of models[{seen[a.name]}]; "
+                                 f"clients choose an adapter by its name, so it must differ from every model's"))
+            elif a.name in adapters:
+                problems.append((where, f"adapter name {a.name!r} is already used in models[{adapters[a.name]}]"))
+            adapters.setdefault(a.name, i)
+    servable = [*seen, *adapters]
     for name, tenant in manifest.tenants.items():
         if not re.fullmatch(TENANT_NAME, name):
             problems.append((loaded.location(("tenants", name)),
                              f"tenant name {name!r}: letters, digits, '.', '_', '-', at most 63 characters"))
         for j, model in enumerate(tenant.models or []):
-            if model not in seen:
-                near = difflib.get_close_matches(model, list(seen), n=1)
+            if model not in seen and model not in adapters:
+                near = difflib.get_close_matches(model, servable, n=1)
                 problems.append((loaded.location(("tenants", name, "models", j)),
                                  f"unknown model {model!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                               f"; served models: {', '.join(seen)}")))
+                                                               f"; served models: {', '.join(servable)}")))
     if manifest.tenants and manifest.router.api_keys is None:
         problems.append((loaded.location(("tenants",)), "tenants need router.api_keys: a tenant is known by its key"))
     if problems:
@@ -219,13 +233,21 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
             reason = (f"the catalog says {seed.hf_id} does not fill in the middle ({seed.fim_source})" if seed is not None
                       else f"{spec.source} is not in the catalog, so its format is unknown")
             fail("fim", f"fim: true, but {reason}; name the format the model was trained with ({known}) or set fim: false")
+    lora = None
+    if shape is not None:
+        lora, lora_problems = resolve_adapters(
+            spec.adapters, spec.max_loras, spec.max_lora_rank, manifest_dir=loaded.file.parent,
+            base_names={spec.source, model_ref, *([catalog.hf_id] if catalog else [])},
+            architecture=shape.architecture, on_cpu=gpu == "cpu", demo_dir=Path(model_ref) if demo else None,
+            demo_root=demo_models.cache_root().parent / "demo-adapters")
+        problems.extend((loaded.location((*at, *path)), message) for path, message in lora_problems)
     speculative = spec.speculative if spec.speculative is not None else defaults.speculative
     if speculative is not None and speculative.on:
         where = (*at, "speculative") if spec.speculative is not None else ("defaults", "speculative")
         card = seed.card_sampling if seed is not None else {}
         for message in speculative_problems(speculative, on_cpu=gpu == "cpu", sampling=card,
                                             model_dir=Path(model_ref) if config is not None else None,
-                                            engine_args=spec.engine_args):
+                                            engine_args={**spec.engine_args, "enable_lora": lora is not None}):
             problems.append((loaded.location(where), message))
     else:
         speculative = None
@@ -255,5 +277,6 @@ def _resolve_one(loaded: LoadedManifest, i: int, spec: ModelSpec) -> ResolvedMod
         moe_config_dir=moe_dir if shape.is_moe else None,
         fim=fim,
         speculative=speculative,
+        lora=lora,
     )
 

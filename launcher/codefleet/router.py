@@ -198,6 +198,8 @@ class Frontend:
     """Per model: the engines' waiting requests above which new requests are shed (429)."""
     fim: dict[str, str] = field(default_factory=dict)
     """Per model that fills in the middle: its format."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapter -> its base model."""
     router_port: int = 0
     router_metrics_port: int = 0
     gateway_port: int = 0
@@ -216,7 +218,8 @@ class Frontend:
                       upstream_key: str | None = None) -> Frontend:
         return cls(s.router, s.metrics, s.models, run_dir, python, manifest_dir=s.manifest_dir, say=say,
                    upstream_key=upstream_key, drain_s=s.drain_s, hold=dict(s.hold), tenants=dict(s.tenants),
-                   frontend_pods=s.frontend_pods, shed=dict(s.shed), fim=dict(s.fim))
+                   frontend_pods=s.frontend_pods, shed=dict(s.shed), fim=dict(s.fim),
+                   adapters=dict(s.adapters))
 
     def __post_init__(self) -> None:
         r, m = self.router, self.metrics
@@ -261,7 +264,7 @@ class Frontend:
             drain_s=self.drain_s, hold=self.hold, key_tenants=self.key_tenants,
             tenants={n: t.model_dump(exclude_none=True) for n, t in self.tenants.items()},
             frontend_pods=self.frontend_pods, shed=self.shed, fim=self.fim, affinity=gateway_affinity(r),
-            migration=r.migration.model_dump(),
+            migration=r.migration.model_dump(), adapters=self.adapters,
         )
 
     def _launch_router(self) -> None:
@@ -337,14 +340,18 @@ class Frontend:
             except ProcessLookupError:
                 pass
 
-    def reload_gateway(self, tenants: dict[str, Tenant], fim: dict[str, str] | None = None) -> None:
-        """Keys (read again from their file or variable), tenants' limits and the models' fill
-        formats to the running gateway: its config file rewritten, then SIGHUP. A key naming an
-        unknown tenant raises SecretError first, and the running gateway keeps what it has."""
+    def reload_gateway(self, tenants: dict[str, Tenant], fim: dict[str, str] | None = None,
+                       adapters: dict[str, str] | None = None) -> None:
+        """Keys (read again from their file or variable), tenants' limits, the models' fill
+        formats and their adapters to the running gateway: its config file rewritten, then SIGHUP.
+        A key naming an unknown tenant raises SecretError first, and the running gateway keeps
+        what it has."""
         keys = load_api_keys(self.router.api_keys, self.manifest_dir, tuple(tenants))
         self.tenants = dict(tenants)
         if fim is not None:
             self.fim = dict(fim)
+        if adapters is not None:
+            self.adapters = dict(adapters)
         self.key_sha256 = tuple(k.sha256 for k in keys)
         self.key_tenants = {k.sha256: k.tenant for k in keys}
         cfg = self.run_dir / "gateway.json"

@@ -84,6 +84,10 @@ class GatewayConfig:
     migration: dict[str, float] = field(default_factory=dict)
     """A lost replica's streams continued elsewhere (gateway/migrate.py: ``Settings``' keywords; empty:
     its defaults)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapter name -> its base model: served like a model under its own name (the router has
+    a worker for it on each replica that loaded it), listed in /v1/models with ``parent``; reloaded
+    on SIGHUP (``codefleet apply``)."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

@@ -58,7 +58,9 @@ class Gateway:
         self.config = config
         self.limits = config.limits
         self.max_body = config.max_body_bytes
-        self.models = frozenset(config.models)
+        self.adapters = dict(config.adapters)
+        """LoRA adapter -> its base model (reloaded with the keys: ``codefleet apply``)."""
+        self.models = frozenset(config.models) | frozenset(self.adapters)
         self.digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
         self.key_tenants = {bytes.fromhex(h): t for h, t in config.key_tenants.items()}
         self.admission = Admission(config.tenants, config.frontend_pods)
@@ -85,6 +87,7 @@ class Gateway:
                          if config.affinity is not None else None)
         self.workers = Workers(config.router_url, self.models, config.poll_s, self._workers_changed,
                                self.holding.any_held)
+        self.workers.aliases = frozenset(self.adapters)
         self._models_body = self._list_models()
         self._session: ClientSession | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -143,8 +146,11 @@ class Gateway:
             return
         self.digests, self.key_tenants = digests, key_tenants
         self.admission.configure(config.tenants)
-        if config.fim != self.fim:
+        if config.fim != self.fim or config.adapters != self.adapters:
             self.fim = dict(config.fim)
+            self.adapters = dict(config.adapters)
+            self.models = frozenset(self.config.models) | frozenset(self.adapters)
+            self.workers.aliases = frozenset(self.adapters)
             self._models_body = self._list_models()
         print(f"codefleet gateway: reloaded {len(digests)} keys, {len(config.tenants)} tenants", flush=True)
 
@@ -169,19 +175,24 @@ class Gateway:
         return self.workers.ready
 
     def _model_object(self, name: str) -> dict[str, Any]:
+        parent = self.adapters.get(name)
         obj: dict[str, Any] = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet",
-                               "fim": self.fim.get(name)}
+                               "fim": self.fim.get(parent or name), "parent": parent}
         ready = self.workers.ready
         if ready is not None:
             obj["ready_replicas"] = ready.get(name, 0)
         return obj
 
     def _list_models(self) -> bytes:
-        return orjson.dumps({"object": "list", "data": [self._model_object(m) for m in self.config.models]})
+        return orjson.dumps({"object": "list", "data": [self._model_object(m) for m in self._served()]})
+
+    def _served(self) -> list[str]:
+        """The models, then the adapters, as /v1/models lists them."""
+        return [*self.config.models, *self.adapters]
 
     def _workers_changed(self) -> None:
         self._models_body = self._list_models()
-        for model in self.config.models:
+        for model in self._served():
             self.metrics.child(self.metrics.ready, model).set((self.workers.ready or {}).get(model, 0))
         self.holding.release(self.workers.available)
 
@@ -254,7 +265,8 @@ class Gateway:
             self._engine_session = ClientSession(connector=TCPConnector(limit=64),
                                                  timeout=ClientTimeout(total=10, sock_connect=1))
         now = time.monotonic()
-        urls = [u for u, m in self.workers.urls if m == model]
+        base = self.adapters.get(model, model)  # an adapter's engines are its base model's
+        urls = [u for u, m in self.workers.urls if m == base]
         return self._engine_session, sorted(urls, key=lambda u: self._failed_engines.get(u, 0.0) > now - 10)
 
     def _engine_failed(self, url: str) -> None:
@@ -268,7 +280,8 @@ class Gateway:
 
     async def detokenized(self, model: str, ids: list[int]) -> str | None:
         session, urls = self._engines(model)
-        return await detokenized(session, urls, self.upstream_auth, model, ids, self._engine_failed)
+        return await detokenized(session, urls, self.upstream_auth, self.adapters.get(model, model), ids,
+                                 self._engine_failed)
 
     async def look_again(self) -> None:
         look = self.workers.refresh_soon()
@@ -343,7 +356,7 @@ class Gateway:
         stream = payload.get("stream") is True
         body = None
         if self.config.shed:
-            rej = self.shedding.check(model, tenant)
+            rej = self.shedding.check(self.adapters.get(model, model), tenant)  # the base model's engines' queue
             if rej is not None:
                 if tenant:
                     self.metrics.tenant_rejections.labels(tenant, model, rej.reason).inc()

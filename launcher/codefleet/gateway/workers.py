@@ -30,6 +30,10 @@ class Workers:
         self.ready: dict[str, int] | None = None
         """Healthy workers per model; None until the router first answered."""
         self.urls: list[tuple[str, str]] = []
+        """(engine URL, model) of every healthy worker of a model (not of an adapter: its workers are
+        aliases of its base model's engines, codefleet.lora.alias_url)."""
+        self.aliases: frozenset[str] = frozenset()
+        """The adapters' names."""
         self.refreshed_at = 0.0
         self._refreshing: asyncio.Future[None] | None = None
         self.session: ClientSession | None = None
@@ -41,7 +45,8 @@ class Workers:
                 data = await r.json(content_type=None)
             workers = [w for w in data.get("workers", []) if w.get("is_healthy", True)]
             self.available = frozenset(w["model_id"] for w in workers)
-            self.urls = [(str(w["url"]), str(w["model_id"])) for w in workers if "url" in w]
+            self.urls = [(str(w["url"]), str(w["model_id"])) for w in workers
+                         if "url" in w and w["model_id"] not in self.aliases]
             self.ready = dict(collections.Counter(str(w["model_id"]) for w in workers))
         except (ClientError, TimeoutError, ValueError, KeyError, AttributeError):
             pass  # router restarting: keep the last known set

@@ -97,3 +97,20 @@ def follow(diff: PlanDiff, desired: Mapping[str, int], autoscalers: Mapping[str,
         elif before != out_desired[m.name]:
             changes.append(f"{m.name}: {before} -> {out_desired[m.name]} replicas")
     return Followed(out_desired, out_autoscalers, changes)
+
+
+def adapter_changes(old: FleetPlan, new: FleetPlan) -> list[str]:
+    """Adapters added or removed per model (loaded or unloaded on the running replicas, no
+    restart; a change of max_loras or max_lora_rank is a rolling replace, said by ``follow``)."""
+    out = []
+    for o, m in zip(old.models, new.models, strict=True):
+        before = {a.name: (a.source, a.revision) for a in (o.lora.adapters if o.lora else ())}
+        after = {a.name: (a.source, a.revision) for a in (m.lora.adapters if m.lora else ())}
+        added = [n for n in after if n not in before]
+        removed = [n for n in before if n not in after]
+        changed = [n for n in after if n in before and after[n] != before[n]]
+        parts = ([f"+{', +'.join(added)}"] if added else []) + ([f"-{', -'.join(removed)}"] if removed else []) \
+            + ([f"{', '.join(changed)} from a new source"] if changed else [])
+        if parts:
+            out.append(f"{m.name}: adapters {'; '.join(parts)} (live, on every replica)")
+    return out

@@ -19,9 +19,10 @@ from codefleet.observability import write_engine_targets
 from codefleet.plans import FleetPlan, ReplicaPlan
 from codefleet.procs import tail
 from codefleet.router import Frontend
+from codefleet.runtime import adapters
 from codefleet.runtime.autoscale import Autoscaler, Decision, EngineLook, engine_look, held_requests, sample_of
 from codefleet.runtime.backend import Backend, Say
-from codefleet.runtime.changes import check_followable, diff_plans, follow
+from codefleet.runtime.changes import adapter_changes, check_followable, diff_plans, follow
 from codefleet.runtime.probe import HttpProbe, Probe
 from codefleet.runtime.replica import Replica, State, plan_generations
 from codefleet.runtime.rollout import converge_step
@@ -93,6 +94,9 @@ class Fleet:
     _next_look: float = field(default=0.0, repr=False)
     _gens: dict[str, str] = field(default_factory=dict, repr=False)
     _gens_of: FleetPlan | None = field(default=None, repr=False)
+    adapter_paths: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Each (model, adapter)'s folder, ready to load (``adapters.prepare``)."""
+    _http: httpx.Client = field(default_factory=httpx.Client, repr=False)
 
     def __post_init__(self) -> None:
         if not self.python:
@@ -140,6 +144,7 @@ class Fleet:
         for p in self.plan.models:
             if p.demo is not None:
                 demo_models.ensure(p.demo)
+        self.adapter_paths = adapters.prepare(self.plan, self.say)
         self._stopping.clear()
         try:
             self.backend.prepare(self.plan)
@@ -188,6 +193,9 @@ class Fleet:
                     return False
                 if any(r.generation != gen or r.state is not State.READY for r in mine):
                     return False
+                want = set(self._adapters_wanted(p.name))
+                if any(set(r.adapters.loaded) != want - set(r.adapters.failed) for r in mine):
+                    return False
             return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -202,6 +210,7 @@ class Fleet:
             if "router" in restarted:
                 for r in self.replicas:
                     r.registered = False
+                    r.adapters.loaded.clear()
             now = time.monotonic()
             for r in list(self.replicas):
                 if r.live:
@@ -259,6 +268,41 @@ class Fleet:
             r.registered = True
             self.metrics.registrations.labels(r.plan.name, "add").inc()
             self.frontend.refresh_gateway()  # requests it holds for this model go now
+        if r.state is State.READY and r.registered and r.plan.lora is not None:
+            self._sync_adapters(r, now, starting)
+
+    def _adapters_wanted(self, model: str) -> dict[str, str]:
+        """The model's adapters in the current plan, each with its folder."""
+        p = next((m for m in self.plan.models if m.name == model), None)
+        if p is None or p.lora is None:
+            return {}
+        return {a.name: self.adapter_paths[(model, a.name)] for a in p.lora.adapters
+                if (model, a.name) in self.adapter_paths}
+
+    def _sync_adapters(self, r: Replica, now: float, starting: bool) -> None:
+        """The replica's adapters to the plan's (``adapters.sync``): loaded, then routed."""
+        fe = self.frontend
+        assert fe is not None and r.url is not None
+        headers = {"Authorization": f"Bearer {fe.upstream_key}"} if fe.upstream_key else {}
+
+        def add(alias: str, name: str) -> None:
+            fe.admin.add(alias, name)
+            self.metrics.registrations.labels(name, "add").inc()
+
+        def remove(alias: str) -> None:
+            try:
+                fe.admin.remove(alias)
+            except (httpx.HTTPError, RuntimeStartError):
+                pass  # a restarting router forgets every worker anyway
+
+        changed = adapters.sync(self._http, r.url, r.adapters, self._adapters_wanted(r.plan.name), headers,
+                                add, remove, self.say, r.name, now)
+        if starting and r.adapters.failed:
+            name, (_, why) = next(iter(r.adapters.failed.items()))
+            raise RuntimeStartError(f"adapter {name} did not load on {r.name}: {why}"
+                                    + (f"; last lines of {r.log}:\n{tail(r.log)}" if r.log else ""))
+        if changed:
+            fe.refresh_gateway()
 
     def _converge(self) -> None:
         """Each model to its desired replicas at the plan's generation (``rollout.converge_step``)."""
@@ -390,6 +434,11 @@ class Fleet:
 
     def _deregister(self, r: Replica) -> None:
         if r.registered and r.url is not None and self.frontend is not None:
+            for x in r.adapters.loaded.values():  # its adapters leave first (they name the same engine)
+                try:
+                    self.frontend.admin.remove(x.alias)
+                except (httpx.HTTPError, RuntimeStartError):
+                    pass
             try:
                 self.frontend.admin.remove(r.url)
             except (httpx.HTTPError, RuntimeStartError):
@@ -397,6 +446,7 @@ class Fleet:
             self.metrics.registrations.labels(r.plan.name, "remove").inc()
             self.frontend.refresh_gateway()
         r.registered = False
+        r.adapters.loaded.clear()
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -414,14 +464,18 @@ class Fleet:
         for m in new.models:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
+        paths = adapters.prepare(new, self.say)
+        changes += adapter_changes(self.plan, new)
         if self.frontend is not None:
             # keys may have changed in their file or variable, and the tenants' limits in the manifest
-            # (and a model's fill format, which its engines take as they are replaced)
-            self.frontend.reload_gateway(new.tenants, frontend_settings(new).fim)
+            # (and a model's fill format, which its engines take as they are replaced, and its adapters)
+            settings = frontend_settings(new)
+            self.frontend.reload_gateway(new.tenants, settings.fim, settings.adapters)
             if diff.tenants_changed:
                 changes.append(f"tenants: {', '.join(sorted(new.tenants)) or 'none'} (limits reloaded)")
         with self._lock:
             self.plan = new
+            self.adapter_paths = paths
             self._gens, self._gens_of = new_gens, new
             self.desired = followed.desired
             self.autoscalers = followed.autoscalers
@@ -489,6 +543,7 @@ class Fleet:
                 self.frontend.stop()
             self.metrics.close()
             self.probe.close()
+            self._http.close()
             self.backend.close()
             self.state_file.unlink(missing_ok=True)
 

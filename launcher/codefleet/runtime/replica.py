@@ -12,6 +12,7 @@ from typing import Any
 
 from codefleet.engine import engine_spec
 from codefleet.plans import FleetPlan, ReplicaPlan
+from codefleet.runtime.adapters import ReplicaAdapters
 
 
 class State(enum.Enum):
@@ -53,6 +54,8 @@ class Replica:
     #: Ray backend: the actor, its placement group, and what the actor last reported (``node_id``).
     handle: dict[str, Any] = field(default_factory=dict)
     incarnation: Any = None
+    #: LoRA adapters loaded on this replica's engine and registered with the router.
+    adapters: ReplicaAdapters = field(default_factory=ReplicaAdapters)
     # draining
     drain_started: float = 0.0
     drain_deadline: float = 0.0
