@@ -103,6 +103,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     from codefleet import smoke
+    from codefleet.router import first_key
 
     base_url = args.base_url
     if base_url is None:
@@ -112,7 +113,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         base_url = str(state.endpoint)
     expects = smoke.expects_from_manifest(args.manifest) if args.manifest else {}
     expects.update(smoke.parse_expect(e) for e in args.expect)
-    key = smoke.first_key(args.api_key_file) if args.api_key_file else (
+    key = first_key(args.api_key_file) if args.api_key_file else (
         os.environ.get("CODEFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     quiet = args.json
     checker = smoke.Smoke(base_url, key, timeout=args.timeout,

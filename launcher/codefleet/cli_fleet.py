@@ -29,7 +29,6 @@ from codefleet.runtime.state import read_state, remove_state, state_dir
 def _show_first_answer(url: str, plan: FleetPlan, stop: threading.Event) -> None:
     """A real question and answer through the endpoint, when the fleet serves a trained demo model.
     Asked from a thread: Ctrl-C while the model answers stops the fleet at once, not after it."""
-    from codefleet.smoke import FIRST_QUESTION, first_answer
 
     trained = [m.name for m in plan.models if m.demo and demo_models.is_trained(m.demo) and m.placement.replicas]
     if not trained or plan.router.api_keys is not None:
@@ -252,3 +251,15 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no procfs: trust kill(pid, 0)
     return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] not in ("Z", "X")
+
+
+FIRST_QUESTION = "Write a Python function that returns the sum of a list."
+
+
+def first_answer(base_url: str, model: str, api_key: str | None = None, max_tokens: int = 160) -> str:
+    """One real question to a trained model through the endpoint (``codefleet up`` shows it)."""
+    client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
+                           timeout=120)
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": FIRST_QUESTION}],
+                                       max_tokens=max_tokens, temperature=0)
+    return r.choices[0].message.content or ""

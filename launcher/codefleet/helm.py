@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from codefleet.engine import MOE_CONFIG_ENV, engine_spec, flags_argv
+from codefleet.lora import is_hub_id
 from codefleet.errors import PlanError
 from codefleet.frontend_config import HOLD_VALUES, FrontendSettings, frontend_settings, hold_of
 from codefleet.manifest import LoadedManifest
@@ -56,13 +57,23 @@ def startup_failure_threshold(p: ReplicaPlan) -> int:
     return math.ceil(seconds / STARTUP_PERIOD_S)
 
 
+#: Where an engine pod's adapters are (a subPath of the weight cache volume).
+ADAPTER_MOUNT = "/var/lib/codefleet/adapters"
+
+
 def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
     if p.placement.accelerator == "cpu":
         raise PlanError(f"{p.name}: the chart serves GPU plans; plan with --gpu TYPE (one of {', '.join(GPU_PRODUCT)})")
     if p.demo is not None:
         raise PlanError(f"{p.name}: source {p.source} is a generated demo checkpoint that exists only on this "
                         f"machine; the chart needs a Hugging Face id or a path inside the image")
-    spec = engine_spec(p, loopback=False)
+    adapters = p.lora.adapters if p.lora else ()
+    for a in adapters:
+        if not is_hub_id(a.source) or a.path:
+            raise PlanError(f"{p.name}: adapter {a.name}: source {a.source} is on this machine; the chart fetches "
+                            f"adapters from the Hugging Face hub (REPO, with a revision)")
+    # the engine loads them at start from the folder its fetch-adapters init container fills
+    spec = engine_spec(p, loopback=False, adapter_paths={a.name: f"{ADAPTER_MOUNT}/{a.name}" for a in adapters})
     at, tp = p.placement, p.placement.tensor_parallel_size
     weights_gib = p.memory.weight_bytes_per_gpu / GiB
     env = dict(spec.env)
@@ -102,6 +113,9 @@ def _model_values(p: ReplicaPlan, front: FrontendSettings) -> dict[str, Any]:
         **({"maxWaiting": front.shed[p.name]} if p.name in front.shed else {}),
         # the gateway refuses `suffix` for models not filling in the middle (the engines render it)
         **({"fim": front.fim[p.name]} if p.name in front.fim else {}),
+        # LoRA adapters: fetched by each pod, loaded at start, routed under their own names
+        **({"adapters": [{"name": a.name, "source": a.source, **({"revision": a.revision} if a.revision else {})}
+                         for a in adapters]} if adapters else {}),
         "plan": {
             "gpu": at.accelerator,
             "weightsGiBPerGpu": round(weights_gib, 1),

@@ -8,6 +8,9 @@ that marker, printing how much of the model is in the cache every 15 s.
 
 The marker is ``$HF_HOME/codefleet-preloaded/<model>@<revision>``: a marker, not the hub's cache
 layout, so a half-finished download is never taken for a finished one.
+``python -m codefleet.preload --adapters-into DIR NAME=REPO[@REVISION] ...`` (the engines' fetch-adapters
+init container) downloads each LoRA adapter's PEFT files into DIR/NAME, which the engine loads at
+start (``--lora-modules``): megabytes, fetched by every pod.
 """
 
 from __future__ import annotations
@@ -88,16 +91,40 @@ def wait(model: str, revision: str | None, timeout: float, poll_s: float = 2.0,
     return True
 
 
+#: What vLLM reads of a LoRA adapter (vllm/lora/peft_helper.py, lora_model.py).
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"]
+
+
+def fetch_adapters(specs: list[str], into: Path, snapshot: Callable[..., str] | None = None) -> None:
+    """Each ``NAME=REPO[@REVISION]`` into ``into/NAME``."""
+    if snapshot is None:
+        from huggingface_hub import snapshot_download
+        snapshot = snapshot_download
+    for spec in specs:
+        name, sep, ref = spec.partition("=")
+        repo, _, revision = ref.partition("@")
+        if not sep or not name or not repo:
+            raise SystemExit(f"adapter {spec!r}: write NAME=REPO or NAME=REPO@REVISION")
+        print(f"adapter {name}: {repo} (revision {revision or 'main'}) into {into / name} ...", flush=True)
+        snapshot(repo, revision=revision or None, local_dir=str(into / name), allow_patterns=ADAPTER_PATTERNS)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m codefleet.preload", description=__doc__)
-    p.add_argument("model", help="Hugging Face id")
+    p.add_argument("model", nargs="+", help="Hugging Face id (with --adapters-into: NAME=REPO[@REVISION] ...)")
+    p.add_argument("--adapters-into", type=Path, help="fetch LoRA adapters into this folder")
     p.add_argument("--revision")
     p.add_argument("--wait", action="store_true", help="wait for the preload instead of doing it")
     p.add_argument("--timeout", type=float, default=7200.0, help="--wait: give up after this many seconds")
     args = p.parse_args(argv)
+    if args.adapters_into is not None:
+        fetch_adapters(args.model, args.adapters_into)
+        return 0
+    if len(args.model) != 1:
+        p.error("one model")
     if args.wait:
-        return 0 if wait(args.model, args.revision, args.timeout) else 1
-    preload(args.model, args.revision)
+        return 0 if wait(args.model[0], args.revision, args.timeout) else 1
+    preload(args.model[0], args.revision)
     return 0
 
 

@@ -388,3 +388,13 @@ class Frontend:
                     p.wait(timeout=1)
                 except subprocess.TimeoutExpired:
                     pass
+
+
+def first_key(path: str | Path) -> str:
+    """The first key of a key file (a ``TENANT:`` prefix removed); digests cannot be sent."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            _, key = split_key_entry(line.strip())
+            if not key.startswith("sha256:"):
+                return key
+    raise SecretError(f"{path}: no key that can be sent (empty, or digests only)")

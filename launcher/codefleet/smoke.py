@@ -18,6 +18,8 @@ against a local, Ray or Kubernetes deployment (the chart's ``helm test`` pod run
 * a trained model's answer is not noise (``--manifest``: every model but the random-weight demo
   stand-ins): asked greedily for a small Python function, the answer must define it
   (``def add`` ... ``return``);
+* a LoRA adapter (listed with a ``parent``) gets the same checks as a model, with its base model's
+  template and stop tokens, except the trained-answer check (an adapter may change any answer);
 * once per endpoint: an unknown model is answered 404.
 
 Exit status: 0 when every check passed (skips allowed), 1 when one failed, 2 when the endpoint
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -164,6 +166,8 @@ class Smoke:
         self.progress = progress
         self.fim: dict[str, str | None] = {}
         """Per served model: its fill-in-the-middle format as /v1/models says (None: none)."""
+        self.parent: dict[str, str] = {}
+        """Per LoRA adapter: its base model, as /v1/models says."""
 
     def models(self) -> dict[str, int | None]:
         """Served models and their ready replicas (None when the endpoint does not say)."""
@@ -173,6 +177,8 @@ class Smoke:
             ready = extra.get("ready_replicas")
             out[m.id] = int(ready) if isinstance(ready, int) else None
             self.fim[m.id] = extra.get("fim") if isinstance(extra.get("fim"), str) else None
+            if isinstance(extra.get("parent"), str):
+                self.parent[m.id] = extra["parent"]
         return out
 
     def unknown_model(self) -> Check:
@@ -323,8 +329,14 @@ def run(smoke: Smoke, expects: dict[str, Expect]) -> tuple[list[ModelReport], Ch
             continue
         smoke.progress(f"checking {name} ...")
         started = time.monotonic()
-        report = smoke.model(name, expects.get(name))
+        parent = smoke.parent.get(name)
+        expect = expects.get(name)
+        if expect is None and parent is not None and parent in expects:
+            expect = replace(expects[parent], trained=False)
+        report = smoke.model(name, expect)
         report.checks.insert(0, Check("listed", True, f"{served[name]} ready replica(s)" if served[name] else ""))
+        if parent is not None:
+            report.checks.insert(1, Check("adapter", True, f"LoRA adapter of {parent}"))
         smoke.progress(f"  {name}: {len(report.checks)} checks, {len(report.failed)} failed, "
                        f"{time.monotonic() - started:.1f} s")
         reports.append(report)
@@ -350,18 +362,6 @@ def report_json(reports: list[ModelReport], unknown: Check) -> str:
                        "failed": sum(len(r.failed) for r in reports) + (unknown.ok is False)}, indent=2)
 
 
-FIRST_QUESTION = "Write a Python function that returns the sum of a list."
-
-
-def first_answer(base_url: str, model: str, api_key: str | None = None, max_tokens: int = 160) -> str:
-    """One real question to a trained model through the endpoint (``codefleet up`` shows it)."""
-    client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
-                           timeout=120)
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": FIRST_QUESTION}],
-                                       max_tokens=max_tokens, temperature=0)
-    return r.choices[0].message.content or ""
-
-
 def parse_expect(text: str) -> tuple[str, Expect]:
     """``MODEL=FAMILY`` or ``MODEL=FAMILY:TEMPLATE_FILE``."""
     model, sep, rest = text.partition("=")
@@ -385,16 +385,6 @@ def expects_from_manifest(path: str | Path) -> dict[str, Expect]:
     for m in resolve(load(path)):
         own = m.chat_template if m.chat_template != m.family.template_path() else None
         out[m.spec.name] = Expect(m.family.name, own, trained=m.demo is None or is_trained(m.demo))
+        for a in m.spec.adapters:  # the base model's template and stop tokens; any answer
+            out[a.name] = Expect(m.family.name, own, trained=False)
     return out
-
-
-def first_key(path: str | Path) -> str:
-    """The first key of a key file (a ``TENANT:`` prefix removed); digests cannot be sent."""
-    from codefleet.router import split_key_entry
-
-    for line in Path(path).read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            _, key = split_key_entry(line.strip())
-            if not key.startswith("sha256:"):
-                return key
-    raise CodefleetError(f"{path}: no key that can be sent (empty, or digests only)")

@@ -9,7 +9,8 @@ import pytest
 
 from codefleet.errors import CodefleetError
 from codefleet.families import FAMILIES
-from codefleet.smoke import Expect, _messages, first_key, parse_expect, render_chat, template_check
+from codefleet.router import first_key
+from codefleet.smoke import Expect, _messages, parse_expect, render_chat, template_check
 from tests.goldens import CONVERSATIONS, GOLDEN
 
 

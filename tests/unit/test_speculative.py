@@ -101,7 +101,7 @@ def test_engine_args_cannot_set_it_behind_the_fields_back(tmp_path: Path, flag: 
 def test_what_vllm_would_refuse_at_start_is_refused_first(tmp_path: Path) -> None:
     err = _error(tmp_path, _manifest(f"    speculative: {NGRAM}\n    engine_args: {{async_scheduling: true}}\n"))
     assert "async scheduling" in err and "models[0].speculative" in err, err
-    lora = "    engine_args: {enable_lora: true, max_num_seqs: 256, max_num_batched_tokens: 2048}\n"
+    lora = "    max_loras: 1\n    max_lora_rank: 16\n    engine_args: {max_num_seqs: 256, max_num_batched_tokens: 2048}\n"
     err = _error(tmp_path, _manifest("    speculative: {method: ngram, num_speculative_tokens: 8}\n" + lora))
     assert "max_num_seqs x (1 + num_speculative_tokens) = 2304" in err, err
 

@@ -58,8 +58,7 @@ class Gateway:
         self.config = config
         self.limits = config.limits
         self.max_body = config.max_body_bytes
-        self.adapters = dict(config.adapters)
-        """LoRA adapter -> its base model (reloaded with the keys: ``codefleet apply``)."""
+        self.adapters = dict(config.adapters)  # LoRA adapter -> its base model (reloaded: ``apply``)
         self.models = frozenset(config.models) | frozenset(self.adapters)
         self.digests = tuple(bytes.fromhex(h) for h in config.key_sha256)
         self.key_tenants = {bytes.fromhex(h): t for h, t in config.key_tenants.items()}
@@ -147,10 +146,9 @@ class Gateway:
         self.digests, self.key_tenants = digests, key_tenants
         self.admission.configure(config.tenants)
         if config.fim != self.fim or config.adapters != self.adapters:
-            self.fim = dict(config.fim)
-            self.adapters = dict(config.adapters)
-            self.models = frozenset(self.config.models) | frozenset(self.adapters)
+            self.fim, self.adapters = dict(config.fim), dict(config.adapters)
             self.workers.aliases = frozenset(self.adapters)
+            self.models = frozenset(self.config.models) | self.workers.aliases
             self._models_body = self._list_models()
         print(f"codefleet gateway: reloaded {len(digests)} keys, {len(config.tenants)} tenants", flush=True)
 
@@ -178,8 +176,7 @@ class Gateway:
         parent = self.adapters.get(name)
         obj: dict[str, Any] = {"id": name, "object": "model", "created": self.config.created, "owned_by": "codefleet",
                                "fim": self.fim.get(parent or name), "parent": parent}
-        ready = self.workers.ready
-        if ready is not None:
+        if (ready := self.workers.ready) is not None:
             obj["ready_replicas"] = ready.get(name, 0)
         return obj
 
@@ -187,8 +184,7 @@ class Gateway:
         return orjson.dumps({"object": "list", "data": [self._model_object(m) for m in self._served()]})
 
     def _served(self) -> list[str]:
-        """The models, then the adapters, as /v1/models lists them."""
-        return [*self.config.models, *self.adapters]
+        return [*self.config.models, *self.adapters]  # the models, then the adapters
 
     def _workers_changed(self) -> None:
         self._models_body = self._list_models()
@@ -265,8 +261,7 @@ class Gateway:
             self._engine_session = ClientSession(connector=TCPConnector(limit=64),
                                                  timeout=ClientTimeout(total=10, sock_connect=1))
         now = time.monotonic()
-        base = self.adapters.get(model, model)  # an adapter's engines are its base model's
-        urls = [u for u, m in self.workers.urls if m == base]
+        urls = [u for u, m in self.workers.urls if m == self.adapters.get(model, model)]  # an adapter's: its base's
         return self._engine_session, sorted(urls, key=lambda u: self._failed_engines.get(u, 0.0) > now - 10)
 
     def _engine_failed(self, url: str) -> None:
