@@ -62,6 +62,11 @@ def format_plan(plan: FleetPlan) -> str:
         rows.append("speculative decoding (docs/speculative.md): " + "; ".join(
             f"{m.name} {m.speculative['method']} k{m.speculative['num_speculative_tokens']}" for m in speculating
             if m.speculative))
+    with_lora = [(m.name, m.lora) for m in plan.models if m.lora]
+    if with_lora:
+        rows.append("LoRA adapters (docs/lora.md): " + "; ".join(
+            f"{name} {', '.join(a.name for a in lo.adapters) or 'none yet'} (max_loras {lo.max_loras}, "
+            f"max_lora_rank {lo.max_lora_rank})" for name, lo in with_lora))
     rows += [f"warning: {w}" for m in plan.models for w in m.warnings]
     return "\n".join(rows)
 

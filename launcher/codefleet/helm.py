@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from codefleet.engine import MOE_CONFIG_ENV, engine_spec, flags_argv
-from codefleet.lora import is_hub_id
 from codefleet.errors import PlanError
 from codefleet.frontend_config import HOLD_VALUES, FrontendSettings, frontend_settings, hold_of
+from codefleet.lora import is_hub_id
 from codefleet.manifest import LoadedManifest
 from codefleet.observability import autoscale_query, held_query
 from codefleet.plans import FleetPlan, ReplicaPlan

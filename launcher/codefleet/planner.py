@@ -283,8 +283,10 @@ def _no_fit(m: ResolvedModel, accel: str, tp: int | None, budget: float, weights
     fix = next((t for t in candidates if kv_room(t) >= need_tokens * kv_tok(t)), None)
     head = (f"{name} in {m.dtype} needs {weights / GiB:.1f} GiB of weights"
             + (f" ({weights / tp / GiB:.1f} GiB per GPU at tensor_parallel_size {tp})" if tp and tp > 1 else "")
-            + f" and {need_tokens * kv_tok(tp or 1) / GiB:.1f} GiB of KV cache for "
-            f"{need_tokens} tokens; one {accel} at {util:.2f} utilisation holds {budget / GiB:.1f} GiB "
+            + f" and {need_tokens * kv_tok(tp or 1) / GiB:.1f} GiB of KV cache for {need_tokens} tokens"
+            + (f" beside {lora_bytes(m, tp or 1) / GiB:.1f} GiB of LoRA slots (max_loras {m.lora.max_loras} x "
+               f"max_lora_rank {m.lora.max_lora_rank})" if m.lora else "")
+            + f"; one {accel} at {util:.2f} utilisation holds {budget / GiB:.1f} GiB "
             f"(of the {GPUS[accel].usable_gib:.2f} GiB CUDA reports)")
     if fix is not None:
         return f"{m.spec.name}: {head}; use tensor_parallel_size {fix}"

@@ -73,7 +73,7 @@ class Fakes:
 
 def start_fakes(run_dir: Path, models: tuple[str, ...], keys: str | None, monkeypatch: pytest.MonkeyPatch | None = None,
                 max_body_mib: int = 1, hold: dict[str, Hold] | None = None,
-                tenants: dict[str, Tenant] | None = None) -> Fakes:
+                tenants: dict[str, Tenant] | None = None, adapters: dict[str, str] | None = None) -> Fakes:
     api_keys = None
     if keys is not None:
         key_file = run_dir / "keys.txt"
@@ -81,7 +81,7 @@ def start_fakes(run_dir: Path, models: tuple[str, ...], keys: str | None, monkey
         api_keys = ApiKeys(file=str(key_file))
     fe = Frontend(Router(port=0, api_keys=api_keys, max_body_mib=max_body_mib),
                   Metrics(launcher_port=0, gateway_port=0, router_port=0), models, run_dir, sys.executable,
-                  hold=hold or {}, tenants=tenants or {})
+                  hold=hold or {}, tenants=tenants or {}, adapters=adapters or {})
     fe.start()
     return Fakes(fe, run_dir)
 

@@ -67,6 +67,9 @@ def test_scenarios_are_complete(path: Path) -> None:
     if "candidates" in spec:  # a benchmarks.speculative scenario: every candidate x workload x concurrency
         _speculative_scenario_is_complete(path, spec)
         return
+    if "arms" in spec:  # a benchmarks.lora_cost scenario: every arm x concurrency, served where it says
+        _lora_scenario_is_complete(path, spec)
+        return
     assert spec["description"].strip() and spec["runs"]
     labels = [r["label"] for r in spec["runs"]]
     assert len(set(labels)) == len(labels)
@@ -251,3 +254,24 @@ def _speculative_scenario_is_complete(path: Path, spec: dict) -> None:
             assert (c["draft_tokens"] > 0) == (c["speculative"] is not None), (p.name, c["candidate"])
     assert (path.parent / "results" / "summary.md").exists()
     assert (path.parent / "results" / "speculative.png").exists()
+
+
+def _lora_scenario_is_complete(path: Path, spec: dict) -> None:
+    import json
+
+    plan = plan_fleet(load(path.parent / "fleet.yaml"))
+    assert [m.placement.accelerator for m in plan.models] == ["cpu", "cpu"]
+    assert [m.name for m in plan.models if m.lora] == [spec["base"]]
+    passes = sorted((path.parent / "results").glob("pass-*.json"))
+    assert len(passes) == spec["passes"], passes
+    for p in passes:
+        cells = json.loads(p.read_text())["cells"]
+        assert {(c["arm"], c["concurrency"]) for c in cells} == {(a, n) for a in spec["arms"] for n in spec["concurrency"]}
+        for c in cells:
+            assert c["ok"] == c["requests"], (p.name, c["arm"], c["concurrency"])
+            # the engines' own counters: each arm was served by the engine it names, and only there
+            engine = spec["plain"] if c["arm"] == "plain base" else spec["base"]
+            assert c["served"][engine] == c["requests"] and sum(c["served"].values()) == c["requests"], (p.name, c)
+            if c["arm"] == "lora 50/50":
+                assert c["adapter_differs"] > 0, (p.name, c["concurrency"], "the adapter changed no answer")
+    assert (path.parent / "results" / "summary.md").exists()
