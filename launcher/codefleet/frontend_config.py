@@ -49,7 +49,8 @@ class FrontendSettings:
     drain_s: float = DRAIN_S
     """The gateway's drain on SIGTERM: how long open streams may finish."""
     hold: dict[str, Hold] = field(default_factory=dict)
-    """Models whose requests the gateway holds while they have no ready replica (scale from zero)."""
+    """Models whose requests the gateway holds while they have no ready replica (scale from zero);
+    an autoscaled model's adapters are held like it."""
     shed: dict[str, int] = field(default_factory=dict)
     """Per model: the engines' waiting requests above which new requests are shed (429)."""
     tenants: dict[str, Tenant] = field(default_factory=dict)
@@ -69,7 +70,8 @@ def frontend_settings(plan: FleetPlan) -> FrontendSettings:
     return FrontendSettings(
         plan.router, plan.metrics, tuple(p.name for p in plan.models if p.max_replicas > 0),
         drain_s=float(max((p.drain_seconds for p in plan.models), default=DRAIN_S)),
-        hold=holding((p.name, hold_of(p.autoscale) if p.autoscale else None) for p in plan.models),
+        hold=holding((name, hold_of(p.autoscale) if p.autoscale else None) for p in plan.models
+                     for name in (p.name, *(a.name for a in (p.lora.adapters if p.lora else ())))),
         shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None},
         tenants=dict(plan.tenants), fim={p.name: p.generation.fim for p in plan.models if p.generation.fim},
         manifest_dir=plan.manifest_dir, adapters=adapters_of(plan))
@@ -117,7 +119,7 @@ class FrontendConfig(_Strict):
     def settings(self, manifest_dir: Path) -> FrontendSettings:
         return FrontendSettings(
             self.router, self.metrics, tuple(dict.fromkeys(t.model for t in self.targets)),
-            drain_s=self.drain_seconds, hold=holding((t.model, t.hold) for t in self.targets),
+            drain_s=self.drain_seconds, hold=holding((m, t.hold) for t in self.targets for m in (t.model, *t.adapters)),
             shed={t.model: t.max_waiting for t in self.targets if t.max_waiting is not None},
             tenants=dict(self.tenants), frontend_pods=self.frontend_pods,
             fim={t.model: t.fim for t in self.targets if t.fim}, manifest_dir=manifest_dir,

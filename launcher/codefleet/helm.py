@@ -131,8 +131,10 @@ def _autoscaling_values(p: ReplicaPlan) -> dict[str, Any]:
     a = p.autoscale
     assert a is not None
     metric_type, query = autoscale_query(p.name, a.signal)
+    adapter_names = tuple(x.name for x in p.lora.adapters) if p.lora else ()  # held for the model too
     return {"enabled": True, "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "signal": a.signal,
-            "metricType": metric_type, "query": query, "threshold": f"{a.target:g}", "heldQuery": held_query(p.name),
+            "metricType": metric_type, "query": query, "threshold": f"{a.target:g}",
+            "heldQuery": held_query(p.name, adapter_names),
             "scaleUpWindowSeconds": round(a.scale_up_window_seconds),
             "scaleDownDelaySeconds": min(3600, round(a.scale_down_delay_seconds)),
             "idleSecondsBeforeZero": round(a.idle_seconds_before_zero),

@@ -11,6 +11,7 @@ real Prometheus, so a panel cannot silently use a metric name that does not exis
 from __future__ import annotations
 
 import json
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,9 +129,13 @@ def _promql_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def held_query(model: str) -> str:
-    """Requests the frontend pods hold for ``model`` (scale-from-zero demand), 0 when none."""
-    return f"sum({gateway_metrics.HELD}{{model={_promql_string(model)}}}) or vector(0)"
+def held_query(model: str, adapters: tuple[str, ...] = ()) -> str:
+    """Requests the frontend pods hold for ``model`` and its LoRA adapters (scale-from-zero demand),
+    0 when none."""
+    if not adapters:
+        return f"sum({gateway_metrics.HELD}{{model={_promql_string(model)}}}) or vector(0)"
+    names = "|".join(re.escape(n) for n in (model, *adapters))
+    return f"sum({gateway_metrics.HELD}{{model=~{_promql_string(names)}}}) or vector(0)"
 
 
 def autoscale_query(model: str, signal: str) -> tuple[str, str]:

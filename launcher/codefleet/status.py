@@ -28,6 +28,8 @@ class ReplicaStatus:
     """Ray runtime: the node (IP and id prefix) the replica runs on."""
     state: str = ""
     """The runtime's view: starting, ready, draining."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters loaded on it and routed to it."""
 
 
 @dataclass
@@ -126,7 +128,7 @@ def fleet_status(state: FleetState, timeout: float = 2.0) -> list[ModelStatus]:
     with httpx.Client(timeout=timeout) as client:
         for r in state.replicas:
             node = f"{r.node_ip} ({(r.node_id or '')[:8]})" if r.node_ip else ""
-            rs = ReplicaStatus(r.index, r.url, ready=False, node=node, state=r.state)
+            rs = ReplicaStatus(r.index, r.url, ready=False, node=node, state=r.state, adapters=r.adapters)
             try:
                 rs.ready = client.get(r.url + "/health").status_code == 200
                 if rs.ready:
@@ -204,7 +206,8 @@ def format_status(state: FleetState, models: list[ModelStatus]) -> str:
             shown = r.state if r.state and r.state != "ready" else ("ready" if r.ready else "NOT READY")
             lines.append(f"  replica {r.index}  {r.url:<24} {shown:<9} "
                          f"running {num(f.get('running'))}  waiting {num(f.get('waiting'))}  "
-                         f"kv {pct(f.get('kv_usage'))}" + (f"  node {r.node}" if r.node else ""))
+                         f"kv {pct(f.get('kv_usage'))}" + (f"  node {r.node}" if r.node else "")
+                         + (f"  adapters {', '.join(r.adapters)}" if r.adapters else ""))
     return "\n".join(lines)
 
 

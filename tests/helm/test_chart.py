@@ -781,3 +781,50 @@ def test_speculative_reaches_the_chart_as_one_argument(tmp_path: Path, chart: he
     assert c["args"].count("--speculative-config") == 1
     assert json.loads(c["args"][c["args"].index("--speculative-config") + 1]) == {
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+
+
+def test_adapters_are_fetched_loaded_at_start_and_routed(tmp_path: Path, chart: helm_python.Chart) -> None:
+    """A model's LoRA adapters: each pod's fetch-adapters init container downloads them (with their
+    revision) into the weight cache volume, vLLM loads them before it serves (--lora-modules, parsed
+    by vLLM's own parser), and the frontend is told to register each ready pod under each adapter."""
+    from codefleet.discovery import FrontendConfig
+    from tests.unit.test_engine_argv import vllm_parse
+
+    text = FLEET.read_text().replace(
+        "source: codefuse-ai/CodeFuse-CodeLlama-34B",
+        "source: codefuse-ai/CodeFuse-CodeLlama-34B\n    adapters: [{name: cf-team, source: org/cf-team-lora, "
+        "revision: abc123}, {name: cf-ops, source: org/cf-ops-lora}]\n    max_lora_rank: 16", 1)
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    objs = render(chart, helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb")) | OFFLINE)
+    pod = engines(objs)["codefuse-codellama-34b"]["spec"]["template"]["spec"]
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch-adapters")
+    assert fetch["command"][-2:] == ["cf-team=org/cf-team-lora@abc123", "cf-ops=org/cf-ops-lora"]
+    into = fetch["command"][fetch["command"].index("--adapters-into") + 1]
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts[into]["subPath"] == "codefleet-adapters" and mounts[into]["name"] == "model-cache"
+    parsed = vllm_parse(c["args"])
+    assert parsed["enable_lora"] and parsed["max_lora_rank"] == 16 and parsed["max_loras"] == 2
+    assert [(m.name, m.path) for m in parsed["lora_modules"]] == [("cf-team", f"{into}/cf-team"),
+                                                                  ("cf-ops", f"{into}/cf-ops")]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {e["name"] for e in c["env"]}
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "frontend.json" in o.get("data", {})]
+    settings = FrontendConfig.model_validate_json(cm["data"]["frontend.json"]).settings(tmp_path)
+    assert settings.adapters == {"cf-team": "codefuse-codellama-34b", "cf-ops": "codefuse-codellama-34b"}
+    # other models have no init container for adapters
+    other = engines(objs)["granite-3b-code-instruct-128k"]["spec"]["template"]["spec"]
+    assert "fetch-adapters" not in [c["name"] for c in other.get("initContainers", [])]
+
+
+def test_the_chart_refuses_an_adapter_from_this_machine(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        '{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"")
+    text = FLEET.read_text().replace("source: codefuse-ai/CodeFuse-CodeLlama-34B",
+                                     "source: codefuse-ai/CodeFuse-CodeLlama-34B\n    adapters: [{name: cf-a, source: ./a}]", 1)
+    (tmp_path / "fleet.yaml").write_text(text)
+    loaded = load(tmp_path / "fleet.yaml")
+    with pytest.raises(PlanError, match="the chart fetches adapters from the Hugging Face hub"):
+        helm_values(loaded, plan_fleet(loaded, gpu="h100-80gb"))

@@ -175,3 +175,39 @@ def test_frontend_file_gives_the_frontend_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_requests"):
         FrontendConfig.model_validate({**cfg.model_dump(), "targets": [
             {"model": "alpha", "host": "a", "hold": {"max_requests": -1, "timeout_s": 30}}]})
+
+
+def test_registrar_routes_each_adapter_to_every_ready_pod_of_its_model(tmp_path: Path,
+                                                                     pods: tuple[int, dict[str, int]]) -> None:
+    """The chart's pods load their adapters before they are ready: each resolved pod is a worker of
+    its model and, at an alias of its address, of each of the model's adapters."""
+    from codefleet.lora import alias_url
+
+    port, _ = pods
+    answers = {"alpha.llm.svc": {f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"}, "beta.llm.svc": set()}
+    fe = Frontend(Router(port=0), Metrics(launcher_port=0, gateway_port=0, router_port=0), ("alpha", "beta"),
+                  tmp_path, sys.executable, say=lambda s: None, adapters={"alpha-a": "alpha", "alpha-b": "alpha"})
+    fe.start()
+    metrics = FleetMetrics()
+    try:
+        reg = DnsRegistrar(fe, [Target(model="alpha", host="alpha.llm.svc", port=port, adapters=["alpha-a", "alpha-b"]),
+                                Target(model="beta", host="beta.llm.svc", port=port)],
+                           metrics, resolve=lambda host, _port: set(answers[host]), say=lambda s: None)
+        reg.sync()
+        got = sorted((w["model_id"], w["url"]) for w in fe.admin.workers())
+        pods_ = sorted(answers["alpha.llm.svc"])
+        assert got == sorted([*(("alpha", u) for u in pods_), *(("alpha-a", alias_url(u, 1)) for u in pods_),
+                              *(("alpha-b", alias_url(u, 2)) for u in pods_)])
+        fe.refresh_gateway()
+        with openai.OpenAI(base_url=fe.url + "/v1", api_key="unused", max_retries=3) as client:
+            assert client.completions.create(model="alpha-b", prompt="x", max_tokens=2).model == "alpha-b"
+            listed = {m.id: (m.model_extra or {}).get("parent") for m in client.models.list().data}
+        assert listed == {"alpha": None, "beta": None, "alpha-a": "alpha", "alpha-b": "alpha"}
+        # a pod leaves DNS: its adapters' workers go with it
+        answers["alpha.llm.svc"].discard(f"http://127.0.0.2:{port}")
+        reg.sync()
+        assert all("127.0.0.2" not in u and "127.0.0.02" not in u and "127.0.0.002" not in u
+                   for _, u in ((w["model_id"], w["url"]) for w in fe.admin.workers()))
+    finally:
+        metrics.close()
+        fe.stop()

@@ -29,6 +29,7 @@ from codefleet.planner import plan_fleet
 from codefleet.plans import FleetPlan
 from codefleet.runtime.local import LocalFleet
 from codefleet.runtime.replica import State
+from codefleet.status import fleet_status, format_status
 
 pytestmark = pytest.mark.e2e
 
@@ -132,6 +133,10 @@ def test_adapters_are_listed_with_their_parent_and_routed_to_every_replica(fleet
     workers = router_workers(fleet)
     # one worker of the adapter per replica, at an alias of that replica's URL
     assert sorted(u for m, u in workers if m == ADAPTER) == sorted(alias_url(u, 1) for u in engines)
+    # `codefleet status` shows each replica's adapters (from the state file the launcher writes)
+    state = fleet.state()
+    assert [r.adapters for r in state.replicas if r.model == BASE] == [(ADAPTER,), (ADAPTER,)]
+    assert f"adapters {ADAPTER}" in format_status(state, fleet_status(state))
     before = served(fleet)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: answer(fleet, ADAPTER, max_tokens=4), range(8)))
@@ -222,3 +227,25 @@ def test_a_replica_back_from_a_crash_loads_the_adapters_before_it_is_routed(flee
     ids = {m["id"] for m in httpx.get(victim.url + "/v1/models", headers=auth, timeout=5).json()["data"]}
     assert SECOND in ids, ids
     assert answer(fleet, SECOND, max_tokens=2)
+
+
+def test_smoke_checks_each_adapter(fleet: LocalFleet, tmp_path: Path) -> None:
+    """`codefleet smoke` with the manifest in use: every adapter checked like a model, with its base
+    model's template and stop tokens, and named as an adapter of its base."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "m.yaml").write_text(manifest(ONLY_SECOND))  # the adapters the fleet has now
+    r = subprocess.run([sys.executable, "-m", "codefleet.cli", "smoke", fleet.url, "--manifest", str(tmp_path / "m.yaml"),
+                        "--json"], env={**os.environ, "CODEFLEET_API_KEY": KEY}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = {m["model"]: {c["name"]: c for c in m["checks"]} for m in json.loads(r.stdout)["models"]}
+    assert sorted(seen) == sorted([BASE, SECOND, TINY, TINY_ADAPTER])
+    for adapter, base in ((SECOND, BASE), (TINY_ADAPTER, TINY)):
+        checks = seen[adapter]
+        assert checks["adapter"]["detail"] == f"LoRA adapter of {base}", checks
+        assert checks["template"]["ok"] is True and any(n.startswith("stop ") for n in checks), checks
+        assert "answer makes sense" not in checks
+    assert "answer makes sense" in seen[BASE]

@@ -254,3 +254,50 @@ def test_adapters_are_not_part_of_the_generation_but_the_slots_are(tmp_path: Pat
     assert generation(one.models[0]) == generation(two.models[0]) != generation(more.models[0])
     assert adapter_changes(one, two) == ["cf: adapters +y (live, on every replica)"]
     assert adapter_changes(two, one) == ["cf: adapters -y (live, on every replica)"]
+
+
+def test_the_ray_actor_starts_its_engine_with_runtime_adapters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ray replica actor's own constructor (process start caught): the same LoRA flags, and the
+    runtime loading the launcher's adapter sync needs (Ray replicas are synced like local ones)."""
+    import ray
+
+    from codefleet.runtime import ray as ray_runtime
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Proc:
+        pid = 123
+
+        def wait(self) -> int:
+            return 0
+
+    class Ctx:
+        def get_node_id(self) -> str:
+            return "n" * 20
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Ctx())
+    monkeypatch.setattr(ray_runtime, "spawn", lambda argv, env, log: started.append((argv, env)) or Proc())
+    monkeypatch.setattr(ray_runtime.threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
+    write_adapter(tmp_path / "a")
+    p = plan(tmp_path, manifest("    adapters: [{name: x, source: ./a}]\n")).models[0]
+    ray_runtime.EngineReplica.__ray_actor_class__(p, 0, {}, str(tmp_path), False)
+    ((argv, env),) = started
+    parsed = vllm_parse(argv[3:])
+    assert (parsed["enable_lora"], parsed["max_loras"], parsed["max_lora_rank"]) == (True, 1, 8)
+    assert env[RUNTIME_ENV] == "1"
+
+
+def test_an_autoscaled_models_adapters_are_held_like_it_and_wake_it(tmp_path: Path) -> None:
+    """Scale from zero: a request for an adapter of a model at zero replicas is held (the model's
+    hold), and counts as demand for the model (the local autoscaler and the chart's KEDA query)."""
+    from codefleet.frontend_config import frontend_settings
+    from codefleet.helm import _autoscaling_values
+
+    write_adapter(tmp_path / "a")
+    p = plan(tmp_path, manifest("    adapters: [{name: cf-a.x, source: ./a}]\n"
+                                "    autoscaling: {min_replicas: 0, max_replicas: 2}\n"))
+    hold = frontend_settings(p).hold
+    assert hold["cf-a.x"] == hold["cf"]
+    query = _autoscaling_values(p.models[0])["heldQuery"]
+    assert query == 'sum(codefleet_gateway_held_requests{model=~"cf|cf\\\\-a\\\\.x"}) or vector(0)', query

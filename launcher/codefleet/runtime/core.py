@@ -336,8 +336,8 @@ class Fleet:
             mine = [r for r in self.replicas if r.plan.name == p.name and r.live]
             ready = [r for r in mine if r.state is State.READY and r.registered]
             looks = [(r.name, look) for r in ready if (look := self._look(r)) is not None]
-            d = a.observe(sample_of(now, len(ready), len(mine) - len(ready), held.get(p.name, 0), looks,
-                                    self._ttft_seen))
+            waiting = held.get(p.name, 0) + sum(held.get(x.name, 0) for x in (p.lora.adapters if p.lora else ()))
+            d = a.observe(sample_of(now, len(ready), len(mine) - len(ready), waiting, looks, self._ttft_seen))
             if d is not None:
                 self._decided(p.name, d)
             self.desired[p.name] = a.desired
@@ -595,7 +595,7 @@ class Fleet:
             replicas=tuple(ReplicaState(r.plan.name, r.index, r.url, state=r.state.value, generation=r.generation,
                                         node_ip=self.backend.node_of(r), node_id=r.handle.get("node_id"),
                                         restarts=r.restarts, pgid=r.proc.pid if r.proc else None,
-                                        log=str(r.log) if r.log else None)
+                                        log=str(r.log) if r.log else None, adapters=tuple(r.adapters.loaded))
                            for r in self.replicas if r.url is not None),
         )
 

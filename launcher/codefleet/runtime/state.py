@@ -99,6 +99,8 @@ class ReplicaState:
     pgid: int | None = None
     """Its engine's process group, when on this host (local backend)."""
     log: str | None = None
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters loaded on it and routed to it."""
 
     @property
     def name(self) -> str:
@@ -107,13 +109,14 @@ class ReplicaState:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "index": self.index, "url": self.url, "state": self.state,
                 "generation": self.generation, "node_ip": self.node_ip, "node_id": self.node_id,
-                "restarts": self.restarts, "pgid": self.pgid, "log": self.log}
+                "restarts": self.restarts, "pgid": self.pgid, "log": self.log, "adapters": list(self.adapters)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplicaState:
         return cls(str(d["model"]), int(d["index"]), str(d["url"]), state=str(d.get("state", "")),
                    generation=str(d.get("generation", "")), node_ip=d.get("node_ip"), node_id=d.get("node_id"),
-                   restarts=int(d.get("restarts", 0)), pgid=d.get("pgid"), log=d.get("log"))
+                   restarts=int(d.get("restarts", 0)), pgid=d.get("pgid"), log=d.get("log"),
+                   adapters=tuple(str(a) for a in d.get("adapters", ())))
 
 
 @dataclass(frozen=True)
