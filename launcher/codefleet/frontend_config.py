@@ -73,7 +73,9 @@ def frontend_settings(plan: FleetPlan) -> FrontendSettings:
         hold=holding((name, hold_of(p.autoscale) if p.autoscale else None) for p in plan.models
                      for name in (p.name, *(a.name for a in (p.lora.adapters if p.lora else ())))),
         shed={p.name: p.max_waiting for p in plan.models if p.max_waiting is not None},
-        tenants=dict(plan.tenants), fim={p.name: p.generation.fim for p in plan.models if p.generation.fim},
+        # an adapter fills as its base model does (the engine's middleware renders every fill it gets)
+        tenants=dict(plan.tenants), fim={name: p.generation.fim for p in plan.models if p.generation.fim
+                                         for name in (p.name, *(a.name for a in (p.lora.adapters if p.lora else ())))},
         manifest_dir=plan.manifest_dir, adapters=adapters_of(plan))
 
 
@@ -122,5 +124,5 @@ class FrontendConfig(_Strict):
             drain_s=self.drain_seconds, hold=holding((m, t.hold) for t in self.targets for m in (t.model, *t.adapters)),
             shed={t.model: t.max_waiting for t in self.targets if t.max_waiting is not None},
             tenants=dict(self.tenants), frontend_pods=self.frontend_pods,
-            fim={t.model: t.fim for t in self.targets if t.fim}, manifest_dir=manifest_dir,
+            fim={m: t.fim for t in self.targets if t.fim for m in (t.model, *t.adapters)}, manifest_dir=manifest_dir,
             adapters={a: t.model for t in self.targets for a in t.adapters})

@@ -299,5 +299,11 @@ def test_an_autoscaled_models_adapters_are_held_like_it_and_wake_it(tmp_path: Pa
                                 "    autoscaling: {min_replicas: 0, max_replicas: 2}\n"))
     hold = frontend_settings(p).hold
     assert hold["cf-a.x"] == hold["cf"]
+    # and it fills in the middle as its model does (codefuse does not; the granite-code model does)
+    assert "cf-a.x" not in frontend_settings(p).fim
+    write_adapter(tmp_path / "g", base="ibm-granite/granite-3b-code-instruct-128k")
+    g = plan(tmp_path, manifest("    adapters: [{name: g-a, source: ./g}]\n",
+                                source="ibm-granite/granite-3b-code-instruct-128k"))
+    assert frontend_settings(g).fim == {"cf": "starcoder", "g-a": "starcoder"}
     query = _autoscaling_values(p.models[0])["heldQuery"]
     assert query == 'sum(codefleet_gateway_held_requests{model=~"cf|cf\\\\-a\\\\.x"}) or vector(0)', query
