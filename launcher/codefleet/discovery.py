@@ -56,6 +56,21 @@ class DnsRegistrar:
         self.resolve = resolve
         self.say = say
         self.registered: dict[str, str] = {}  # worker URL -> model
+        self.pod_adapters: dict[str, list[str]] = {}  # pod URL -> the adapters its engine has (fixed for its life)
+
+    def adapters_of(self, url: str, model: str, adapters: list[str]) -> list[str]:
+        """The adapters of ``adapters`` the pod's engine has loaded (its /v1/models, vLLM's cards with
+        ``parent``), asked once per pod: a pod still running an older list (a rollout adding one) is
+        routed only what it has."""
+        if url not in self.pod_adapters:
+            key = self.frontend.upstream_key
+            try:
+                cards = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {},
+                                  timeout=2).json()["data"]
+                self.pod_adapters[url] = sorted(str(c["id"]) for c in cards if c.get("parent") == model)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return []  # asked again at the next look
+        return [a for a in self.pod_adapters[url] if a in adapters]
 
     def sync(self) -> None:
         for component in self.frontend.check():
@@ -68,13 +83,14 @@ class DnsRegistrar:
             self.metrics.replicas_ready.labels(t.model).set(len(urls))
             for u in urls:
                 wanted[u] = t.model
-                # the chart's engines load their adapters before they are ready (--lora-modules), so
-                # a pod that resolves has them: each is a worker of its adapter at an alias of the pod
-                for n, adapter in enumerate(t.adapters, start=1):
+                # the chart's engines load their adapters before they are ready (--lora-modules): each
+                # one a pod has is a worker of that adapter, at an alias of the pod's address
+                for n, adapter in enumerate(self.adapters_of(u, t.model, t.adapters) if t.adapters else [], start=1):
                     try:
                         wanted[alias_url(u, n)] = adapter
-                    except ValueError as exc:  # an IPv6 pod address has no alias spelling here
-                        self.say(f"  {adapter}: not routed to {u}: {exc}")
+                    except ValueError:  # an IPv6 pod address has no alias spelling (docs/lora.md)
+                        break
+        self.pod_adapters = {u: a for u, a in self.pod_adapters.items() if u in wanted}
         admin = self.frontend.admin
         for url, model in list(self.registered.items()):
             if wanted.get(url) != model:

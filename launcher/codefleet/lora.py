@@ -189,18 +189,6 @@ def alias_url(url: str, n: int) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def unalias(url: str) -> str:
-    """The engine's own URL of an alias (or of itself)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)\.(0\d*)", host)
-    if not m:
-        return url
-    last = int(m.group(4), 8)
-    netloc = f"{m.group(1)}.{m.group(2)}.{m.group(3)}.{last}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def demo_seed(source: str) -> int | None:
     """SEED of ``demo-lora://SEED``; None for any other source."""
     if not source.startswith(DEMO_SCHEME):

@@ -211,7 +211,9 @@ class Frontend:
     @classmethod
     def for_plan(cls, plan: FleetPlan, run_dir: Path, python: str, say: Say = print) -> Frontend:
         """``codefleet up``'s frontend: the plan's ``frontend_settings``."""
-        return cls.from_settings(frontend_settings(plan), run_dir, python, say=say)
+        # with LoRA, engines take a key even without client keys: their load/unload endpoints are the launcher's
+        key = secrets.token_urlsafe(32) if any(p.lora is not None for p in plan.models) else None
+        return cls.from_settings(frontend_settings(plan), run_dir, python, say=say, upstream_key=key)
 
     @classmethod
     def from_settings(cls, s: FrontendSettings, run_dir: Path, python: str, say: Say = print,
@@ -226,8 +228,7 @@ class Frontend:
         keys = load_api_keys(r.api_keys, self.manifest_dir, tuple(self.tenants))
         self.key_sha256 = tuple(k.sha256 for k in keys)
         self.key_tenants = {k.sha256: k.tenant for k in keys}
-        if keys and self.upstream_key is None:
-            # Engines then refuse anything that does not come through the gateway.
+        if keys and self.upstream_key is None:  # engines then refuse what does not come through the gateway
             self.upstream_key = secrets.token_urlsafe(32)
         self.router_port = free_port()
         self.router_metrics_port = m.router_port or free_port(m.host)
@@ -341,17 +342,17 @@ class Frontend:
                 pass
 
     def reload_gateway(self, tenants: dict[str, Tenant], fim: dict[str, str] | None = None,
-                       adapters: dict[str, str] | None = None) -> None:
-        """Keys (read again from their file or variable), tenants' limits, the models' fill
-        formats and their adapters to the running gateway: its config file rewritten, then SIGHUP.
-        A key naming an unknown tenant raises SecretError first, and the running gateway keeps
-        what it has."""
+                       adapters: dict[str, str] | None = None, hold: dict[str, Hold] | None = None) -> None:
+        """Keys (read again), tenants' limits, fill formats, adapters and holds to the running gateway (its
+        file rewritten, then SIGHUP). A key naming an unknown tenant raises SecretError first, changing nothing."""
         keys = load_api_keys(self.router.api_keys, self.manifest_dir, tuple(tenants))
         self.tenants = dict(tenants)
         if fim is not None:
             self.fim = dict(fim)
         if adapters is not None:
             self.adapters = dict(adapters)
+        if hold is not None:
+            self.hold = dict(hold)
         self.key_sha256 = tuple(k.sha256 for k in keys)
         self.key_tenants = {k.sha256: k.tenant for k in keys}
         cfg = self.run_dir / "gateway.json"
@@ -390,8 +391,7 @@ class Frontend:
                     pass
 
 
-def first_key(path: str | Path) -> str:
-    """The first key of a key file (a ``TENANT:`` prefix removed); digests cannot be sent."""
+def first_key(path: str | Path) -> str:  # the first key of a key file (TENANT: removed); digests cannot be sent
     for line in Path(path).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             _, key = split_key_entry(line.strip())

@@ -822,8 +822,8 @@ def test_the_chart_refuses_an_adapter_from_this_machine(tmp_path: Path) -> None:
     (tmp_path / "a" / "adapter_config.json").write_text(
         '{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"")
-    text = FLEET.read_text().replace("source: codefuse-ai/CodeFuse-CodeLlama-34B",
-                                     "source: codefuse-ai/CodeFuse-CodeLlama-34B\n    adapters: [{name: cf-a, source: ./a}]", 1)
+    text = FLEET.read_text().replace("source: codefuse-ai/CodeFuse-CodeLlama-34B", "source: codefuse-ai/"
+                                     "CodeFuse-CodeLlama-34B\n    adapters: [{name: cf-a, source: ./a}]", 1)
     (tmp_path / "fleet.yaml").write_text(text)
     loaded = load(tmp_path / "fleet.yaml")
     with pytest.raises(PlanError, match="the chart fetches adapters from the Hugging Face hub"):

@@ -28,10 +28,10 @@ from codefleet.router import Frontend
 UPSTREAM_KEY = "internal-test-key"
 
 
-def start_pod(run_dir: Path, ip: str, port: int, model: str) -> int:
+def start_pod(run_dir: Path, ip: str, port: int, model: str, adapters: str = "") -> int:
     log = run_dir / f"pod-{ip}.log"
     proc = spawn([sys.executable, "-m", "tests.support.fake_upstream", "--host", ip, "--port", str(port),
-                  "--model", model], {}, log)
+                  "--model", model, "--adapters", adapters], {}, log)
     wait_healthy(f"http://{ip}:{port}", 20, proc, log)
     return proc.pid
 
@@ -177,14 +177,17 @@ def test_frontend_file_gives_the_frontend_settings(tmp_path: Path) -> None:
             {"model": "alpha", "host": "a", "hold": {"max_requests": -1, "timeout_s": 30}}]})
 
 
-def test_registrar_routes_each_adapter_to_every_ready_pod_of_its_model(tmp_path: Path,
-                                                                     pods: tuple[int, dict[str, int]]) -> None:
+def test_registrar_routes_each_adapter_to_the_pods_that_have_it(tmp_path: Path) -> None:
     """The chart's pods load their adapters before they are ready: each resolved pod is a worker of
-    its model and, at an alias of its address, of each of the model's adapters."""
+    its model and, at an alias of its address, of each adapter its own /v1/models lists. A pod still
+    on an older list (a rollout that adds an adapter) is not routed the new one."""
     from codefleet.lora import alias_url
 
-    port, _ = pods
-    answers = {"alpha.llm.svc": {f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"}, "beta.llm.svc": set()}
+    port = free_port()
+    pgids = [start_pod(tmp_path, "127.0.0.2", port, "alpha", "alpha-a,alpha-b"),
+             start_pod(tmp_path, "127.0.0.3", port, "alpha", "alpha-a")]
+    pod2, pod3 = f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"
+    answers = {"alpha.llm.svc": {pod2, pod3}, "beta.llm.svc": set()}
     fe = Frontend(Router(port=0), Metrics(launcher_port=0, gateway_port=0, router_port=0), ("alpha", "beta"),
                   tmp_path, sys.executable, say=lambda s: None, adapters={"alpha-a": "alpha", "alpha-b": "alpha"})
     fe.start()
@@ -195,19 +198,20 @@ def test_registrar_routes_each_adapter_to_every_ready_pod_of_its_model(tmp_path:
                            metrics, resolve=lambda host, _port: set(answers[host]), say=lambda s: None)
         reg.sync()
         got = sorted((w["model_id"], w["url"]) for w in fe.admin.workers())
-        pods_ = sorted(answers["alpha.llm.svc"])
-        assert got == sorted([*(("alpha", u) for u in pods_), *(("alpha-a", alias_url(u, 1)) for u in pods_),
-                              *(("alpha-b", alias_url(u, 2)) for u in pods_)])
+        assert got == sorted([("alpha", pod2), ("alpha", pod3), ("alpha-a", alias_url(pod2, 1)),
+                              ("alpha-b", alias_url(pod2, 2)), ("alpha-a", alias_url(pod3, 1))]), got
         fe.refresh_gateway()
         with openai.OpenAI(base_url=fe.url + "/v1", api_key="unused", max_retries=3) as client:
             assert client.completions.create(model="alpha-b", prompt="x", max_tokens=2).model == "alpha-b"
             listed = {m.id: (m.model_extra or {}).get("parent") for m in client.models.list().data}
         assert listed == {"alpha": None, "beta": None, "alpha-a": "alpha", "alpha-b": "alpha"}
         # a pod leaves DNS: its adapters' workers go with it
-        answers["alpha.llm.svc"].discard(f"http://127.0.0.2:{port}")
+        answers["alpha.llm.svc"].discard(pod2)
         reg.sync()
-        assert all("127.0.0.2" not in u and "127.0.0.02" not in u and "127.0.0.002" not in u
-                   for _, u in ((w["model_id"], w["url"]) for w in fe.admin.workers()))
+        assert sorted((w["model_id"], w["url"]) for w in fe.admin.workers()) == \
+            sorted([("alpha", pod3), ("alpha-a", alias_url(pod3, 1))])
     finally:
         metrics.close()
         fe.stop()
+        for pgid in pgids:
+            stop_group(pgid, grace=2)

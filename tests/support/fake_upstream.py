@@ -17,7 +17,7 @@ from aiohttp import web
 
 
 def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
-             trace: str | None = None, capacity: int | None = None) -> web.Application:
+             trace: str | None = None, capacity: int | None = None, adapters: tuple[str, ...] = ()) -> web.Application:
     state = {"requests": 0, "running": 0, "done": 0}
     trace_file = open(trace, "a", buffering=1) if trace else None  # lives as long as the app
 
@@ -26,7 +26,9 @@ def make_app(model: str, tokens: int, token_delay_s: float, ttft_s: float = 0.0,
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake"}]}
+            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake", "parent": None},
+                                        *({"id": a, "object": "model", "created": 0, "owned_by": "fake", "parent": model}
+                                          for a in adapters)]}  # as vLLM lists its LoRA adapters
         )
 
     async def metrics(_: web.Request) -> web.Response:
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ttft-ms", type=float, default=0.0)
     p.add_argument("--trace", help="append 'arrival-time prompt' per request to this file")
     p.add_argument("--capacity", type=int, help="report requests beyond this many as waiting")
+    p.add_argument("--adapters", default="", help="comma-separated LoRA adapter names /v1/models lists")
     a = p.parse_args(argv)
     try:
         import uvloop
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     web.run_app(
-        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000, a.trace, a.capacity),
+        make_app(a.model, a.tokens, a.token_delay_ms / 1000, a.ttft_ms / 1000, a.trace, a.capacity,
+                 tuple(x for x in a.adapters.split(",") if x)),
         host=a.host,
         port=a.port,
         access_log=None,

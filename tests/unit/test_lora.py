@@ -5,6 +5,8 @@ aliases, the project's own adapters as vLLM reads them, and the launcher's load-
 from __future__ import annotations
 
 import json
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 
 from codefleet.engine import engine_command, engine_spec, flags_argv
 from codefleet.errors import ManifestError, PlanError
-from codefleet.lora import RUNTIME_ENV, alias_url, lora_slot_bytes, unalias
+from codefleet.lora import RUNTIME_ENV, alias_url, lora_slot_bytes
 from codefleet.manifest import parse
 from codefleet.planner import plan_fleet
 from codefleet.plans import FleetPlan
@@ -136,9 +138,9 @@ def test_lora_slots_come_out_of_the_kv_cache_on_a_gpu(tmp_path: Path) -> None:
 
 
 def test_slot_bytes_are_the_adapter_tensors_at_full_rank(tmp_path: Path) -> None:
-    """Independent of the formula's arithmetic: a slot holds, per layer, exactly the A and B of an
-    adapter of rank max_lora_rank on every linear module (qkv's three slices have q, k and v's
-    shapes), plus embed_tokens' and lm_head's."""
+    """The linear layers' part, independent of the formula's arithmetic: a slot holds, per layer,
+    exactly the A and B of an adapter of rank max_lora_rank on every linear module (qkv's three
+    slices have q, k and v's shapes). The embed_tokens and lm_head term is the formula's own."""
     from safetensors import safe_open
 
     from codefleet import demo_models, lora_build
@@ -175,12 +177,9 @@ def test_aliases_name_the_same_address_and_differ_from_each_other() -> None:
     url = "http://127.0.0.1:8001"
     aliases = [alias_url(url, n) for n in (1, 2, 3)]
     assert aliases == ["http://127.0.0.01:8001", "http://127.0.0.001:8001", "http://127.0.0.0001:8001"]
-    assert {unalias(a) for a in aliases} == {url}
+    assert {socket.inet_aton(urllib.parse.urlsplit(a).hostname or "") for a in aliases} == {socket.inet_aton("127.0.0.1")}
     assert alias_url("http://10.1.2.8:80", 1) == "http://10.1.2.010:80"  # octal: 010 is 8
     assert alias_url("http://10.1.2.0:80", 2) == "http://10.1.2.000:80"
-    assert unalias("http://10.1.2.010:80") == "http://10.1.2.8:80"
-    import socket
-
     assert socket.inet_aton("127.0.0.001") == socket.inet_aton("127.0.0.1")
     with pytest.raises(ValueError, match="IPv4"):
         alias_url("http://[::1]:8001", 1)
@@ -189,28 +188,29 @@ def test_aliases_name_the_same_address_and_differ_from_each_other() -> None:
 
 
 class FakeEngine:
-    """vLLM's runtime LoRA endpoints as 0.32 answers them (vllm/entrypoints/openai/models/serving.py)."""
+    """vLLM's runtime LoRA endpoints and /v1/models as 0.32 answers them
+    (vllm/entrypoints/openai/models/serving.py)."""
 
     def __init__(self) -> None:
-        self.loaded: set[str] = set()
-        self.calls: list[str] = []
+        self.loaded: dict[str, str] = {}
         self.fail: set[str] = set()
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={"data": [{"id": n, "root": p, "parent": "m"} for n, p in self.loaded.items()]})
         body = json.loads(request.content)
         name = body["lora_name"]
-        self.calls.append(f"{request.url.path} {name}")
         if request.url.path == "/v1/load_lora_adapter":
             if name in self.fail:
                 return httpx.Response(404, json={"error": {"message": f"Loading lora {name} failed"}})
             if name in self.loaded:
                 return httpx.Response(400, json={"error": {"message": f"The lora adapter '{name}' has already "
                                                                       "been loaded."}})
-            self.loaded.add(name)
+            self.loaded[name] = body["lora_path"]
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
         if name not in self.loaded:
             return httpx.Response(404, json={"error": {"message": "cannot be found"}})
-        self.loaded.discard(name)
+        del self.loaded[name]
         return httpx.Response(200, text="Success")
 
 
@@ -220,10 +220,12 @@ def test_sync_loads_before_it_routes_and_unroutes_before_it_unloads() -> None:
     client = httpx.Client(transport=httpx.MockTransport(lambda r: (events.append("engine " + r.url.path), engine(r))[1]))
     have = ReplicaAdapters()
     url = "http://127.0.0.1:9000"
+    alive = [True]
 
     def run(want: dict[str, str], now: float = 0.0) -> bool:
         return sync(client, url, have, want, {}, lambda alias, name: events.append(f"add {name} {alias}"),
-                    lambda alias: events.append(f"remove {alias}"), lambda _: None, "r0", now)
+                    lambda alias, name: events.append(f"remove {alias}"), lambda _: None, "r0", now,
+                    still=lambda: alive[0], quiet_s=0)
 
     assert run({"a": "/a", "b": "/b"})
     assert events == ["engine /v1/load_lora_adapter", f"add a {alias_url(url, 1)}",
@@ -232,17 +234,34 @@ def test_sync_loads_before_it_routes_and_unroutes_before_it_unloads() -> None:
     events.clear()
     assert run({"b": "/b"})
     assert events == [f"remove {alias_url(url, 1)}", "engine /v1/unload_lora_adapter"]
-    # a lost registration (router restart): loading again is vLLM's 400, taken as loaded
+    # a lost registration (router restart): loading again is vLLM's 400, taken as loaded when the
+    # engine's card says it came from the same folder
     have.loaded.clear()
-    assert run({"b": "/b"}) and set(have.loaded) == {"b"}
+    assert run({"b": "/b"}) and set(have.loaded) == {"b"} and engine.loaded == {"b": "/b"}
+    # ... and unloaded and loaded again when it came from another one
+    have.loaded.clear()
+    assert run({"b": "/b2"}) and engine.loaded == {"b": "/b2"} and have.loaded["b"].path == "/b2"
     # a failed load is not routed, and is tried again only after RETRY_S
     engine.fail.add("c")
     events.clear()
-    assert not run({"b": "/b", "c": "/c"}, now=100.0)
+    assert not run({"b": "/b2", "c": "/c"}, now=100.0)
     assert "c" in have.failed and not any(e.startswith("add c") for e in events)
     engine.fail.clear()
-    assert not run({"b": "/b", "c": "/c"}, now=101.0)
-    assert run({"b": "/b", "c": "/c"}, now=111.0) and "c" in have.loaded and not have.failed
+    assert not run({"b": "/b2", "c": "/c"}, now=101.0)
+    assert run({"b": "/b2", "c": "/c"}, now=111.0) and "c" in have.loaded and not have.failed
+    # the replica left (deregistered, restarted) while its engine loaded: nothing is routed
+    alive[0] = False
+    events.clear()
+    assert not run({"b": "/b2", "c": "/c", "d": "/d"}) and not any(e.startswith("add") for e in events)
+
+
+def test_an_engine_address_with_no_alias_is_a_failed_adapter_not_a_crash() -> None:
+    engine = FakeEngine()
+    client = httpx.Client(transport=httpx.MockTransport(engine))
+    have = ReplicaAdapters()
+    assert not sync(client, "http://[::1]:9000", have, {"a": "/a"}, {}, lambda *_: None, lambda *_: None,
+                    lambda _: None, "r0", 0.0, quiet_s=0)
+    assert "IPv4" in have.failed["a"][1] and not have.loaded
 
 
 def test_adapters_are_not_part_of_the_generation_but_the_slots_are(tmp_path: Path) -> None:
@@ -307,3 +326,24 @@ def test_an_autoscaled_models_adapters_are_held_like_it_and_wake_it(tmp_path: Pa
     assert frontend_settings(g).fim == {"cf": "starcoder", "g-a": "starcoder"}
     query = _autoscaling_values(p.models[0])["heldQuery"]
     assert query == 'sum(codefleet_gateway_held_requests{model=~"cf|cf\\\\-a\\\\.x"}) or vector(0)', query
+
+
+def test_a_reload_holds_a_new_adapter_and_answers_the_requests_of_a_removed_one() -> None:
+    from codefleet.gateway.config import Hold
+    from codefleet.gateway.hold import Holding
+    from codefleet.gateway.metrics import GatewayMetrics
+
+    class Waiting:
+        hold_timer = None
+        rejected: list[int] = []
+
+        def reject(self, rej: Any) -> None:
+            self.rejected.append(rej.status)
+
+    h = Hold(8, 60.0)
+    holding = Holding({"m": h, "m-a": h}, GatewayMetrics({"m": h, "m-a": h}), lambda: None)
+    waiting = Waiting()
+    holding.held["m-a"].append(waiting)  # type: ignore[arg-type]
+    holding.configure({"m": h, "m-b": h})
+    assert holding.holds("m-b") and not holding.holds("m-a") and "m-b" in holding.held
+    assert Waiting.rejected == [503] and "m-a" not in holding.held

@@ -119,7 +119,8 @@ class FakeFrontend:
 
     def refresh_gateway(self) -> None: ...
 
-    def reload_gateway(self, tenants: object, fim: object = None, adapters: object = None) -> None: ...
+    def reload_gateway(self, tenants: object, fim: object = None, adapters: object = None,
+                       hold: object = None) -> None: ...
 
     def pgids(self) -> list[int]:
         return []

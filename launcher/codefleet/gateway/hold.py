@@ -28,6 +28,24 @@ class Holding:
         self.cold_start = {m: h.cold_start_s for m, h in hold.items()}
         """Per model: the Retry-After estimate of a wait, the last cold start seen (configured at first)."""
 
+    def configure(self, hold: dict[str, Hold]) -> None:
+        """The holds after a reload (``codefleet apply`` added or removed an adapter): a new one gets
+        its queue; the requests waiting for one no longer held are answered now."""
+        for model in [m for m in self.held if m not in hold]:
+            q = self.held.pop(model)
+            while q:
+                e = q.popleft()
+                if e.hold_timer is not None:
+                    e.hold_timer.cancel()
+                    e.hold_timer = None
+                e.reject(answers.model_starting(model, "it is no longer served", 1))
+            self.began.pop(model, None)
+            self.metrics.held.labels(model).set(0)
+        for model, h in hold.items():
+            self.held.setdefault(model, collections.deque())
+            self.cold_start.setdefault(model, h.cold_start_s)
+        self.hold = dict(hold)
+
     def holds(self, model: str) -> bool:
         h = self.hold.get(model)
         return h is not None and h.max_requests > 0

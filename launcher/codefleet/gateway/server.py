@@ -145,6 +145,7 @@ class Gateway:
             return
         self.digests, self.key_tenants = digests, key_tenants
         self.admission.configure(config.tenants)
+        self.holding.configure(config.hold)  # an adapter added to a model that scales from zero is held too
         if config.fim != self.fim or config.adapters != self.adapters:
             self.fim, self.adapters = dict(config.fim), dict(config.adapters)
             self.workers.aliases = frozenset(self.adapters)
@@ -165,8 +166,6 @@ class Gateway:
         app = web.Application()
         app.router.add_get("/metrics", metrics)
         return app
-
-    # -- the router's workers ------------------------------------------------------------------
 
     @property
     def ready_replicas(self) -> dict[str, int] | None:

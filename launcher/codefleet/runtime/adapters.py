@@ -18,8 +18,11 @@ adapter's request to an engine that has not loaded it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,9 @@ RETRY_S = 10.0
 #: Loading reads the adapter's files and copies them into the engine's cache: small, but on a busy
 #: 2-core machine it can take a few seconds.
 LOAD_TIMEOUT_S = 60.0
+#: Between an adapter's alias leaving the router and its unload: a request the router had just sent
+#: there still finds it (the reconcile loop's ROUTER_QUIET_S for a draining replica).
+QUIET_S = 1.0
 
 
 def demo_root() -> Path:
@@ -103,15 +109,33 @@ def _post(client: httpx.Client, url: str, path: str, body: dict[str, str], heade
     return client.post(url + path, json=body, headers=headers, timeout=LOAD_TIMEOUT_S)
 
 
-def load(client: httpx.Client, url: str, name: str, path: str, headers: dict[str, str]) -> str | None:
-    """Load ``name`` into the engine at ``url``; None when it is there, else what went wrong."""
+def loaded_from(client: httpx.Client, url: str, name: str, headers: dict[str, str]) -> str | None:
+    """The folder the engine loaded ``name`` from (its /v1/models card's ``root``), None if it has none."""
     try:
-        r = _post(client, url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, headers)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if r.status_code == 200 or (r.status_code == 400 and "already been loaded" in r.text):
+        cards = client.get(url + "/v1/models", headers=headers, timeout=LOAD_TIMEOUT_S).json().get("data", [])
+    except (httpx.HTTPError, ValueError, AttributeError):
         return None
-    return f"HTTP {r.status_code}: {r.text[:500]}"
+    return next((str(c.get("root")) for c in cards if isinstance(c, dict) and c.get("id") == name), None)
+
+
+def load(client: httpx.Client, url: str, name: str, path: str, headers: dict[str, str]) -> str | None:
+    """Load ``name`` from ``path`` into the engine at ``url``; None when it is there, else what went
+    wrong. A name the engine already has (vLLM's 400) counts only when it came from ``path``; from
+    another folder it is unloaded and loaded again."""
+    for attempt in (1, 2):
+        try:
+            r = _post(client, url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if r.status_code == 200:
+            return None
+        if r.status_code == 400 and "already been loaded" in r.text:
+            if loaded_from(client, url, name, headers) == path:
+                return None
+            if attempt == 1 and unload(client, url, name, headers) is None:
+                continue
+        return f"HTTP {r.status_code}: {r.text[:500]}"
+    return None
 
 
 def unload(client: httpx.Client, url: str, name: str, headers: dict[str, str]) -> str | None:
@@ -122,37 +146,101 @@ def unload(client: httpx.Client, url: str, name: str, headers: dict[str, str]) -
     return None if r.status_code in (200, 404) else f"HTTP {r.status_code}: {r.text[:500]}"
 
 
+def needs_sync(have: ReplicaAdapters, want: dict[str, str], now: float) -> bool:
+    """Something to do: an adapter to unroute (not wanted, or from another folder), or one to load
+    (not loaded, and not waiting for its retry)."""
+    if any(want.get(n) != x.path for n, x in have.loaded.items()):
+        return True
+    return any(n not in have.loaded and (n not in have.failed or now >= have.failed[n][0]) for n in want)
+
+
 def sync(client: httpx.Client, url: str, have: ReplicaAdapters, want: dict[str, str], headers: dict[str, str],
-         add: Callable[[str, str], None], remove: Callable[[str], None], say: Callable[[str], None],
-         who: str, now: float | None = None) -> bool:
+         add: Callable[[str, str], None], remove: Callable[[str, str], None], say: Callable[[str], None],
+         who: str, now: float | None = None, lock: AbstractContextManager[object] | None = None,
+         still: Callable[[], bool] = lambda: True, quiet_s: float = QUIET_S) -> bool:
     """Bring one ready, registered replica to ``want`` (adapter -> folder): aliases of adapters no
-    longer wanted (or now from another folder) leave the router, then are unloaded; wanted ones
-    are loaded, then registered. Returns whether anything changed."""
+    longer wanted (or now from another folder) leave the router, then, ``quiet_s`` later (requests
+    the router sent just before reach the engine), they are unloaded; wanted ones are loaded, then
+    registered. The engine calls run without ``lock``; what the replica has and the router's
+    registrations change under it, and only while ``still()`` (the replica is the same engine and
+    registered). Returns whether anything changed."""
     now = time.monotonic() if now is None else now
-    changed = False
-    for name in [n for n, x in have.loaded.items() if want.get(n) != x.path]:
-        x = have.loaded.pop(name)
-        remove(x.alias)
-        why = unload(client, url, name, headers)
-        say(f"  adapter {name} off {who}" + (f" (unload: {why})" if why else ""))
-        changed = True
+    guard = lock if lock is not None else contextlib.nullcontext()
+    with guard:
+        if not still():
+            return False
+        leaving = [(n, have.loaded.pop(n)) for n in [n for n, x in have.loaded.items() if want.get(n) != x.path]]
+        for name, x in leaving:
+            remove(x.alias, name)
+    if leaving:
+        time.sleep(quiet_s)
+        for name, _ in leaving:
+            why = unload(client, url, name, headers)
+            say(f"  adapter {name} off {who}" + (f" (unload: {why})" if why else ""))
+    changed = bool(leaving)
     for name, path in want.items():
-        if name in have.loaded:
-            continue
-        retry = have.failed.get(name)
-        if retry is not None and now < retry[0]:
-            continue
+        with guard:
+            retry = have.failed.get(name)
+            if not still() or name in have.loaded or (retry is not None and now < retry[0]):
+                continue
         why = load(client, url, name, path, headers)
-        if why is not None:
-            have.failed[name] = (now + RETRY_S, why)
-            say(f"  adapter {name} on {who}: load failed, retrying in {RETRY_S:.0f} s: {why}")
-            continue
-        have.failed.pop(name, None)
-        alias = have.free_alias(url)
-        add(alias, name)
-        have.loaded[name] = Loaded(path, alias)
-        say(f"  adapter {name} on {who} ({alias})")
-        changed = True
-    for name in [n for n in have.failed if n not in want]:
-        del have.failed[name]
+        with guard:
+            if not still():
+                return changed
+            alias = ""
+            if why is None:
+                try:
+                    alias = have.free_alias(url)
+                except ValueError as exc:  # not an address the router can be given an alias of
+                    why = str(exc)
+            if why is not None:
+                have.failed[name] = (now + RETRY_S, why)
+                say(f"  adapter {name} on {who}: not served, retrying in {RETRY_S:.0f} s: {why}")
+                continue
+            have.failed.pop(name, None)
+            add(alias, name)
+            have.loaded[name] = Loaded(path, alias)
+            say(f"  adapter {name} on {who} ({alias})")
+            changed = True
+    with guard:
+        for name in [n for n in have.failed if n not in want]:
+            del have.failed[name]
     return changed
+
+
+class AdapterSync:
+    """Each replica's ``sync`` in a worker thread: loading an adapter takes seconds on a busy host,
+    and the reconcile loop (crash detection, drains, ``apply``) must not wait for it."""
+
+    def __init__(self, lock: AbstractContextManager[object], say: Callable[[str], None]) -> None:
+        self.lock = lock
+        self.say = say
+        self.client = httpx.Client()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="codefleet-adapters")
+        self.jobs: dict[int, concurrent.futures.Future[bool]] = {}
+
+    def busy(self, key: int) -> bool:
+        job = self.jobs.get(key)
+        return job is not None and not job.done()
+
+    def start(self, key: int, url: str, have: ReplicaAdapters, want: dict[str, str], headers: dict[str, str],
+              add: Callable[[str, str], None], remove: Callable[[str, str], None], who: str,
+              still: Callable[[], bool]) -> None:
+        """Called under the lock, for a ready and registered replica: a job unless one runs or there
+        is nothing to do."""
+        if self.busy(key) or not needs_sync(have, want, time.monotonic()):
+            return
+
+        def done(job: concurrent.futures.Future[bool]) -> None:
+            if not job.cancelled() and job.exception() is not None:
+                self.say(f"  adapters of {who}: {job.exception()}; trying again")
+
+        self.jobs = {k: j for k, j in self.jobs.items() if not j.done()}
+        job = self.pool.submit(sync, self.client, url, have, dict(want), headers, add, remove, self.say, who,
+                               None, self.lock, still)
+        job.add_done_callback(done)
+        self.jobs[key] = job
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from codefleet.errors import PlanError
@@ -99,9 +99,10 @@ def follow(diff: PlanDiff, desired: Mapping[str, int], autoscalers: Mapping[str,
     return Followed(out_desired, out_autoscalers, changes)
 
 
-def adapter_changes(old: FleetPlan, new: FleetPlan) -> list[str]:
-    """Adapters added or removed per model (loaded or unloaded on the running replicas, no
-    restart; a change of max_loras or max_lora_rank is a rolling replace, said by ``follow``)."""
+def adapter_changes(old: FleetPlan, new: FleetPlan, replaced: Collection[str] = ()) -> list[str]:
+    """Adapters added or removed per model: loaded or unloaded on the running replicas, no restart,
+    unless the model's replicas are replaced anyway (``replaced``: max_loras or max_lora_rank
+    changed, which their defaults do when the adapters' count or rank does)."""
     out = []
     for o, m in zip(old.models, new.models, strict=True):
         before = {a.name: (a.source, a.revision) for a in (o.lora.adapters if o.lora else ())}
@@ -112,5 +113,6 @@ def adapter_changes(old: FleetPlan, new: FleetPlan) -> list[str]:
         parts = ([f"+{', +'.join(added)}"] if added else []) + ([f"-{', -'.join(removed)}"] if removed else []) \
             + ([f"{', '.join(changed)} from a new source"] if changed else [])
         if parts:
-            out.append(f"{m.name}: adapters {'; '.join(parts)} (live, on every replica)")
+            how = "with the rolling replace" if m.name in replaced else "live, on every replica"
+            out.append(f"{m.name}: adapters {'; '.join(parts)} ({how})")
     return out

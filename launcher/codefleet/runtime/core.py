@@ -96,7 +96,7 @@ class Fleet:
     _gens_of: FleetPlan | None = field(default=None, repr=False)
     adapter_paths: dict[tuple[str, str], str] = field(default_factory=dict)
     """Each (model, adapter)'s folder, ready to load (``adapters.prepare``)."""
-    _http: httpx.Client = field(default_factory=httpx.Client, repr=False)
+    _adapters: adapters.AdapterSync | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.python:
@@ -193,9 +193,12 @@ class Fleet:
                     return False
                 if any(r.generation != gen or r.state is not State.READY for r in mine):
                     return False
-                want = set(self._adapters_wanted(p.name))
-                if any(set(r.adapters.loaded) != want - set(r.adapters.failed) for r in mine):
-                    return False
+                want = self._adapters_wanted(p.name)
+                for r in mine:  # each adapter loaded from its folder, or failing (said, and retried)
+                    if (self._adapters is not None and self._adapters.busy(id(r))) or \
+                            {n: x.path for n, x in r.adapters.loaded.items()} != \
+                            {n: f for n, f in want.items() if n not in r.adapters.failed}:
+                        return False
             return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -280,29 +283,38 @@ class Fleet:
                 if (model, a.name) in self.adapter_paths}
 
     def _sync_adapters(self, r: Replica, now: float, starting: bool) -> None:
-        """The replica's adapters to the plan's (``adapters.sync``): loaded, then routed."""
+        """The replica's adapters to the plan's, in a worker thread (``adapters.AdapterSync``):
+        loaded, then routed; unrouted, then unloaded."""
         fe = self.frontend
         assert fe is not None and r.url is not None
-        headers = {"Authorization": f"Bearer {fe.upstream_key}"} if fe.upstream_key else {}
-
-        def add(alias: str, name: str) -> None:
-            fe.admin.add(alias, name)
-            self.metrics.registrations.labels(name, "add").inc()
-
-        def remove(alias: str) -> None:
-            try:
-                fe.admin.remove(alias)
-            except (httpx.HTTPError, RuntimeStartError):
-                pass  # a restarting router forgets every worker anyway
-
-        changed = adapters.sync(self._http, r.url, r.adapters, self._adapters_wanted(r.plan.name), headers,
-                                add, remove, self.say, r.name, now)
         if starting and r.adapters.failed:
             name, (_, why) = next(iter(r.adapters.failed.items()))
             raise RuntimeStartError(f"adapter {name} did not load on {r.name}: {why}"
                                     + (f"; last lines of {r.log}:\n{tail(r.log)}" if r.log else ""))
-        if changed:
+        if self._adapters is None:
+            self._adapters = adapters.AdapterSync(self._lock, self.say)
+        headers = {"Authorization": f"Bearer {fe.upstream_key}"} if fe.upstream_key else {}
+        url, incarnation = r.url, r.incarnation
+
+        def add(alias: str, name: str) -> None:  # these two run under the lock
+            fe.admin.add(alias, name)
+            self.metrics.registrations.labels(name, "add").inc()
             fe.refresh_gateway()
+
+        def still() -> bool:
+            return r.registered and r.url == url and r.incarnation == incarnation and any(x is r for x in self.replicas)
+
+        self._adapters.start(id(r), url, r.adapters, self._adapters_wanted(r.plan.name), headers, add, self._unroute,
+                             r.name, still)
+
+    def _unroute(self, alias: str, name: str) -> None:
+        assert self.frontend is not None
+        try:
+            self.frontend.admin.remove(alias)
+        except (httpx.HTTPError, RuntimeStartError):
+            pass  # a restarting router forgets every worker anyway
+        self.metrics.registrations.labels(name, "remove").inc()
+        self.frontend.refresh_gateway()
 
     def _converge(self) -> None:
         """Each model to its desired replicas at the plan's generation (``rollout.converge_step``)."""
@@ -434,11 +446,8 @@ class Fleet:
 
     def _deregister(self, r: Replica) -> None:
         if r.registered and r.url is not None and self.frontend is not None:
-            for x in r.adapters.loaded.values():  # its adapters leave first (they name the same engine)
-                try:
-                    self.frontend.admin.remove(x.alias)
-                except (httpx.HTTPError, RuntimeStartError):
-                    pass
+            for name, x in r.adapters.loaded.items():  # its adapters leave first (they name the same engine)
+                self._unroute(x.alias, name)
             try:
                 self.frontend.admin.remove(r.url)
             except (httpx.HTTPError, RuntimeStartError):
@@ -447,6 +456,7 @@ class Fleet:
             self.frontend.refresh_gateway()
         r.registered = False
         r.adapters.loaded.clear()
+        r.adapters.failed.clear()
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -465,12 +475,12 @@ class Fleet:
             if m.demo is not None:
                 demo_models.ensure(m.demo)
         paths = adapters.prepare(new, self.say)
-        changes += adapter_changes(self.plan, new)
+        changes += adapter_changes(self.plan, new, {c.name for c in diff.models if c.replace})
         if self.frontend is not None:
             # keys may have changed in their file or variable, and the tenants' limits in the manifest
             # (and a model's fill format, which its engines take as they are replaced, and its adapters)
             settings = frontend_settings(new)
-            self.frontend.reload_gateway(new.tenants, settings.fim, settings.adapters)
+            self.frontend.reload_gateway(new.tenants, settings.fim, settings.adapters, settings.hold)
             if diff.tenants_changed:
                 changes.append(f"tenants: {', '.join(sorted(new.tenants)) or 'none'} (limits reloaded)")
         with self._lock:
@@ -543,7 +553,8 @@ class Fleet:
                 self.frontend.stop()
             self.metrics.close()
             self.probe.close()
-            self._http.close()
+            if self._adapters is not None:
+                self._adapters.close()
             self.backend.close()
             self.state_file.unlink(missing_ok=True)
 
