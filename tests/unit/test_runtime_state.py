@@ -53,7 +53,7 @@ def test_the_files_keys(tmp_path: Path) -> None:
                                                   "detail": "9 waiting"}
     assert data["models"][1]["autoscale"] is None and data["models"][1]["last_decision"] is None
     assert list(data["replicas"][0]) == ["model", "index", "url", "state", "generation", "node_ip", "node_id",
-                                         "restarts", "pgid", "log"]
+                                         "restarts", "pgid", "log", "adapters"]
     assert data["replicas"][1]["pgid"] == 4242 and data["frontend_pgids"] == [11, 12]
 
 
